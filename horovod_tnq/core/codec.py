@@ -1,0 +1,264 @@
+"""One tensor's compressed payload: encode, validate, decode.
+
+A payload is a self-delimiting uint8 buffer, so several ranks' payloads can be concatenated by an
+allgather and walked through afterwards. Layout (little-endian):
+
+    offset size  field
+    0      4     magic b"TNQ" + format version
+    4      1     scheme id (see SCHEMES)
+    5      1     bits per code (1..8)
+    6      1     dtype code of the original tensor (see DTYPE_CODES)
+    7      1     reserved, 0
+    8      8     numel
+    16     4     bucket size (elements sharing one scale)
+    20     4     number of non-finite exceptions
+    24     4     shape tag (crc32 of the shape, to catch mismatched tensors)
+    28     4     reserved, 0
+    32     ...   scales: one per bucket, float32 (float64 for float64 tensors)
+           ...   exception indices (uint64), then their values (float32)
+           ...   codes, bit-packed (see packing.py)
+
+Non-finite gradient elements are carried exactly (index + value) and overwrite the decoded value,
+so NaN and +-Inf reach the reduced gradient exactly where uncompressed Horovod would put them
+(mixed-precision loss scalers depend on that). Statistics are taken over the finite elements.
+"""
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .levels import check_bits, tnq_levels, uniform_levels
+from .packing import pack_bits, packed_size, unpack_bits
+from .quantize import mean_abs_per_bucket, stochastic_round
+from .rng import uniform_noise
+
+MAGIC = b"TNQ\x01"
+HEADER = struct.Struct("<4sBBBBQIIII")
+assert HEADER.size == 32
+
+DTYPE_CODES = {"float16": 1, "bfloat16": 2, "float32": 3, "float64": 4}
+DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A level table for unit scale, applied per bucket with scale = mean |x| of the bucket."""
+
+    name: str
+    scheme_id: int
+    level_table: object  # bits -> float32 table
+
+
+SCHEMES = {
+    scheme.name: scheme
+    for scheme in (
+        Scheme("tnq", 1, tnq_levels),
+        Scheme("tnq-uniform", 2, uniform_levels),
+    )
+}
+SCHEMES_BY_ID = {scheme.scheme_id: scheme for scheme in SCHEMES.values()}
+
+_TABLES = {}
+
+
+def level_table(scheme_id, bits):
+    key = (scheme_id, bits)
+    if key not in _TABLES:
+        _TABLES[key] = SCHEMES_BY_ID[scheme_id].level_table(bits)
+    return _TABLES[key]
+
+
+def get_scheme(name):
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        raise ValueError(f"unknown scheme {name!r}; known: {sorted(SCHEMES)}") from None
+
+
+def shape_tag(shape):
+    return zlib.crc32(repr(tuple(int(d) for d in shape)).encode("ascii"))
+
+
+class PayloadError(ValueError):
+    """A payload that is corrupted, truncated, or does not match what this rank expects."""
+
+
+@dataclass(frozen=True)
+class PayloadHeader:
+    scheme_id: int
+    bits: int
+    dtype_code: int
+    numel: int
+    bucket_size: int
+    num_exceptions: int
+    shape_tag: int
+
+    @property
+    def dtype_name(self):
+        return DTYPE_NAMES[self.dtype_code]
+
+    @property
+    def scale_dtype(self):
+        return np.dtype("<f8") if self.dtype_name == "float64" else np.dtype("<f4")
+
+    @property
+    def num_buckets(self):
+        return -(-self.numel // self.bucket_size)
+
+    def section_sizes(self):
+        return (
+            self.num_buckets * self.scale_dtype.itemsize,
+            self.num_exceptions * 8,
+            self.num_exceptions * 4,
+            packed_size(self.numel, self.bits),
+        )
+
+    @property
+    def total_size(self):
+        return HEADER.size + sum(self.section_sizes())
+
+    def pack(self):
+        return HEADER.pack(MAGIC, self.scheme_id, self.bits, self.dtype_code, 0, self.numel,
+                           self.bucket_size, self.num_exceptions, self.shape_tag, 0)
+
+
+def encoded_size(numel, bits, bucket_size, dtype_name="float32", num_exceptions=0):
+    """Bytes of one payload: what each rank contributes to the allgather for this tensor."""
+    header = PayloadHeader(1, bits, DTYPE_CODES[dtype_name], int(numel), bucket_size,
+                           num_exceptions, 0)
+    return header.total_size
+
+
+def encode(values, *, scheme="tnq", bits, bucket_size, key, dtype_name=None, shape=None):
+    """Compress a float array into one payload (uint8).
+
+    ``values`` is float16/32/64 numpy data (frameworks hand bfloat16 over as float32 and name it
+    in ``dtype_name``); ``key`` seeds the stochastic rounding (see rng.stream_key).
+    """
+    bits = check_bits(bits)
+    scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
+    values = np.asarray(values)
+    if values.dtype.kind != "f":
+        raise TypeError(f"only floating-point tensors can be quantized, got {values.dtype}")
+    dtype_name = dtype_name or values.dtype.name
+    if dtype_name not in DTYPE_CODES:
+        raise TypeError(f"unsupported dtype {dtype_name}; supported: {sorted(DTYPE_CODES)}")
+    if not isinstance(bucket_size, (int, np.integer)) or not 1 <= bucket_size < 2**32:
+        raise ValueError(f"bucket_size must be an int in [1, 2**32), got {bucket_size!r}")
+    work = np.float64 if dtype_name == "float64" else np.float32
+    flat = values.reshape(-1).astype(work, copy=False)
+    n = flat.size
+
+    exc_idx = np.zeros(0, dtype="<u8")
+    exc_val = np.zeros(0, dtype="<f4")
+    if not np.isfinite(np.sum(np.abs(flat), dtype=np.float64)):
+        bad = ~np.isfinite(flat)
+        if bad.any():
+            exc_idx = np.flatnonzero(bad).astype("<u8")
+            exc_val = flat[bad].astype("<f4")
+            flat = np.where(bad, 0, flat).astype(work)
+
+    header = PayloadHeader(scheme.scheme_id, bits, DTYPE_CODES[dtype_name], n, int(bucket_size),
+                           exc_idx.size, shape_tag(values.shape if shape is None else shape))
+    scales = mean_abs_per_bucket(flat, bucket_size).astype(header.scale_dtype)
+    # Normalise by the scale as stored, so the decoder's scale * level is exactly what the
+    # encoder rounded towards. Empty buckets (scale 0) decode to 0 whatever their codes.
+    divisor = np.where(scales > 0, scales, 1).astype(work)
+    normalised = (flat / np.repeat(divisor, bucket_size)[:n]).astype(np.float32)
+    codes = stochastic_round(normalised, level_table(scheme.scheme_id, bits),
+                             uniform_noise(n, key))
+
+    out = np.empty(header.total_size, dtype=np.uint8)
+    out[: HEADER.size] = np.frombuffer(header.pack(), dtype=np.uint8)
+    at = HEADER.size
+    for section in (scales, exc_idx, exc_val, pack_bits(codes, bits)):
+        raw = section.view(np.uint8).reshape(-1)
+        out[at: at + raw.size] = raw
+        at += raw.size
+    return out
+
+
+def read_header(buf, offset=0):
+    buf = memoryview(np.ascontiguousarray(buf, dtype=np.uint8)).cast("B")
+    if len(buf) - offset < HEADER.size:
+        raise PayloadError(f"truncated payload: {len(buf) - offset} bytes left at offset "
+                           f"{offset}, a header needs {HEADER.size}")
+    magic, scheme_id, bits, dtype_code, _, numel, bucket, n_exc, tag, _ = HEADER.unpack_from(
+        buf, offset)
+    if magic != MAGIC:
+        raise PayloadError(f"not a horovod_tnq payload (magic {magic!r} at offset {offset}); "
+                           "corrupted data, or ranks disagree on which tensors are compressed")
+    if scheme_id not in SCHEMES_BY_ID:
+        raise PayloadError(f"unknown scheme id {scheme_id} in payload")
+    if not 1 <= bits <= 8:
+        raise PayloadError(f"invalid bits {bits} in payload")
+    if dtype_code not in DTYPE_NAMES:
+        raise PayloadError(f"invalid dtype code {dtype_code} in payload")
+    if bucket < 1 or n_exc > numel:
+        raise PayloadError(f"invalid payload header (bucket size {bucket}, {n_exc} exceptions "
+                           f"for {numel} elements)")
+    header = PayloadHeader(scheme_id, bits, dtype_code, numel, bucket, n_exc, tag)
+    if len(buf) - offset < header.total_size:
+        raise PayloadError(f"truncated payload: {len(buf) - offset} bytes at offset {offset}, "
+                           f"header says {header.total_size}")
+    return header
+
+
+def decode(buf, offset=0):
+    """(values as float64 numpy, header, offset just past this payload)."""
+    buf = np.ascontiguousarray(buf, dtype=np.uint8).reshape(-1)
+    header = read_header(buf, offset)
+    n = header.numel
+    at = offset + HEADER.size
+    sizes = header.section_sizes()
+    sections = []
+    for size in sizes:
+        sections.append(buf[at: at + size])
+        at += size
+    scales = sections[0].view(header.scale_dtype).astype(np.float64)
+    exc_idx = sections[1].view("<u8")
+    exc_val = sections[2].view("<f4")
+    if exc_idx.size and int(exc_idx.max()) >= n:
+        raise PayloadError(f"exception index {int(exc_idx.max())} out of range for {n} elements")
+    codes = unpack_bits(sections[3], header.bits, n)
+    table = level_table(header.scheme_id, header.bits).astype(np.float64)
+    values = table[codes]
+    values *= np.repeat(scales, header.bucket_size)[:n]
+    values[exc_idx] = exc_val
+    return values, header, at
+
+
+def iter_payloads(buf):
+    """Yield (values, header) for each payload of a concatenation, in order."""
+    buf = np.ascontiguousarray(buf, dtype=np.uint8).reshape(-1)
+    offset = 0
+    while offset < buf.size:
+        values, header, offset = decode(buf, offset)
+        yield values, header
+
+
+def decode_sum(buf, expect):
+    """Sum (float64) of all payloads in ``buf``, each checked against ``expect`` (a header).
+
+    Raises PayloadError naming the first field in which a payload differs from ``expect``: ranks
+    configured differently must fail loudly rather than average misread codes.
+    """
+    total = None
+    count = 0
+    for position, (values, header) in enumerate(iter_payloads(buf)):
+        for field in ("scheme_id", "bits", "dtype_code", "numel", "bucket_size", "shape_tag"):
+            theirs, ours = getattr(header, field), getattr(expect, field)
+            if theirs != ours:
+                raise PayloadError(
+                    f"payload {position} has {field}={theirs} but this rank expects {ours}: "
+                    "all ranks must use the same compressor settings for the same tensor")
+        if total is None:
+            total = values
+        else:
+            total += values
+        count += 1
+    if total is None:
+        raise PayloadError("no payload received")
+    return total, count

@@ -1,0 +1,97 @@
+"""Truncation thresholds and quantization levels in closed form.
+
+All level tables here are for a unit scale: a bucket with scale ``gamma`` uses ``gamma * table``.
+A table for ``bits`` has ``2**bits`` entries, sorted ascending and symmetric about zero, so a code
+is an index into it and there is no separate sign bit; ``s = 2**bits - 1`` is the number of cells.
+
+TNQ (Yan et al., "Truncated Non-uniform Quantization for Distributed SGD", arXiv 2402.01160)
+models gradient elements as Laplace with scale gamma and minimises truncation bias plus
+stochastic-rounding variance under the bit budget. Re-deriving its closed form (see
+shared notes ALGORITHMS.md, which reproduces the paper's E_TQ = 27 d gamma^2 / (N (s + c)^2)):
+
+* point density of levels  lambda(x) ~ p(x)^(1/3) ~ exp(-|x| / (3 gamma)),
+* threshold                 alpha* = 3 gamma ln(1 + s / c),   c = 3 sqrt(6) / 2,
+* level at fraction t of the way out from 0 (equal lambda-mass per cell):
+                            x(t) = -3 gamma ln(1 - t s / (s + c)).
+"""
+
+import math
+
+import numpy as np
+
+LAPLACE_C = 3.0 * math.sqrt(6.0) / 2.0
+
+MIN_BITS = 1
+MAX_BITS = 8
+
+
+def check_bits(bits):
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+        raise TypeError(f"bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
+    return int(bits)
+
+
+def num_cells(bits):
+    return (1 << check_bits(bits)) - 1
+
+
+def laplace_truncation_threshold(bits):
+    """alpha* / gamma for TNQ's non-uniform levels."""
+    s = num_cells(bits)
+    return 3.0 * math.log1p(s / LAPLACE_C)
+
+
+def tnq_levels(bits):
+    """TNQ's non-uniform level table (unit Laplace scale), float32, 2**bits entries."""
+    s = num_cells(bits)
+    half = 1 << (bits - 1)
+    # With an odd number of cells the middle cell straddles zero, so positive levels sit at odd
+    # multiples of 1/s of the lambda-mass on [0, alpha*]; the last one is alpha* itself.
+    t = (2.0 * np.arange(half) + 1.0) / s
+    positive = -3.0 * np.log1p(-t * s / (s + LAPLACE_C))
+    return _symmetric(positive)
+
+
+def lambert_w(z):
+    """Principal branch of Lambert's W for z >= 0 (w e^w = z), by Newton's method."""
+    if z < 0:
+        raise ValueError("lambert_w needs z >= 0")
+    w = math.log1p(z) if z < math.e else math.log(z) - math.log(math.log(z))
+    for _ in range(100):
+        ew = math.exp(w)
+        step = (w * ew - z) / (ew * (w + 1.0))
+        w -= step
+        if abs(step) <= 1e-15 * max(1.0, abs(w)):
+            break
+    return w
+
+
+def uniform_truncation_threshold(bits):
+    """alpha* / gamma for truncated *uniform* levels under the same Laplace model.
+
+    With s equal cells on [-alpha, alpha] the rounding variance is at most (2 alpha / s)^2 / 4 and
+    the truncation bias is 2 gamma^2 exp(-alpha / gamma); setting the derivative of their sum to
+    zero gives (alpha / gamma) exp(alpha / gamma) = s^2, i.e. alpha* = gamma W(s^2).
+    """
+    s = num_cells(bits)
+    return lambert_w(float(s * s))
+
+
+def uniform_levels(bits):
+    """Truncated uniform level table (unit Laplace scale): the baseline TNQ's levels must beat."""
+    s = num_cells(bits)
+    alpha = uniform_truncation_threshold(bits)
+    return (-alpha + 2.0 * alpha * np.arange(s + 1) / s).astype(np.float32)
+
+
+def _symmetric(positive):
+    positive = np.asarray(positive, dtype=np.float64)
+    return np.concatenate([-positive[::-1], positive]).astype(np.float32)
+
+
+def laplace_error_bound(bits):
+    """Upper bound on E[(Q(x) - x)^2] / gamma^2 per element for Laplace data: 27 / (s + c)^2."""
+    s = num_cells(bits)
+    return 27.0 / (s + LAPLACE_C) ** 2

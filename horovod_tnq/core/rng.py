@@ -1,0 +1,56 @@
+"""Counter-based random numbers for stochastic rounding.
+
+Element i of a tensor gets a uniform draw that depends only on (key, i), never on how many draws
+were made before, so the noise is reproducible per (seed, rank, tensor, step), independent of
+thread counts and chunking, and simple to re-implement bit for bit in another framework.
+The mixer is the "lowbias32" integer hash (C. Wellons, hash-prospector), applied twice with the
+two halves of a 64-bit key.
+"""
+
+import zlib
+
+import numpy as np
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN32 = np.uint32(0x9E3779B9)
+
+
+def _splitmix64(x):
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def stream_key(seed, rank, name, step):
+    """A 64-bit key for one tensor's draws; every ingredient changes the whole stream."""
+    key = _splitmix64(int(seed) & _MASK64)
+    for part in (int(rank), zlib.crc32(str(name).encode("utf-8")), int(step)):
+        key = _splitmix64(key ^ (part & _MASK64))
+    return key
+
+
+def _lowbias32(x):
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def uniform_noise(n, key):
+    """n float32 draws in [0, 1), multiples of 2**-24, for the given 64-bit key."""
+    lo = np.uint32(key & 0xFFFFFFFF)
+    hi = np.uint32((key >> 32) & 0xFFFFFFFF)
+    with np.errstate(over="ignore"):
+        x = np.arange(n, dtype=np.uint32)
+        x *= _GOLDEN32
+        x ^= lo
+        x = _lowbias32(x)
+        x ^= hi
+        x = _lowbias32(x)
+    x >>= np.uint32(8)
+    noise = x.astype(np.float32)
+    noise *= np.float32(2.0 ** -24)
+    return noise

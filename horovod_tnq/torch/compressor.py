@@ -1,0 +1,134 @@
+"""Horovod Compressor that quantizes with the numpy core and exchanges packed codes by allgather.
+
+See horovod_tnq/exchange.py for the protocol that fits it into Horovod's allreduce interface.
+"""
+
+import threading
+
+import horovod.torch as hvd
+import numpy as np
+import torch
+from horovod.torch.compression import Compressor
+
+from .. import core
+from ..exchange import (CollectiveNamer, CompressorConfig, horovod_call_site, probe_values,
+                        reduction_scale)
+
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+                torch.float64: "float64"}
+_SUPPORTED_DEVICES = ("cpu", "cuda")
+
+
+class _Pending:
+    """What decompress() needs: the allgather in flight and what this rank sent."""
+
+    __slots__ = ("handle", "header", "base_name", "shape", "dtype", "device", "process_set")
+
+    def __init__(self, handle, header, base_name, shape, dtype, device, process_set):
+        self.handle = handle
+        self.header = header
+        self.base_name = base_name
+        self.shape = shape
+        self.dtype = dtype
+        self.device = device
+        self.process_set = process_set
+
+
+class _DefaultInstance:
+    """Lets the class itself be passed as ``compression=TNQCompressor``, as with Horovod's own
+    compressors: on the class, compress/decompress bind to one lazily made default instance."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def __get__(self, instance, owner):
+        if instance is None:
+            instance = owner.default_instance()
+        return self.function.__get__(instance, owner)
+
+
+class TNQCompressor(Compressor):
+    """Truncated Non-uniform Quantization of gradients for ``horovod.torch``.
+
+    Args:
+        bits: bits per element on the wire, 1 to 8.
+        scheme: "tnq" (non-uniform levels) or "tnq-uniform" (truncated uniform levels).
+        bucket_size: elements sharing one scale (mean |g|); the scale costs 32 / bucket_size bits
+            per element.
+        min_numel: tensors with fewer elements, and non-float tensors, take Horovod's ordinary
+            allreduce uncompressed: compression does not pay for them.
+        seed: seeds stochastic rounding, together with rank, tensor name and step.
+    """
+
+    _defaults_lock = threading.Lock()
+
+    def __init__(self, bits=4, scheme="tnq", bucket_size=512, min_numel=1024, seed=0):
+        self.config = CompressorConfig(bits=bits, scheme=scheme, bucket_size=bucket_size,
+                                       min_numel=min_numel, seed=seed)
+        self._namer = CollectiveNamer()
+        self.stats = {"compressed_tensors": 0, "passthrough_tensors": 0, "payload_bytes": 0,
+                      "passthrough_bytes": 0, "elements": 0}
+
+    @classmethod
+    def default_instance(cls):
+        with cls._defaults_lock:
+            if cls.__dict__.get("_default") is None:
+                cls._default = cls()
+            return cls._default
+
+    def __repr__(self):
+        c = self.config
+        return (f"TNQCompressor(bits={c.bits}, scheme={c.scheme!r}, bucket_size={c.bucket_size},"
+                f" min_numel={c.min_numel}, seed={c.seed})")
+
+    def should_compress(self, tensor):
+        return tensor.dtype in _DTYPE_NAMES and tensor.numel() >= self.config.min_numel
+
+    @_DefaultInstance
+    def compress(self, tensor):
+        if tensor.is_sparse:
+            raise TypeError("TNQCompressor needs dense gradients; use sparse_as_dense=True")
+        if tensor.device.type not in _SUPPORTED_DEVICES:
+            raise TypeError(f"TNQCompressor supports CPU and CUDA tensors, got device "
+                            f"{tensor.device}")
+        self.stats["elements"] += tensor.numel()
+        if not self.should_compress(tensor):
+            self.stats["passthrough_tensors"] += 1
+            self.stats["passthrough_bytes"] += tensor.numel() * tensor.element_size()
+            return tensor, None
+
+        name, process_set = horovod_call_site()
+        process_set = process_set or hvd.global_process_set
+        base_name, collective_name, step = self._namer.acquire(name)
+        key = core.stream_key(self.config.seed, hvd.rank(), base_name, step)
+        host = tensor.detach().to("cpu")
+        if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
+            host = host.float()
+        payload = core.encode(host.numpy(), scheme=self.config.scheme, bits=self.config.bits,
+                              bucket_size=self.config.bucket_size, key=key,
+                              dtype_name=_DTYPE_NAMES[tensor.dtype], shape=tensor.shape)
+        self.stats["compressed_tensors"] += 1
+        self.stats["payload_bytes"] += payload.size
+        handle = hvd.allgather_async(torch.from_numpy(payload), name=collective_name,
+                                     process_set=process_set)
+        pending = _Pending(handle, core.read_header(payload), base_name, tensor.shape,
+                           tensor.dtype, tensor.device, process_set)
+        probe = torch.tensor(probe_values(process_set.rank()), dtype=torch.float32)
+        return probe, pending
+
+    @_DefaultInstance
+    def decompress(self, tensor, ctx):
+        if ctx is None:
+            return tensor
+        try:
+            gathered = hvd.synchronize(ctx.handle)
+        finally:
+            self._namer.release(ctx.base_name)
+        scale = reduction_scale(tensor.tolist(), ctx.process_set.size())
+        total, count = core.decode_sum(gathered.numpy(), ctx.header)
+        if count != ctx.process_set.size():
+            raise core.PayloadError(f"received {count} payloads from "
+                                    f"{ctx.process_set.size()} ranks")
+        total *= scale
+        result = torch.from_numpy(total).to(ctx.dtype).reshape(ctx.shape)
+        return result.to(ctx.device)
