@@ -1,0 +1,26 @@
+"""Launching real Horovod workers from tests."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_workers(script, num_proc, out_dir, timeout=600, extra_env=None):
+    """Run tests/workers/<script> under horovodrun with Gloo; return each rank's JSON report."""
+    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    command = [horovodrun, "-np", str(num_proc), "-H", f"localhost:{num_proc}", "--gloo",
+               sys.executable, os.path.join(ROOT, "tests", "workers", script), str(out_dir)]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **(extra_env or {}))
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if done.returncode != 0:
+        raise AssertionError(f"horovodrun failed ({done.returncode}):\n{done.stdout[-6000:]}\n"
+                             f"{done.stderr[-6000:]}")
+    reports = []
+    for rank in range(num_proc):
+        with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
+            reports.append(json.load(f))
+    return reports

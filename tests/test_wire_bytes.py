@@ -1,0 +1,26 @@
+"""Bytes that cross the (loopback) network with real horovodrun workers: TNQ 4-bit vs none."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from horovodrun import ROOT
+
+pytestmark = pytest.mark.horovodrun
+
+
+def test_tnq_4bit_sends_at_most_a_fifth_of_uncompressed(tmp_path):
+    out = tmp_path / "wire.json"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "wire_bytes.py"),
+                           "--quick", "--json", str(out)], capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {row["compression"]: row for row in json.loads(out.read_text())}
+    none, tnq = rows["none"], rows["tnq"]
+    # the counters saw the gradients: both ranks send at least their own payloads
+    assert none["wire_bytes_per_step"] >= 2 * none["fp32_bytes_per_step"]
+    assert tnq["wire_bytes_per_step"] >= 2 * tnq["payload_bytes_per_step"]
+    assert tnq["vs_uncompressed"] <= 0.2, rows
