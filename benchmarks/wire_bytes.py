@@ -16,6 +16,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+from run_demo import run_training  # noqa: E402  (examples/ is not a package)
 CONFIGS = [("none", None), ("fp16", None), ("tnq", 4), ("tnq", 3), ("tnq", 2)]
 QUICK = [("none", None), ("tnq", 4)]
 
@@ -30,19 +32,9 @@ def loopback_tx_bytes():
 
 
 def train(compression, bits, epochs, workers):
-    command = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", str(workers),
-               "-H", f"localhost:{workers}", "--gloo", sys.executable,
-               os.path.join(ROOT, "examples", "train_digits.py"), "--compression", compression,
-               "--epochs", str(epochs)] + (["--bits", str(bits)] if bits else [])
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     before = loopback_tx_bytes()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    sent = loopback_tx_bytes() - before
-    for line in done.stdout.splitlines():
-        start = line.find('{"compression"')
-        if start >= 0:
-            return sent, json.loads(line[start:])
-    raise RuntimeError(f"training failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    run = run_training("pytorch", compression, bits, epochs, workers)
+    return loopback_tx_bytes() - before, run
 
 
 def measure(configs=CONFIGS, short=1, long=3, workers=2):

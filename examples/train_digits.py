@@ -1,18 +1,15 @@
 """Train a small MLP on scikit-learn's digits with Horovod, optionally TNQ-compressed.
 
-    horovodrun -np 2 -H localhost:2 --gloo python examples/train_digits.py --compression tnq --bits 3
+    horovodrun -np 2 -H localhost:2 --gloo python examples/train_digits.py --bits 3
 
 Rank 0 prints one JSON line: test accuracy and what the gradient exchange sent per step.
 """
 
 import argparse
-import json
 
 import horovod.torch as hvd
-import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+from digits import LAYERS, load_shard, report
 
 from horovod_tnq.torch import TNQCompressor
 
@@ -28,26 +25,17 @@ def parse_args():
     return parser.parse_args()
 
 
-def load_data(seed):
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    return train_test_split(x, digits.target, test_size=0.25, random_state=seed,
-                            stratify=digits.target)
-
-
 def main():
     args = parse_args()
     hvd.init()
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
-    x_train, x_test, y_train, y_test = load_data(args.seed)
-    # each worker trains on its own shard of the training set
-    x_train = torch.from_numpy(x_train[hvd.rank()::hvd.size()])
-    y_train = torch.from_numpy(y_train[hvd.rank()::hvd.size()])
-
-    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
-                                torch.nn.Linear(256, 256), torch.nn.ReLU(),
-                                torch.nn.Linear(256, 10))
+    x_train, y_train, x_test, y_test = load_shard(hvd.rank(), hvd.size(), args.seed)
+    x_train, y_train = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    layers = []
+    for fan_in, fan_out in zip(LAYERS, LAYERS[1:]):
+        layers += [torch.nn.Linear(fan_in, fan_out), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers[:-1])
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     compression = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16,
                    "tnq": TNQCompressor(bits=args.bits, seed=args.seed)}[args.compression]
@@ -74,18 +62,14 @@ def main():
         predictions = model(torch.from_numpy(x_test)).argmax(1).numpy()
     accuracy = float((predictions == y_test).mean())
     elements = sum(p.numel() for p in model.parameters())
-    fp32_bytes = 4 * elements
     if args.compression == "tnq":
         stats = compression.stats
         sent = (stats["payload_bytes"] + stats["passthrough_bytes"]) / steps
     else:
-        sent = fp32_bytes / (2 if args.compression == "fp16" else 1)
+        sent = 4 * elements / (2 if args.compression == "fp16" else 1)
     if hvd.rank() == 0:
-        print(json.dumps({
-            "compression": args.compression, "bits": args.bits if args.compression == "tnq" else
-            None, "workers": hvd.size(), "steps": steps, "test_accuracy": accuracy,
-            "final_loss": float(loss), "bytes_per_step": sent, "fp32_bytes_per_step": fp32_bytes,
-            "bits_per_element": 8.0 * sent / elements}))
+        print(report("pytorch", args.compression, args.bits, hvd.size(), steps, accuracy,
+                     float(loss), sent, elements))
 
 
 if __name__ == "__main__":

@@ -55,21 +55,26 @@ _HOROVOD_CALLERS = {
 }
 
 
-def horovod_call_site(max_depth=8):
+def horovod_call_site(max_depth=12):
     """(name, process_set) of the Horovod collective that called compress(), or (None, None).
 
     Stock Horovod does not pass the name to compress(); reading it from the calling frame is what
     lets the allgather be named like the allreduce it accompanies, so ranks that reach their
-    tensors in different orders still pair them correctly. Tested against Horovod 0.28.1; when
-    nothing is found the caller falls back to a per-process sequence number (and payload headers
-    still catch mismatched shapes).
+    tensors in different orders still pair them correctly. Inside tf.function, AutoGraph runs
+    converted copies of Horovod's functions (``tf__allreduce``) a few frames further up. Tested
+    against Horovod 0.28.1; when nothing is found the caller falls back to Horovod's own
+    convention (the graph tensor name in TF graphs, a sequence number otherwise), and payload
+    headers still catch mismatched shapes.
     """
-    frame = sys._getframe(2)
+    frame = sys._getframe(1)
     for _ in range(max_depth):
         if frame is None:
             break
         module = frame.f_globals.get("__name__", "")
-        if module.startswith("horovod.") and frame.f_code.co_name in _HOROVOD_CALLERS:
+        function = frame.f_code.co_name
+        if function.startswith("tf__"):
+            function = function[len("tf__"):]
+        if module.startswith("horovod.") and function in _HOROVOD_CALLERS:
             local = frame.f_locals
             process_set = local.get("process_set")
             owner = local.get("self")
@@ -121,6 +126,10 @@ def probe_values(rank):
     return [1.0, float(rank + 1)]
 
 
+UNSUPPORTED_OP = "horovod_tnq compressors support op=Average and op=Sum only"
+PROBE_TOLERANCE = 1e-3
+
+
 def reduction_scale(probe, size):
     """Factor to multiply the *sum* of decoded payloads by, from the allreduced probe.
 
@@ -132,8 +141,39 @@ def reduction_scale(probe, size):
     """
     first, second = float(probe[0]), float(probe[1])
     expected_ratio = (size + 1) / 2.0
-    if size > 1 and (first == 0 or abs(second / first - expected_ratio) > 1e-3 * expected_ratio):
-        raise ValueError(
-            "horovod_tnq compressors support op=Average and op=Sum only (the allreduced probe "
-            f"{[first, second]} does not match either for {size} ranks)")
+    if size > 1 and (first == 0 or
+                     abs(second / first - expected_ratio) > PROBE_TOLERANCE * expected_ratio):
+        raise ValueError(f"{UNSUPPORTED_OP} (the allreduced probe {[first, second]} matches "
+                         f"neither for {size} ranks)")
     return first / size
+
+
+class DefaultInstanceMethod:
+    """Lets a compressor class itself be passed as ``compression=TNQCompressor``, as with
+    Horovod's own compressors: accessed on the class, the method binds to one lazily made
+    default instance (``owner.default_instance()``)."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def __get__(self, instance, owner):
+        if instance is None:
+            instance = owner.default_instance()
+        return self.function.__get__(instance, owner)
+
+
+class DefaultInstanceMixin:
+    _defaults_lock = threading.Lock()
+
+    @classmethod
+    def default_instance(cls):
+        with cls._defaults_lock:
+            if cls.__dict__.get("_default") is None:
+                cls._default = cls()
+            return cls._default
+
+
+def new_stats():
+    """Counters a compressor keeps: what it handed to Horovod, to report bytes on the wire."""
+    return {"compressed_tensors": 0, "passthrough_tensors": 0, "payload_bytes": 0,
+            "passthrough_bytes": 0, "elements": 0}

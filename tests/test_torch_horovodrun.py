@@ -2,7 +2,7 @@
 
 import pytest
 
-from horovodrun import run_workers
+from horovodrun import run_workers, same_on_all_ranks
 
 pytestmark = pytest.mark.horovodrun
 
@@ -15,16 +15,6 @@ def checks(request, tmp_path_factory):
 @pytest.fixture(scope="module", params=[2, 3], ids=["np2", "np3"])
 def training(request, tmp_path_factory):
     return run_workers("torch_train.py", request.param, tmp_path_factory.mktemp("train"))
-
-
-def same_on_all_ranks(reports, *path):
-    values = []
-    for report in reports:
-        for key in path:
-            report = report[key]
-        values.append(report)
-    assert all(v == values[0] for v in values), values
-    return values[0]
 
 
 @pytest.mark.parametrize("case", ["average", "sum", "class", "scaled", "anonymous"])

@@ -11,13 +11,14 @@ from .levels import (LAPLACE_C, MAX_BITS, MIN_BITS, check_bits, laplace_error_bo
                      uniform_truncation_threshold)
 from .packing import pack_bits, packed_size, unpack_bits
 from .quantize import mean_abs_per_bucket, stochastic_round
-from .rng import stream_key, uniform_noise
+from .rng import key_words, stream_key, uniform_noise
 
 __all__ = [
     "DTYPE_CODES", "HEADER", "LAPLACE_C", "MAX_BITS", "MIN_BITS", "SCHEMES", "PayloadError",
     "PayloadHeader", "check_bits", "decode", "decode_sum", "encode", "encoded_size",
-    "get_scheme", "iter_payloads", "laplace_error_bound", "laplace_truncation_threshold",
-    "mean_abs_per_bucket", "pack_bits", "packed_size", "read_header", "shape_tag",
+    "get_scheme", "iter_payloads", "key_words", "laplace_error_bound",
+    "laplace_truncation_threshold", "mean_abs_per_bucket", "pack_bits", "packed_size",
+    "read_header", "shape_tag",
     "stochastic_round", "stream_key", "tnq_levels", "uniform_levels", "uniform_noise",
     "uniform_truncation_threshold", "unpack_bits",
 ]

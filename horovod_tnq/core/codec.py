@@ -131,11 +131,11 @@ def encoded_size(numel, bits, bucket_size, dtype_name="float32", num_exceptions=
     return header.total_size
 
 
-def encode(values, *, scheme="tnq", bits, bucket_size, key, dtype_name=None, shape=None):
+def encode(values, *, scheme="tnq", bits, bucket_size, key, step=0, dtype_name=None, shape=None):
     """Compress a float array into one payload (uint8).
 
     ``values`` is float16/32/64 numpy data (frameworks hand bfloat16 over as float32 and name it
-    in ``dtype_name``); ``key`` seeds the stochastic rounding (see rng.stream_key).
+    in ``dtype_name``); ``key`` and ``step`` seed the stochastic rounding (see rng.py).
     """
     bits = check_bits(bits)
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
@@ -158,6 +158,7 @@ def encode(values, *, scheme="tnq", bits, bucket_size, key, dtype_name=None, sha
         if bad.any():
             exc_idx = np.flatnonzero(bad).astype("<u8")
             exc_val = flat[bad].astype("<f4")
+            exc_val[np.isnan(exc_val)] = np.nan  # one NaN bit pattern, whatever the framework
             flat = np.where(bad, 0, flat).astype(work)
 
     header = PayloadHeader(scheme.scheme_id, bits, DTYPE_CODES[dtype_name], n, int(bucket_size),
@@ -168,7 +169,7 @@ def encode(values, *, scheme="tnq", bits, bucket_size, key, dtype_name=None, sha
     divisor = np.where(scales > 0, scales, 1).astype(work)
     normalised = (flat / np.repeat(divisor, bucket_size)[:n]).astype(np.float32)
     codes = stochastic_round(normalised, level_table(scheme.scheme_id, bits),
-                             uniform_noise(n, key))
+                             uniform_noise(n, key, step))
 
     out = np.empty(header.total_size, dtype=np.uint8)
     out[: HEADER.size] = np.frombuffer(header.pack(), dtype=np.uint8)

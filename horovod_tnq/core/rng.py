@@ -1,10 +1,11 @@
 """Counter-based random numbers for stochastic rounding.
 
-Element i of a tensor gets a uniform draw that depends only on (key, i), never on how many draws
-were made before, so the noise is reproducible per (seed, rank, tensor, step), independent of
-thread counts and chunking, and simple to re-implement bit for bit in another framework.
-The mixer is the "lowbias32" integer hash (C. Wellons, hash-prospector), applied twice with the
-two halves of a 64-bit key.
+Element i of a tensor gets a uniform draw that depends only on (key, step, i), never on how many
+draws were made before, so the noise is reproducible per (seed, rank, tensor, step), independent
+of thread counts and chunking, and simple to re-implement bit for bit in another framework
+(horovod_tnq/tensorflow/ops.py does, in TF ops). The key is fixed per tensor and computed once in
+Python; the step is a separate 32-bit input so a TF graph can feed it from a counter variable.
+The mixer is the "lowbias32" integer hash (C. Wellons, hash-prospector).
 """
 
 import zlib
@@ -22,12 +23,17 @@ def _splitmix64(x):
     return x ^ (x >> 31)
 
 
-def stream_key(seed, rank, name, step):
+def stream_key(seed, rank, name):
     """A 64-bit key for one tensor's draws; every ingredient changes the whole stream."""
     key = _splitmix64(int(seed) & _MASK64)
-    for part in (int(rank), zlib.crc32(str(name).encode("utf-8")), int(step)):
+    for part in (int(rank), zlib.crc32(str(name).encode("utf-8"))):
         key = _splitmix64(key ^ (part & _MASK64))
     return key
+
+
+def key_words(key):
+    """The key as the two uint32 words the noise generator uses: (low, high)."""
+    return key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF
 
 
 def _lowbias32(x):
@@ -39,16 +45,16 @@ def _lowbias32(x):
     return x
 
 
-def uniform_noise(n, key):
-    """n float32 draws in [0, 1), multiples of 2**-24, for the given 64-bit key."""
-    lo = np.uint32(key & 0xFFFFFFFF)
-    hi = np.uint32((key >> 32) & 0xFFFFFFFF)
+def uniform_noise(n, key, step=0):
+    """n float32 draws in [0, 1), multiples of 2**-24, for a 64-bit key and a step number."""
+    lo, hi = (np.uint32(word) for word in key_words(key))
     with np.errstate(over="ignore"):
+        step_word = _lowbias32(np.array([int(step) & 0xFFFFFFFF], dtype=np.uint32) ^ hi)
         x = np.arange(n, dtype=np.uint32)
         x *= _GOLDEN32
         x ^= lo
         x = _lowbias32(x)
-        x ^= hi
+        x ^= step_word
         x = _lowbias32(x)
     x >>= np.uint32(8)
     noise = x.astype(np.float32)

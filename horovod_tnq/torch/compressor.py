@@ -3,20 +3,28 @@
 See horovod_tnq/exchange.py for the protocol that fits it into Horovod's allreduce interface.
 """
 
-import threading
-
 import horovod.torch as hvd
-import numpy as np
 import torch
 from horovod.torch.compression import Compressor
 
 from .. import core
-from ..exchange import (CollectiveNamer, CompressorConfig, horovod_call_site, probe_values,
+from ..exchange import (CollectiveNamer, CompressorConfig, DefaultInstanceMethod,
+                        DefaultInstanceMixin, horovod_call_site, new_stats, probe_values,
                         reduction_scale)
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                 torch.float64: "float64"}
 _SUPPORTED_DEVICES = ("cpu", "cuda")
+
+
+def encode_tensor(tensor, config, key, step):
+    """The payload (numpy uint8) for one torch tensor: the numpy core on its host copy."""
+    host = tensor.detach().to("cpu")
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+        host = host.float()
+    return core.encode(host.numpy(), scheme=config.scheme, bits=config.bits,
+                       bucket_size=config.bucket_size, key=key, step=step,
+                       dtype_name=_DTYPE_NAMES[tensor.dtype], shape=tensor.shape)
 
 
 class _Pending:
@@ -34,20 +42,7 @@ class _Pending:
         self.process_set = process_set
 
 
-class _DefaultInstance:
-    """Lets the class itself be passed as ``compression=TNQCompressor``, as with Horovod's own
-    compressors: on the class, compress/decompress bind to one lazily made default instance."""
-
-    def __init__(self, function):
-        self.function = function
-
-    def __get__(self, instance, owner):
-        if instance is None:
-            instance = owner.default_instance()
-        return self.function.__get__(instance, owner)
-
-
-class TNQCompressor(Compressor):
+class TNQCompressor(DefaultInstanceMixin, Compressor):
     """Truncated Non-uniform Quantization of gradients for ``horovod.torch``.
 
     Args:
@@ -60,21 +55,11 @@ class TNQCompressor(Compressor):
         seed: seeds stochastic rounding, together with rank, tensor name and step.
     """
 
-    _defaults_lock = threading.Lock()
-
     def __init__(self, bits=4, scheme="tnq", bucket_size=512, min_numel=1024, seed=0):
         self.config = CompressorConfig(bits=bits, scheme=scheme, bucket_size=bucket_size,
                                        min_numel=min_numel, seed=seed)
         self._namer = CollectiveNamer()
-        self.stats = {"compressed_tensors": 0, "passthrough_tensors": 0, "payload_bytes": 0,
-                      "passthrough_bytes": 0, "elements": 0}
-
-    @classmethod
-    def default_instance(cls):
-        with cls._defaults_lock:
-            if cls.__dict__.get("_default") is None:
-                cls._default = cls()
-            return cls._default
+        self.stats = new_stats()
 
     def __repr__(self):
         c = self.config
@@ -84,7 +69,7 @@ class TNQCompressor(Compressor):
     def should_compress(self, tensor):
         return tensor.dtype in _DTYPE_NAMES and tensor.numel() >= self.config.min_numel
 
-    @_DefaultInstance
+    @DefaultInstanceMethod
     def compress(self, tensor):
         if tensor.is_sparse:
             raise TypeError("TNQCompressor needs dense gradients; use sparse_as_dense=True")
@@ -100,13 +85,8 @@ class TNQCompressor(Compressor):
         name, process_set = horovod_call_site()
         process_set = process_set or hvd.global_process_set
         base_name, collective_name, step = self._namer.acquire(name)
-        key = core.stream_key(self.config.seed, hvd.rank(), base_name, step)
-        host = tensor.detach().to("cpu")
-        if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
-            host = host.float()
-        payload = core.encode(host.numpy(), scheme=self.config.scheme, bits=self.config.bits,
-                              bucket_size=self.config.bucket_size, key=key,
-                              dtype_name=_DTYPE_NAMES[tensor.dtype], shape=tensor.shape)
+        key = core.stream_key(self.config.seed, hvd.rank(), base_name)
+        payload = encode_tensor(tensor, self.config, key, step)
         self.stats["compressed_tensors"] += 1
         self.stats["payload_bytes"] += payload.size
         handle = hvd.allgather_async(torch.from_numpy(payload), name=collective_name,
@@ -116,7 +96,7 @@ class TNQCompressor(Compressor):
         probe = torch.tensor(probe_values(process_set.rank()), dtype=torch.float32)
         return probe, pending
 
-    @_DefaultInstance
+    @DefaultInstanceMethod
     def decompress(self, tensor, ctx):
         if ctx is None:
             return tensor

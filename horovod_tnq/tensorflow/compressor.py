@@ -1,0 +1,142 @@
+"""Horovod Compressor for ``horovod.tensorflow`` (and ``horovod.tensorflow.keras``).
+
+Same protocol as the PyTorch compressor (horovod_tnq/exchange.py): compress() encodes with TF ops
+(ops.py) and allgathers the payload, Horovod allreduces a two-element probe, decompress() decodes
+every rank's payload and scales the sum. Works eagerly and inside tf.function, where the allgather
+is an ordinary graph op and the random stream's step comes from a counter variable per tensor.
+"""
+
+import re
+
+import horovod.tensorflow as hvd
+import tensorflow as tf
+from horovod.tensorflow.compression import Compressor
+
+from .. import core
+from ..exchange import (PROBE_TOLERANCE, UNSUPPORTED_OP, CollectiveNamer, CompressorConfig,
+                        DefaultInstanceMethod, DefaultInstanceMixin, horovod_call_site,
+                        probe_values, reduction_scale)
+from . import ops
+
+_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+
+
+class _Pending:
+    __slots__ = ("gathered", "header", "base_name", "shape", "dtype", "process_set")
+
+    def __init__(self, gathered, header, base_name, shape, dtype, process_set):
+        self.gathered = gathered
+        self.header = header
+        self.base_name = base_name
+        self.shape = shape
+        self.dtype = dtype
+        self.process_set = process_set
+
+
+class TNQCompressor(DefaultInstanceMixin, Compressor):
+    """Truncated Non-uniform Quantization of gradients for ``horovod.tensorflow``.
+
+    Arguments as for ``horovod_tnq.torch.TNQCompressor``: bits, scheme, bucket_size, min_numel,
+    seed. Tensors need a static shape to be compressed; others pass through uncompressed.
+    """
+
+    def __init__(self, bits=4, scheme="tnq", bucket_size=512, min_numel=1024, seed=0):
+        self.config = CompressorConfig(bits=bits, scheme=scheme, bucket_size=bucket_size,
+                                       min_numel=min_numel, seed=seed)
+        self._namer = CollectiveNamer()
+        self._step_table = None
+        # bytes handed to Horovod for each named tensor (compressed or not) at its last call,
+        # without non-finite exceptions: in graphs this is known when the graph is traced
+        self.bytes_by_tensor = {}
+
+    def __repr__(self):
+        c = self.config
+        return (f"TNQCompressor(bits={c.bits}, scheme={c.scheme!r}, bucket_size={c.bucket_size},"
+                f" min_numel={c.min_numel}, seed={c.seed})")
+
+    def should_compress(self, tensor):
+        numel = tensor.shape.num_elements()
+        return tensor.dtype in _DTYPES and numel is not None and numel >= self.config.min_numel
+
+    def _graph_step(self, identity):
+        """A per-tensor step number that advances each time the graph runs.
+
+        The counters live in one hash table keyed by tensor identity rather than in variables:
+        tf.function refuses variables created on a later trace, and a table is one resource, so
+        TF's automatic control dependencies keep its reads and writes in program order.
+        """
+        if self._step_table is None:
+            with tf.init_scope():
+                self._step_table = tf.lookup.experimental.MutableHashTable(
+                    key_dtype=tf.string, value_dtype=tf.int64, default_value=0)
+        key = tf.constant([identity])
+        step = self._step_table.lookup(key)
+        with tf.control_dependencies([self._step_table.insert(key, step + 1)]):
+            return tf.identity(step[0])
+
+    @DefaultInstanceMethod
+    @tf.autograph.experimental.do_not_convert  # plain Python control flow, traced as written
+    def compress(self, tensor):
+        if isinstance(tensor, tf.IndexedSlices):
+            raise TypeError("TNQCompressor needs dense gradients; use sparse_as_dense=True")
+        tensor = tf.convert_to_tensor(tensor)
+        name, process_set = horovod_call_site()
+        process_set = process_set or hvd.global_process_set
+        eager = tf.executing_eagerly()
+        if name is None and not eager:
+            name = tensor.name  # unique in the graph and the same on every rank
+        if not self.should_compress(tensor):
+            if name is not None:
+                self.bytes_by_tensor[name] = tensor.shape.num_elements() * tensor.dtype.size
+            return tensor, None
+        base_name, collective_name, step = self._namer.acquire(name)
+        if not eager:
+            step = self._graph_step(base_name)
+        payload = ops.encode(tensor, scheme=self.config.scheme, bits=self.config.bits,
+                             bucket_size=self.config.bucket_size, step=step,
+                             key=core.stream_key(self.config.seed, hvd.rank(), base_name))
+        self.bytes_by_tensor[base_name] = core.encoded_size(
+            tensor.shape.num_elements(), self.config.bits, self.config.bucket_size,
+            tensor.dtype.name)
+        # TF op names allow a restricted alphabet; the name is also Horovod's collective name.
+        collective_name = re.sub(r"[^A-Za-z0-9_.\-/]", "_", collective_name)
+        gathered = hvd.allgather(payload, name=collective_name, process_set=process_set)
+        header = core.PayloadHeader(core.get_scheme(self.config.scheme).scheme_id,
+                                    self.config.bits, core.DTYPE_CODES[tensor.dtype.name],
+                                    tensor.shape.num_elements(), self.config.bucket_size, 0,
+                                    core.shape_tag(tensor.shape.as_list()))
+        pending = _Pending(gathered, header, base_name, tensor.shape, tensor.dtype, process_set)
+        return tf.constant(probe_values(process_set.rank()), tf.float32), pending
+
+    @DefaultInstanceMethod
+    @tf.autograph.experimental.do_not_convert
+    def decompress(self, tensor, ctx):
+        if ctx is None:
+            return tensor
+        self._namer.release(ctx.base_name)
+        size = ctx.process_set.size()
+        if tf.executing_eagerly():
+            scale = reduction_scale(tensor.numpy().tolist(), size)
+            total = ops.decode_sum(ctx.gathered, ctx.header, size)
+        else:
+            # No check may fail before both collectives have completed on this rank: a rank
+            # that aborted its graph early would leave the others waiting in Horovod forever.
+            with tf.control_dependencies([ctx.gathered, tensor]):
+                scale = _graph_reduction_scale(tensor, size)
+                total = ops.decode_sum(tf.identity(ctx.gathered), ctx.header, size)
+        result = tf.cast(total * tf.cast(scale, tf.float64), ctx.dtype)
+        return tf.reshape(result, ctx.shape)
+
+
+def _graph_reduction_scale(probe, size):
+    """exchange.reduction_scale as graph ops (the probe's value is known only at run time)."""
+    probe = tf.cast(probe, tf.float64)
+    if size > 1:
+        expected = (size + 1) / 2.0
+        ok = tf.logical_and(
+            tf.not_equal(probe[0], 0.0),
+            tf.abs(probe[1] / probe[0] - expected) <= PROBE_TOLERANCE * expected)
+        check = tf.debugging.Assert(ok, [f"{UNSUPPORTED_OP} (allreduced probe:", probe, ")"])
+        with tf.control_dependencies([check]):
+            probe = tf.identity(probe)
+    return probe[0] / size

@@ -1,0 +1,190 @@
+"""The core's element-wise pipeline in TensorFlow ops, so graphs never round-trip through numpy.
+
+Thresholds, level tables, keys and the byte layout come from horovod_tnq.core (numpy, evaluated
+once at trace time into constants); this module only re-expresses the per-element steps. For the
+same input, key and step it produces the same payload bytes as core.encode, which the tests check
+byte for byte.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from .. import core
+
+_U32 = tf.uint32
+
+
+def _u32(value):
+    return tf.constant(value, dtype=_U32)
+
+
+def _lowbias32(x):
+    # the same mixer as core.rng._lowbias32
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, _u32(16)))
+    x = x * _u32(0x7FEB352D)
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, _u32(15)))
+    x = x * _u32(0x846CA68B)
+    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, _u32(16)))
+
+
+def uniform_noise(n, key, step):
+    """core.rng.uniform_noise in TF ops; ``step`` may be a tensor (an int64 counter)."""
+    lo, hi = core.key_words(key)
+    step_word = _lowbias32(tf.bitwise.bitwise_xor(tf.cast(step, _U32), _u32(hi)))
+    x = tf.cast(tf.range(n, dtype=tf.int64), _U32) * _u32(0x9E3779B9)
+    x = _lowbias32(tf.bitwise.bitwise_xor(x, _u32(lo)))
+    x = _lowbias32(tf.bitwise.bitwise_xor(x, step_word))
+    return tf.cast(tf.bitwise.right_shift(x, _u32(8)), tf.float32) * (2.0 ** -24)
+
+
+def mean_abs_per_bucket(flat, bucket_size):
+    n = tf.size(flat)
+    buckets = (n + bucket_size - 1) // bucket_size
+    padded = tf.pad(tf.abs(tf.cast(flat, tf.float64)), [[0, buckets * bucket_size - n]])
+    sums = tf.reduce_sum(tf.reshape(padded, [buckets, bucket_size]), axis=1)
+    counts = tf.fill([buckets], tf.constant(bucket_size, tf.float64))
+    counts = tf.tensor_scatter_nd_update(
+        counts, [[buckets - 1]], [tf.cast(n - (buckets - 1) * bucket_size, tf.float64)])
+    return sums / counts
+
+
+def stochastic_round(values, table, noise):
+    table = tf.constant(table, tf.float32)
+    v = tf.clip_by_value(values, table[0], table[-1])
+    cell = tf.searchsorted(table, v, side="right") - 1
+    cell = tf.clip_by_value(cell, 0, int(table.shape[0]) - 2)
+    lo = tf.gather(table, cell)
+    p = (v - lo) / (tf.gather(table, cell + 1) - lo)
+    return tf.cast(cell + tf.cast(noise < p, cell.dtype), tf.uint8)
+
+
+def _shifts(bits):
+    return tf.constant(np.arange(8, dtype=np.uint64) * bits, tf.uint64)
+
+
+def pack_bits(codes, bits, n):
+    """core.packing.pack_bits for n codes: eight codes of b bits fill exactly b bytes of one
+    64-bit word."""
+    if bits == 8:
+        return codes
+    groups = -(-n // 8)
+    words = tf.reshape(tf.cast(tf.pad(codes, [[0, groups * 8 - n]]), tf.uint64), [groups, 8])
+    word = tf.reduce_sum(tf.bitwise.left_shift(words, _shifts(bits)), axis=1)  # disjoint: = OR
+    raw = tf.bitcast(word, tf.uint8)[:, :bits]
+    return tf.reshape(raw, [-1])[: core.packed_size(n, bits)]
+
+
+def unpack_bits(data, bits, n):
+    if bits == 8:
+        return data[:n]
+    groups = -(-n // 8)
+    padded = tf.pad(data, [[0, groups * bits - core.packed_size(n, bits)]])
+    raw = tf.pad(tf.reshape(padded, [groups, bits]), [[0, 0], [0, 8 - bits]])
+    word = tf.reshape(tf.bitcast(raw, tf.uint64), [groups, 1])
+    codes = tf.bitwise.bitwise_and(tf.bitwise.right_shift(word, _shifts(bits)),
+                                   tf.constant((1 << bits) - 1, tf.uint64))
+    return tf.cast(tf.reshape(codes, [-1])[:n], tf.uint8)
+
+
+def _as_bytes(tensor):
+    return tf.reshape(tf.bitcast(tensor, tf.uint8), [-1])
+
+
+def encode(tensor, *, scheme, bits, bucket_size, key, step):
+    """core.codec.encode for a TF tensor of static size; returns the payload (uint8)."""
+    scheme = core.get_scheme(scheme)
+    dtype_name = tensor.dtype.name
+    if dtype_name not in core.DTYPE_CODES:
+        raise TypeError(f"unsupported dtype {dtype_name}; supported: {sorted(core.DTYPE_CODES)}")
+    n = tensor.shape.num_elements()
+    work = tf.float64 if dtype_name == "float64" else tf.float32
+    flat = tf.cast(tf.reshape(tensor, [-1]), work)
+
+    bad = tf.logical_not(tf.math.is_finite(flat))
+    exc_idx = tf.cast(tf.where(bad)[:, 0], tf.uint64)
+    exc_val = tf.cast(tf.boolean_mask(flat, bad), tf.float32)
+    exc_val = tf.where(tf.math.is_nan(exc_val), tf.constant(np.nan, tf.float32), exc_val)
+    flat = tf.where(bad, tf.zeros_like(flat), flat)
+
+    header = core.PayloadHeader(scheme.scheme_id, bits, core.DTYPE_CODES[dtype_name], n,
+                                bucket_size, 0, core.shape_tag(tensor.shape.as_list()))
+    scale_dtype = tf.float64 if header.scale_dtype.itemsize == 8 else tf.float32
+    fixed = np.frombuffer(header.pack(), dtype=np.uint8)
+    if n == 0:
+        return tf.constant(fixed)
+    scales = tf.cast(mean_abs_per_bucket(flat, bucket_size), scale_dtype)
+    divisor = tf.cast(tf.where(scales > 0, scales, tf.ones_like(scales)), work)
+    normalised = tf.cast(flat / tf.repeat(divisor, bucket_size)[:n], tf.float32)
+    codes = stochastic_round(normalised, core.codec.level_table(scheme.scheme_id, bits),
+                             uniform_noise(n, key, step))
+    num_exceptions = tf.cast(tf.size(exc_idx), tf.uint32)
+    return tf.concat([fixed[:20], _as_bytes(tf.reshape(num_exceptions, [1])), fixed[24:],
+                      _as_bytes(scales), _as_bytes(exc_idx), _as_bytes(exc_val),
+                      pack_bits(codes, bits, n)], axis=0)
+
+
+def _field(buf, offset, size, dtype):
+    return tf.bitcast(tf.reshape(buf[offset: offset + size], [size]), dtype)
+
+
+def decode_sum(gathered, expect, count):
+    """Sum (float64, flat) of ``count`` concatenated payloads, each checked against ``expect``.
+
+    Mirrors core.codec.decode_sum; a mismatch fails the step with an InvalidArgumentError whose
+    message names the field.
+    """
+    n = expect.numel
+    scale_dtype = tf.float64 if expect.scale_dtype.itemsize == 8 else tf.float32
+    scales_size, _, _, codes_size = expect.section_sizes()
+    table = tf.constant(core.codec.level_table(expect.scheme_id, expect.bits), tf.float64)
+    total = tf.zeros([n], tf.float64)
+    checks = []
+    offset = tf.constant(0, tf.int64)
+    size = tf.cast(tf.size(gathered), tf.int64)
+    for position in range(count):
+        checks.append(tf.debugging.assert_less_equal(
+            offset + core.HEADER.size, size,
+            message=f"truncated payload: payload {position} has no complete header"))
+        with tf.control_dependencies(checks[-1:]):
+            head = tf.reshape(gathered[offset: offset + core.HEADER.size], [core.HEADER.size])
+        expected_head = np.frombuffer(expect.pack(), dtype=np.uint8)
+        for field, start, stop in (("magic", 0, 4), ("scheme_id", 4, 5), ("bits", 5, 6),
+                                   ("dtype_code", 6, 7), ("numel", 8, 16),
+                                   ("bucket_size", 16, 20), ("shape_tag", 24, 28)):
+            checks.append(tf.debugging.assert_equal(
+                head[start:stop], tf.constant(expected_head[start:stop]),
+                message=f"payload {position} differs from this rank's in {field}: all ranks must "
+                        "use the same compressor settings for the same tensor"))
+        num_exceptions = tf.cast(_field(head, 20, 4, tf.uint32), tf.int64)
+        at = offset + core.HEADER.size
+        end = at + scales_size + 12 * num_exceptions + codes_size
+        checks.append(tf.debugging.assert_less_equal(
+            end, size, message=f"truncated payload: payload {position} is cut short"))
+        with tf.control_dependencies(checks):
+            scales = tf.cast(tf.bitcast(tf.reshape(gathered[at: at + scales_size],
+                                                   [-1, scale_dtype.size]), scale_dtype),
+                             tf.float64)
+            at += scales_size
+            exc_idx = tf.bitcast(tf.reshape(gathered[at: at + 8 * num_exceptions], [-1, 8]),
+                                 tf.uint64)
+            at += 8 * num_exceptions
+            exc_val = tf.bitcast(tf.reshape(gathered[at: at + 4 * num_exceptions], [-1, 4]),
+                                 tf.float32)
+            at += 4 * num_exceptions
+            codes = unpack_bits(tf.reshape(gathered[at: at + codes_size], [codes_size]),
+                                expect.bits, n)
+        values = tf.gather(table, tf.cast(codes, tf.int32))
+        values *= tf.repeat(tf.reshape(scales, [-1]), expect.bucket_size)[:n]
+        exc_idx = tf.cast(tf.reshape(exc_idx, [-1, 1]), tf.int64)
+        checks.append(tf.debugging.assert_less(
+            exc_idx, tf.constant(max(n, 1), tf.int64),
+            message=f"payload {position}: exception index out of range for {n} elements"))
+        with tf.control_dependencies(checks[-1:]):
+            values = tf.tensor_scatter_nd_update(values, exc_idx,
+                                                 tf.cast(tf.reshape(exc_val, [-1]), tf.float64))
+        total += values
+        offset = end
+    checks.append(tf.debugging.assert_equal(
+        offset, size, message=f"received {size} payload bytes, expected {count} payloads"))
+    with tf.control_dependencies(checks):
+        return tf.identity(total)

@@ -1,0 +1,77 @@
+"""TNQCompressor for horovod.tensorflow on real Horovod workers: eager, tf.function,
+DistributedGradientTape, Keras 2 (horovod.tensorflow.keras) and Keras 3 model.fit."""
+
+import pytest
+
+from horovodrun import run_workers, same_on_all_ranks
+
+pytestmark = pytest.mark.horovodrun
+
+
+@pytest.fixture(scope="module")
+def checks(tmp_path_factory):
+    return run_workers("tf_checks.py", 2, tmp_path_factory.mktemp("tf_checks"))
+
+
+@pytest.mark.parametrize("case", ["average", "sum", "scaled", "graph"])
+def test_reduced_gradient_is_within_the_quantizer_bound(checks, case):
+    for report in checks:
+        entry = report[case]
+        assert entry["error"] <= entry["bound"], entry
+        assert entry["error"] < 0.2 * entry["truth_norm2"], entry
+
+
+@pytest.mark.parametrize("case", ["average", "sum", "graph"])
+def test_all_ranks_hold_bit_identical_results(checks, case):
+    same_on_all_ranks(checks, case, "digest")
+
+
+def test_each_graph_run_draws_fresh_noise(checks):
+    graph = same_on_all_ranks(checks, "graph")
+    assert graph["digest"] != graph["second_digest"]
+    assert graph["second_error"] <= graph["bound"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_dtype_and_shape_are_kept(checks, dtype):
+    entry = same_on_all_ranks(checks, "dtypes", dtype)
+    assert entry["dtype"] == dtype and entry["shape"] == [200, 300]
+    assert entry["error"] <= 1.2 * entry["bound"]
+
+
+def test_small_tensors_pass_through_exactly(checks):
+    assert all(report["passthrough_equal"] for report in checks)
+
+
+def test_nan_and_inf_propagate_like_uncompressed_horovod(checks):
+    entry = same_on_all_ranks(checks, "nonfinite")
+    assert entry["nan_at_5"] and entry["inf_at_7"] == float("inf") and entry["finite_elsewhere"]
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_ranks_with_different_bits_fail_loudly_without_hanging(checks, mode):
+    for report in checks:
+        entry = report[f"mismatched_bits_{mode}"]
+        assert entry["raised"] == "InvalidArgumentError"
+        assert "differs from this rank's in bits" in entry["message"].replace("\\'", "'")
+
+
+def test_unsupported_op_is_refused_in_graphs(checks):
+    for report in checks:
+        assert report["op_max_graph"]["raised"] == "InvalidArgumentError"
+        assert "op=Average and op=Sum" in report["op_max_graph"]["message"]
+
+
+def test_gradient_tape_training_stays_in_sync(checks):
+    digests = same_on_all_ranks(checks, "tape", "digests")
+    assert len(set(digests)) == len(digests)
+    losses = checks[0]["tape"]["losses"]
+    assert sum(losses[-5:]) < 0.4 * sum(losses[:5]), losses
+
+
+@pytest.mark.parametrize("flavour", ["keras2", "keras3"])
+def test_keras_fit(tmp_path, flavour):
+    env = {"TF_USE_LEGACY_KERAS": "1"} if flavour == "keras2" else {}
+    reports = run_workers("keras_fit.py", 2, tmp_path, extra_env=env, args=[flavour])
+    same_on_all_ranks(reports, "weights")
+    assert reports[0]["accuracy"] > 0.8

@@ -1,0 +1,141 @@
+"""Runs under `horovodrun -np N`: TNQCompressor for horovod.tensorflow, eager and tf.function.
+
+Writes OUT_DIR/rank<r>.json for tests/test_tensorflow_horovodrun.py.
+"""
+
+import hashlib
+import json
+import os
+import sys
+
+import horovod.tensorflow as hvd
+import numpy as np
+import tensorflow as tf
+
+from horovod_tnq import core
+from horovod_tnq.tensorflow import TNQCompressor
+
+OUT_DIR = sys.argv[1]
+N = 60_000
+
+
+def digest(tensor):
+    return hashlib.sha256(np.ascontiguousarray(tensor.numpy()).tobytes()).hexdigest()
+
+
+def rank_input(rank):
+    return np.random.default_rng(1000 + rank).laplace(scale=0.01, size=N).astype(np.float32)
+
+
+def error_report(result, inputs, reduce_sum, bits, bucket_size=512):
+    stacked = np.stack([x.astype(np.float64) for x in inputs])
+    truth = stacked.sum(0) if reduce_sum else stacked.mean(0)
+    weight = 1.0 if reduce_sum else 1.0 / len(inputs)
+    bound = 0.0
+    for x in inputs:
+        gammas = core.mean_abs_per_bucket(x.astype(np.float64), bucket_size)
+        bound += core.laplace_error_bound(bits) * float((gammas ** 2).sum()) * bucket_size
+    error = float(((np.asarray(result, np.float64).reshape(-1) - truth) ** 2).sum())
+    return {"error": error, "bound": weight ** 2 * bound, "truth_norm2": float((truth ** 2).sum())}
+
+
+def expect_error(function):
+    try:
+        function()
+    except Exception as exc:
+        return {"raised": type(exc).__name__, "message": str(exc)[:2000]}
+    return {"raised": None}
+
+
+def main():
+    hvd.init()
+    rank, size = hvd.rank(), hvd.size()
+    inputs = [rank_input(r) for r in range(size)]
+    mine = tf.constant(inputs[rank])
+    report = {"size": size}
+
+    for op_name, op in (("average", hvd.Average), ("sum", hvd.Sum)):
+        out = hvd.allreduce(mine, name=f"eager.{op_name}", op=op,
+                            compression=TNQCompressor(bits=3))
+        report[op_name] = dict(error_report(out.numpy(), inputs, op_name == "sum", 3),
+                               digest=digest(out))
+
+    out = hvd.allreduce(mine, name="eager.scaled", prescale_factor=0.5, postscale_factor=3.0,
+                        compression=TNQCompressor)
+    report["scaled"] = error_report(out.numpy() / 1.5, inputs, False, 4)
+
+    compressor = TNQCompressor(bits=3)
+
+    @tf.function
+    def reduce_in_graph(x):
+        return hvd.allreduce(x, name="graph.average", compression=compressor)
+
+    first, second = reduce_in_graph(mine), reduce_in_graph(mine)
+    report["graph"] = dict(error_report(first.numpy(), inputs, False, 3), digest=digest(first),
+                           second_digest=digest(second),
+                           second_error=error_report(second.numpy(), inputs, False, 3)["error"])
+
+    typed = {}
+    for dtype in (tf.float16, tf.bfloat16, tf.float64):
+        out = hvd.allreduce(tf.reshape(tf.cast(mine, dtype), [200, 300]),
+                            name=f"eager.{dtype.name}", compression=TNQCompressor(bits=4))
+        typed[dtype.name] = dict(
+            error_report(tf.cast(out, tf.float64).numpy(), inputs, False, 4),
+            dtype=out.dtype.name, shape=out.shape.as_list(), digest=digest(out))
+    report["dtypes"] = typed
+
+    small = tf.range(10, dtype=tf.float32) * (rank + 1)
+    report["passthrough_equal"] = bool(tf.reduce_all(
+        hvd.allreduce(small, name="small", compression=TNQCompressor()) ==
+        hvd.allreduce(small, name="small.ref")))
+
+    poisoned = inputs[rank].copy()
+    if rank == size - 1:
+        poisoned[[5, 7]] = [np.nan, np.inf]
+    out = hvd.allreduce(tf.constant(poisoned), name="poisoned", compression=TNQCompressor(3))
+    report["nonfinite"] = {"nan_at_5": bool(np.isnan(out[5])), "inf_at_7": float(out[7]),
+                           "finite_elsewhere": bool(np.isfinite(out[8:]).all())}
+
+    mismatched = TNQCompressor(bits=3 + rank % 2)
+    report["mismatched_bits_eager"] = expect_error(
+        lambda: hvd.allreduce(mine, name="mismatch.eager", compression=mismatched))
+    report["mismatched_bits_graph"] = expect_error(tf.function(
+        lambda: hvd.allreduce(mine, name="mismatch.graph", compression=mismatched)))
+    report["op_max_graph"] = expect_error(tf.function(
+        lambda: hvd.allreduce(mine, name="max.graph", op=hvd.Max, compression=compressor)))
+
+    report["tape"] = train_with_tape()
+    with open(os.path.join(OUT_DIR, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+
+
+def train_with_tape(steps=30):
+    """A two-layer network trained with hvd.DistributedGradientTape inside tf.function."""
+    init = np.random.default_rng(0)
+    w1 = tf.Variable(init.normal(0, 0.2, (32, 128)).astype(np.float32))
+    w2 = tf.Variable(init.normal(0, 0.2, (128, 4)).astype(np.float32))
+    teacher = np.random.default_rng(1).normal(size=(32, 4)).astype(np.float32)
+    data = np.random.default_rng(100 + hvd.rank())
+    compressor = TNQCompressor(bits=3)
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            logits = tf.nn.relu(x @ w1) @ w2
+            loss = tf.reduce_mean(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+        tape = hvd.DistributedGradientTape(tape, compression=compressor)
+        for var, grad in zip((w1, w2), tape.gradient(loss, [w1, w2])):
+            var.assign_sub(0.5 * grad)
+        return loss
+
+    losses, digests = [], []
+    for _ in range(steps):
+        x = data.normal(size=(64, 32)).astype(np.float32)
+        losses.append(float(step(tf.constant(x), tf.constant((x @ teacher).argmax(1)))))
+        digests.append(hashlib.sha256(w1.numpy().tobytes() + w2.numpy().tobytes()).hexdigest())
+    return {"losses": losses, "digests": digests}
+
+
+if __name__ == "__main__":
+    main()
