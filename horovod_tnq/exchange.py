@@ -18,7 +18,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
-from .core import SCHEMES, check_bits
+from .core import SCHEMES, check_scheme_bits
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,9 @@ class CompressorConfig:
     seed: int = 0
 
     def __post_init__(self):
-        check_bits(self.bits)
         if self.scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {self.scheme!r}; known: {sorted(SCHEMES)}")
+        check_scheme_bits(self.scheme, self.bits)
         for field in ("bucket_size", "min_numel", "seed"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -45,6 +45,22 @@ class CompressorConfig:
     def bits_per_element(self):
         """Codes plus per-bucket scale, ignoring the 32-byte header per tensor."""
         return self.bits + 32.0 / self.bucket_size
+
+
+HOROVOD_COMPRESSORS = ("none", "fp16")
+
+
+def make_compressor(name, quantizer_class, horovod_compression, **options):
+    """The registry behind each framework's get_compressor(): "none" and "fp16" are Horovod's
+    own compressors, any name in core.SCHEMES is ``quantizer_class(scheme=name, **options)``."""
+    if name in HOROVOD_COMPRESSORS:
+        if options:
+            raise ValueError(f"Horovod's {name!r} compressor takes no options, got {options}")
+        return getattr(horovod_compression, name)
+    if name not in SCHEMES:
+        raise ValueError(f"unknown compressor {name!r}; known: "
+                         f"{sorted(HOROVOD_COMPRESSORS + tuple(SCHEMES))}")
+    return quantizer_class(scheme=name, **options)
 
 
 # Functions of stock Horovod that call compress(); each holds the collective's name in a local

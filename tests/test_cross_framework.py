@@ -25,9 +25,20 @@ def both_payloads(values, dtype, bits, bucket_size, step=4, scheme="tnq"):
     return torch_payload, tf_payload
 
 
+def supported(scheme, bits):
+    try:
+        core.check_scheme_bits(scheme, bits)
+    except ValueError:
+        return False
+    return True
+
+
+CASES = [(scheme, bits) for scheme in core.SCHEMES for bits in range(1, 9)
+         if supported(scheme, bits)]
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
-@pytest.mark.parametrize("scheme", ["tnq", "tnq-uniform"])
+@pytest.mark.parametrize("scheme, bits", CASES)
 def test_same_bytes_for_the_same_input_seed_and_bits(dtype, bits, scheme):
     values = np.random.default_rng(bits).laplace(size=(33, 61))
     values[2, 3], values[7, 7] = np.inf, np.nan

@@ -3,6 +3,8 @@ DistributedGradientTape, Keras 2 (horovod.tensorflow.keras) and Keras 3 model.fi
 
 import pytest
 
+from horovod_tnq import core
+
 from horovodrun import run_workers, same_on_all_ranks
 
 pytestmark = pytest.mark.horovodrun
@@ -75,3 +77,9 @@ def test_keras_fit(tmp_path, flavour):
     reports = run_workers("keras_fit.py", 2, tmp_path, extra_env=env, args=[flavour])
     same_on_all_ranks(reports, "weights")
     assert reports[0]["accuracy"] > 0.8
+
+
+def test_every_registered_scheme_matches_across_ranks(checks):
+    schemes = same_on_all_ranks(checks, "schemes")
+    assert set(schemes) == set(core.SCHEMES)
+    assert schemes["tnq"]["nmse"] < min(e["nmse"] for s, e in schemes.items() if s != "tnq")

@@ -98,3 +98,11 @@ def test_compressed_training_tracks_uncompressed(training, config):
     final = sum(training[0][config]["losses"][-3:]) / 3
     reference = sum(training[0]["uncompressed"]["losses"][-3:]) / 3
     assert abs(final - reference) < 0.1, (final, reference)
+
+
+def test_every_registered_scheme_reduces_correctly(checks):
+    schemes = same_on_all_ranks(checks, "schemes")
+    for scheme, entry in schemes.items():
+        # averaging N independent compressions of independent inputs keeps the NMSE of one
+        assert entry["nmse"] <= 2 * entry["single_nmse"], (scheme, entry)
+    assert schemes["tnq"]["nmse"] < min(e["nmse"] for s, e in schemes.items() if s != "tnq")

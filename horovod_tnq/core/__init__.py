@@ -3,19 +3,21 @@
 Imports numpy only; the PyTorch and TensorFlow adapters build on it.
 """
 
-from .codec import (DTYPE_CODES, HEADER, SCHEMES, PayloadError, PayloadHeader, decode,
+from .codec import (DTYPE_CODES, HEADER, SCHEMES, PayloadError, PayloadHeader, check_scheme_bits,
+                    decode,
                     decode_sum, encode, encoded_size, get_scheme, iter_payloads, read_header,
                     shape_tag)
 from .levels import (LAPLACE_C, MAX_BITS, MIN_BITS, check_bits, laplace_error_bound,
                      laplace_truncation_threshold, tnq_levels, uniform_levels,
                      uniform_truncation_threshold)
 from .packing import pack_bits, packed_size, unpack_bits
-from .quantize import mean_abs_per_bucket, stochastic_round
+from .quantize import bucket_statistic, mean_abs_per_bucket, stochastic_round
 from .rng import key_words, stream_key, uniform_noise
 
 __all__ = [
     "DTYPE_CODES", "HEADER", "LAPLACE_C", "MAX_BITS", "MIN_BITS", "SCHEMES", "PayloadError",
-    "PayloadHeader", "check_bits", "decode", "decode_sum", "encode", "encoded_size",
+    "PayloadHeader", "bucket_statistic", "check_bits",
+    "check_scheme_bits", "decode", "decode_sum", "encode", "encoded_size",
     "get_scheme", "iter_payloads", "key_words", "laplace_error_bound",
     "laplace_truncation_threshold", "mean_abs_per_bucket", "pack_bits", "packed_size",
     "read_header", "shape_tag",

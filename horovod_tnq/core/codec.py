@@ -29,9 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .levels import check_bits, tnq_levels, uniform_levels
+from .levels import (check_bits, nuqsgd_levels, qsgd_levels, sign_levels, ternary_levels,
+                     tnq_levels, uniform_levels)
 from .packing import pack_bits, packed_size, unpack_bits
-from .quantize import mean_abs_per_bucket, stochastic_round
+from .quantize import bucket_statistic, stochastic_round
 from .rng import uniform_noise
 
 MAGIC = b"TNQ\x01"
@@ -44,18 +45,28 @@ DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
 
 @dataclass(frozen=True)
 class Scheme:
-    """A level table for unit scale, applied per bucket with scale = mean |x| of the bucket."""
+    """A level table for unit scale, applied per bucket with scale = ``statistic`` of the bucket
+    (see quantize.bucket_statistic), with unbiased stochastic rounding between levels."""
 
     name: str
     scheme_id: int
-    level_table: object  # bits -> float32 table
+    level_table: object  # bits -> float32 table of at most 2**bits sorted levels
+    statistic: str
+    reference: str
 
 
 SCHEMES = {
     scheme.name: scheme
     for scheme in (
-        Scheme("tnq", 1, tnq_levels),
-        Scheme("tnq-uniform", 2, uniform_levels),
+        Scheme("tnq", 1, tnq_levels, "mean_abs",
+               "Yan et al., Truncated Non-uniform Quantization, arXiv 2402.01160"),
+        Scheme("tnq-uniform", 2, uniform_levels, "mean_abs",
+               "truncated uniform levels (Yan et al., arXiv 2402.01798), Laplace threshold"),
+        Scheme("qsgd", 3, qsgd_levels, "l2", "Alistarh et al., QSGD, NeurIPS 2017"),
+        Scheme("qsgdinf", 4, qsgd_levels, "max_abs", "QSGD scaled by max |x| (QSGDinf)"),
+        Scheme("nuqsgd", 5, nuqsgd_levels, "l2", "Ramezani-Kebrya et al., NUQSGD, JMLR 2021"),
+        Scheme("terngrad", 6, ternary_levels, "max_abs", "Wen et al., TernGrad, NeurIPS 2017"),
+        Scheme("sign", 7, sign_levels, "max_abs", "stochastic 1-bit sign, max |x| scaled"),
     )
 }
 SCHEMES_BY_ID = {scheme.scheme_id: scheme for scheme in SCHEMES.values()}
@@ -75,6 +86,11 @@ def get_scheme(name):
         return SCHEMES[name]
     except KeyError:
         raise ValueError(f"unknown scheme {name!r}; known: {sorted(SCHEMES)}") from None
+
+
+def check_scheme_bits(name, bits):
+    """Raise a ValueError naming the problem if ``name`` cannot run at ``bits``."""
+    get_scheme(name).level_table(check_bits(bits))
 
 
 def shape_tag(shape):
@@ -163,7 +179,7 @@ def encode(values, *, scheme="tnq", bits, bucket_size, key, step=0, dtype_name=N
 
     header = PayloadHeader(scheme.scheme_id, bits, DTYPE_CODES[dtype_name], n, int(bucket_size),
                            exc_idx.size, shape_tag(values.shape if shape is None else shape))
-    scales = mean_abs_per_bucket(flat, bucket_size).astype(header.scale_dtype)
+    scales = bucket_statistic(flat, bucket_size, scheme.statistic).astype(header.scale_dtype)
     # Normalise by the scale as stored, so the decoder's scale * level is exactly what the
     # encoder rounded towards. Empty buckets (scale 0) decode to 0 whatever their codes.
     divisor = np.where(scales > 0, scales, 1).astype(work)
@@ -200,6 +216,10 @@ def read_header(buf, offset=0):
     if bucket < 1 or n_exc > numel:
         raise PayloadError(f"invalid payload header (bucket size {bucket}, {n_exc} exceptions "
                            f"for {numel} elements)")
+    try:
+        check_scheme_bits(SCHEMES_BY_ID[scheme_id].name, bits)
+    except ValueError as exc:
+        raise PayloadError(f"invalid payload header: {exc}") from None
     header = PayloadHeader(scheme_id, bits, dtype_code, numel, bucket, n_exc, tag)
     if len(buf) - offset < header.total_size:
         raise PayloadError(f"truncated payload: {len(buf) - offset} bytes at offset {offset}, "

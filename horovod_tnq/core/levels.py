@@ -95,3 +95,39 @@ def laplace_error_bound(bits):
     """Upper bound on E[(Q(x) - x)^2] / gamma^2 per element for Laplace data: 27 / (s + c)^2."""
     s = num_cells(bits)
     return 27.0 / (s + LAPLACE_C) ** 2
+
+
+# Baselines TNQ is compared with. Their tables are for the bucket statistic named in codec.SCHEMES
+# (L2 norm or max |x|); a table may use fewer than 2**bits codes.
+
+def qsgd_levels(bits):
+    """QSGD (Alistarh et al., NeurIPS 2017): sign and s = 2**(bits-1) - 1 uniform magnitude
+    levels {0, 1/s, ..., 1} of |v_i| / scale, i.e. 2s + 1 symmetric levels including zero."""
+    s = (1 << (check_bits(bits) - 1)) - 1
+    if s < 1:
+        raise ValueError("QSGD needs at least 2 bits (a sign and one magnitude level)")
+    return (np.arange(-s, s + 1) / s).astype(np.float32)
+
+
+def nuqsgd_levels(bits):
+    """NUQSGD (Ramezani-Kebrya et al.): magnitudes {0, 2^-(s-1), ..., 1/4, 1/2, 1}, s nonzero
+    ones for s = 2**(bits-1) - 1, and their negatives."""
+    s = (1 << (check_bits(bits) - 1)) - 1
+    if s < 1:
+        raise ValueError("NUQSGD needs at least 2 bits (a sign and one magnitude level)")
+    magnitudes = 2.0 ** -np.arange(s - 1, -1, -1)
+    return np.concatenate([-magnitudes[::-1], [0.0], magnitudes]).astype(np.float32)
+
+
+def ternary_levels(bits):
+    """TernGrad-style (Wen et al., NeurIPS 2017): {-1, 0, 1} times the bucket's max |x|."""
+    if check_bits(bits) != 2:
+        raise ValueError("ternary quantization uses exactly 2 bits")
+    return np.array([-1.0, 0.0, 1.0], dtype=np.float32)
+
+
+def sign_levels(bits):
+    """1-bit sign quantization, made unbiased by stochastic rounding between -max and +max."""
+    if check_bits(bits) != 1:
+        raise ValueError("sign quantization uses exactly 1 bit")
+    return np.array([-1.0, 1.0], dtype=np.float32)

@@ -5,6 +5,17 @@
     tape = hvd.DistributedGradientTape(tape, compression=TNQCompressor(bits=3))
 """
 
+from horovod.tensorflow.compression import Compression as _Compression
+
+from ..exchange import make_compressor as _make_compressor
 from .compressor import TNQCompressor
 
-__all__ = ["TNQCompressor"]
+
+def get_compressor(name, **options):
+    """A Horovod compressor by name: "tnq" (default TNQCompressor), a baseline scheme ("qsgd",
+    "qsgdinf", "nuqsgd", "terngrad", "sign", "tnq-uniform"), or Horovod's "none" / "fp16".
+    ``options`` go to TNQCompressor (bits, bucket_size, min_numel, seed)."""
+    return _make_compressor(name, TNQCompressor, _Compression, **options)
+
+
+__all__ = ["TNQCompressor", "get_compressor"]

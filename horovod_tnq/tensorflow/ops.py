@@ -37,15 +37,20 @@ def uniform_noise(n, key, step):
     return tf.cast(tf.bitwise.right_shift(x, _u32(8)), tf.float32) * (2.0 ** -24)
 
 
-def mean_abs_per_bucket(flat, bucket_size):
+def bucket_statistic(flat, bucket_size, statistic):
+    """core.quantize.bucket_statistic in TF ops (float64)."""
     n = tf.size(flat)
     buckets = (n + bucket_size - 1) // bucket_size
     padded = tf.pad(tf.abs(tf.cast(flat, tf.float64)), [[0, buckets * bucket_size - n]])
-    sums = tf.reduce_sum(tf.reshape(padded, [buckets, bucket_size]), axis=1)
+    rows = tf.reshape(padded, [buckets, bucket_size])
+    if statistic == "max_abs":
+        return tf.reduce_max(rows, axis=1)
+    if statistic == "l2":
+        return tf.sqrt(tf.reduce_sum(rows * rows, axis=1))
     counts = tf.fill([buckets], tf.constant(bucket_size, tf.float64))
     counts = tf.tensor_scatter_nd_update(
         counts, [[buckets - 1]], [tf.cast(n - (buckets - 1) * bucket_size, tf.float64)])
-    return sums / counts
+    return tf.reduce_sum(rows, axis=1) / counts
 
 
 def stochastic_round(values, table, noise):
@@ -112,7 +117,7 @@ def encode(tensor, *, scheme, bits, bucket_size, key, step):
     fixed = np.frombuffer(header.pack(), dtype=np.uint8)
     if n == 0:
         return tf.constant(fixed)
-    scales = tf.cast(mean_abs_per_bucket(flat, bucket_size), scale_dtype)
+    scales = tf.cast(bucket_statistic(flat, bucket_size, scheme.statistic), scale_dtype)
     divisor = tf.cast(tf.where(scales > 0, scales, tf.ones_like(scales)), work)
     normalised = tf.cast(flat / tf.repeat(divisor, bucket_size)[:n], tf.float32)
     codes = stochastic_round(normalised, core.codec.level_table(scheme.scheme_id, bits),

@@ -47,7 +47,8 @@ class TNQCompressor(DefaultInstanceMixin, Compressor):
 
     Args:
         bits: bits per element on the wire, 1 to 8.
-        scheme: "tnq" (non-uniform levels) or "tnq-uniform" (truncated uniform levels).
+        scheme: "tnq" (non-uniform levels), or a baseline from core.SCHEMES: "tnq-uniform",
+            "qsgd", "qsgdinf", "nuqsgd", "terngrad" (2 bits), "sign" (1 bit).
         bucket_size: elements sharing one scale (mean |g|); the scale costs 32 / bucket_size bits
             per element.
         min_numel: tensors with fewer elements, and non-float tensors, take Horovod's ordinary

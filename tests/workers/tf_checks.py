@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from horovod_tnq import core
-from horovod_tnq.tensorflow import TNQCompressor
+from horovod_tnq.tensorflow import TNQCompressor, get_compressor
 
 OUT_DIR = sys.argv[1]
 N = 60_000
@@ -104,6 +104,15 @@ def main():
     report["op_max_graph"] = expect_error(tf.function(
         lambda: hvd.allreduce(mine, name="max.graph", op=hvd.Max, compression=compressor)))
 
+    report["schemes"] = {}
+    for scheme in core.SCHEMES:
+        bits = {"sign": 1, "terngrad": 2}.get(scheme, 4)
+        out = hvd.allreduce(mine, name=f"scheme.{scheme}",
+                            compression=get_compressor(scheme, bits=bits))
+        truth = np.mean([x.astype(np.float64) for x in inputs], axis=0)
+        report["schemes"][scheme] = {
+            "digest": digest(out),
+            "nmse": float(((out.numpy() - truth) ** 2).sum() / (truth ** 2).sum())}
     report["tape"] = train_with_tape()
     with open(os.path.join(OUT_DIR, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
