@@ -119,17 +119,17 @@ def main():
         best = min((v, s) for s, v in values.items() if v is not None)[1]
         cells = " | ".join("" if v is None else f"{v:.4g}" for v in values.values())
         print(f"| {source} | {bits} | {cells} | {best} |")
-    # per-layer: where is TNQ not the best at 2-4 bits?
-    print("\nlayers where TNQ is not the lowest-error scheme at 2, 3 or 4 bits:")
+    # per-layer: where is neither TNQ variant the best at 2-4 bits?
+    print("\nlayers where no TNQ variant (tnq, tnq-fit) has the lowest error at 2, 3 or 4 bits:")
     by_layer = {}
     for row in rows:
         by_layer.setdefault((row["source"], row["layer"], row["bits"]), {})[row["scheme"]] = row
     for (source, layer, bits), entries in sorted(by_layer.items()):
         if bits in (2, 3, 4):
             best = min(entries, key=lambda s: entries[s]["nmse"])
-            if best != "tnq":
+            if best not in ("tnq", "tnq-fit"):
                 print(f"  {source}/{layer} @{bits} bits: best {best} {entries[best]['nmse']:.4g}"
-                      f", tnq {entries['tnq']['nmse']:.4g}, zeros "
+                      f", tnq-fit {entries['tnq-fit']['nmse']:.4g}, zeros "
                       f"{entries['tnq']['zero_fraction']:.2f}")
 
 

@@ -7,7 +7,8 @@ from horovod_tnq import core
 
 UNBIASED = ["qsgd", "qsgdinf", "nuqsgd", "terngrad", "sign"]
 BITS = {"qsgd": [2, 3, 4, 8], "qsgdinf": [2, 3, 4, 8], "nuqsgd": [2, 3, 4, 8],
-        "terngrad": [2], "sign": [1], "tnq": [1, 2, 3, 4, 8], "tnq-uniform": [1, 2, 3, 4, 8]}
+        "terngrad": [2], "sign": [1], "tnq": [1, 2, 3, 4, 8], "tnq-uniform": [1, 2, 3, 4, 8],
+        "tnq-fit": [1, 2, 3, 4, 8]}
 CASES = [(scheme, bits) for scheme, all_bits in BITS.items() for bits in all_bits]
 
 
@@ -74,4 +75,32 @@ def test_tnq_beats_the_baselines_on_laplace_data():
     for bits in (2, 3, 4):
         errors = {scheme: ((round_trip(x, scheme, bits) - x) ** 2).sum() / norm
                   for scheme, all_bits in BITS.items() if bits in all_bits}
-        assert min(errors, key=errors.get) == "tnq", (bits, errors)
+        assert min(errors, key=errors.get) in ("tnq", "tnq-fit"), (bits, errors)
+        assert errors["tnq-fit"] <= errors["tnq"] * 1.01, (bits, errors)
+
+
+def test_expected_error_matches_monte_carlo():
+    from horovod_tnq.core.quantize import expected_error
+    x = np.random.default_rng(4).standard_t(3, 512).astype(np.float32)
+    table = core.tnq_levels(3)
+    scale = core.bucket_statistic(x, 512)
+    exact = expected_error(x.astype(np.float64)[None, :], scale, table.astype(np.float64))[0]
+    sampled = np.mean([((round_trip(x, "tnq", 3, key=k) - x) ** 2).sum() for k in range(2000)])
+    assert sampled == pytest.approx(exact, rel=0.02)
+
+
+@pytest.mark.parametrize("source", ["standard_t", "laplace"])
+def test_fitted_scales_are_never_worse_and_close_to_a_fine_grid_search(source):
+    from horovod_tnq.core.quantize import expected_error, fit_scales
+    rng = np.random.default_rng(5)
+    x = (getattr(rng, source)(*([3] if source == "standard_t" else []), size=64 * 256)
+         .astype(np.float32))
+    rows = x.astype(np.float64).reshape(64, 256)
+    table = core.tnq_levels(4).astype(np.float64)
+    closed = core.bucket_statistic(x, 256)
+    fitted = fit_scales(x, 256, table, closed)
+    fitted_error = expected_error(rows, fitted, table)
+    assert np.all(fitted_error <= expected_error(rows, closed, table))
+    grid = closed[None, :] * 2.0 ** np.linspace(-2, 7, 400)[:, None]
+    best = np.min([expected_error(rows, g, table) for g in grid], axis=0)
+    assert fitted_error.sum() <= 1.02 * best.sum()

@@ -1,5 +1,6 @@
-"""The quality benchmark runs end to end, and its headline holds: at 2 and 3 bits TNQ has the
-lowest NMSE of all schemes on every gradient source (synthetic and real models)."""
+"""The quality benchmark runs end to end, and its headline holds: at 2 and 3 bits a TNQ variant
+has the lowest NMSE of all schemes on every gradient source (synthetic and real models), and
+TNQ with fitted thresholds wins at 4 bits everywhere but on Student-t(2) data."""
 
 import csv
 import os
@@ -25,7 +26,9 @@ def test_quality_benchmark(tmp_path):
         error, norm2 = totals.get(key, (0.0, 0.0))
         totals[key] = (error + float(row["squared_error"]), norm2 + float(row["norm2"]))
     for source in sources:
-        for bits in (2, 3):
+        for bits in (2, 3, 4):
             nmse = {s: e / n for (src, b, s), (e, n) in totals.items()
                     if src == source and b == bits}
-            assert min(nmse, key=nmse.get) == "tnq", (source, bits, nmse)
+            if bits == 4 and source == "synthetic/student_t2":
+                continue  # NUQSGD's power-of-two levels win there (see the README)
+            assert min(nmse, key=nmse.get) in ("tnq", "tnq-fit"), (source, bits, nmse)

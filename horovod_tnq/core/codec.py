@@ -32,7 +32,7 @@ import numpy as np
 from .levels import (check_bits, nuqsgd_levels, qsgd_levels, sign_levels, ternary_levels,
                      tnq_levels, uniform_levels)
 from .packing import pack_bits, packed_size, unpack_bits
-from .quantize import bucket_statistic, stochastic_round
+from .quantize import bucket_statistic, fit_scales, stochastic_round
 from .rng import uniform_noise
 
 MAGIC = b"TNQ\x01"
@@ -53,6 +53,7 @@ class Scheme:
     level_table: object  # bits -> float32 table of at most 2**bits sorted levels
     statistic: str
     reference: str
+    fit_scale: bool = False  # search the scale on the data (quantize.fit_scales)
 
 
 SCHEMES = {
@@ -60,6 +61,9 @@ SCHEMES = {
     for scheme in (
         Scheme("tnq", 1, tnq_levels, "mean_abs",
                "Yan et al., Truncated Non-uniform Quantization, arXiv 2402.01160"),
+        Scheme("tnq-fit", 8, tnq_levels, "mean_abs",
+               "TNQ's levels with the threshold fitted per bucket to the observed values",
+               fit_scale=True),
         Scheme("tnq-uniform", 2, uniform_levels, "mean_abs",
                "truncated uniform levels (Yan et al., arXiv 2402.01798), Laplace threshold"),
         Scheme("qsgd", 3, qsgd_levels, "l2", "Alistarh et al., QSGD, NeurIPS 2017"),
@@ -179,13 +183,16 @@ def encode(values, *, scheme="tnq", bits, bucket_size, key, step=0, dtype_name=N
 
     header = PayloadHeader(scheme.scheme_id, bits, DTYPE_CODES[dtype_name], n, int(bucket_size),
                            exc_idx.size, shape_tag(values.shape if shape is None else shape))
-    scales = bucket_statistic(flat, bucket_size, scheme.statistic).astype(header.scale_dtype)
+    scales = bucket_statistic(flat, bucket_size, scheme.statistic)
+    table = level_table(scheme.scheme_id, bits)
+    if scheme.fit_scale:
+        scales = fit_scales(flat, bucket_size, table, scales)
+    scales = scales.astype(header.scale_dtype)
     # Normalise by the scale as stored, so the decoder's scale * level is exactly what the
     # encoder rounded towards. Empty buckets (scale 0) decode to 0 whatever their codes.
     divisor = np.where(scales > 0, scales, 1).astype(work)
     normalised = (flat / np.repeat(divisor, bucket_size)[:n]).astype(np.float32)
-    codes = stochastic_round(normalised, level_table(scheme.scheme_id, bits),
-                             uniform_noise(n, key, step))
+    codes = stochastic_round(normalised, table, uniform_noise(n, key, step))
 
     out = np.empty(header.total_size, dtype=np.uint8)
     out[: HEADER.size] = np.frombuffer(header.pack(), dtype=np.uint8)

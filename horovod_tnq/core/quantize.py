@@ -52,3 +52,63 @@ def bucket_statistic(flat, bucket_size, statistic="mean_abs"):
 def mean_abs_per_bucket(flat, bucket_size):
     """The Laplace scale of each bucket: bucket_statistic(..., "mean_abs")."""
     return bucket_statistic(flat, bucket_size, "mean_abs")
+
+
+# Multipliers of the closed-form scale tried by fit_scales: octaves first, then refinements
+# by half, quarter and eighth octaves around each bucket's best so far.
+FIT_OCTAVES = tuple(2.0 ** k for k in range(-1, 7))
+FIT_REFINEMENTS = (2.0 ** 0.5, 2.0 ** 0.25, 2.0 ** 0.125)
+
+
+def expected_error(rows, scales, table):
+    """Exact E||Q(x) - x||^2 per bucket (rows: one bucket per row, float64) when bucket i is
+    quantized with levels scales[i] * table: truncation bias plus stochastic-rounding variance
+    (v - lo)(hi - v) of every element."""
+    y = rows / np.where(scales > 0, scales, 1.0)[:, None]
+    v = np.clip(y, table[0], table[-1])
+    cell = np.clip(np.searchsorted(table, v, side="right") - 1, 0, table.size - 2)
+    per_element = (y - v) ** 2 + (v - table[cell]) * (table[cell + 1] - v)
+    return per_element.sum(axis=1) * scales ** 2
+
+
+def fit_scales(flat, bucket_size, table, scales):
+    """Per-bucket scales that minimise the exact expected error on the bucket's own values.
+
+    TNQ's closed form places alpha* and the levels for a Laplace bucket of scale gamma; heavier
+    tails (Student-t, output layers) need a larger threshold. Keeping TNQ's level shape, search
+    multipliers of gamma for the one whose truncation + rounding error (the quantity the paper
+    minimises, E_TQ) is smallest on the observed data: the "fit to the observed tail" of shared
+    notes ALGORITHMS.md. The decoder needs nothing new: the fitted scale is the scale it reads.
+    """
+    n = flat.size
+    if n == 0:
+        return scales
+    table = np.asarray(table, dtype=np.float64)
+    buckets = scales.size
+    rows = np.zeros(buckets * bucket_size, dtype=np.float64)
+    rows[:n] = flat
+    rows = rows.reshape(buckets, bucket_size)
+    # zero padding of the last bucket must not sway its choice: remove its error again
+    padding = np.zeros(buckets)
+    padding[-1] = buckets * bucket_size - n
+    zero_error = float(expected_error(np.zeros((1, 1)), np.ones(1), table)[0])
+
+    def error(candidate):
+        return expected_error(rows, candidate, table) - padding * zero_error * candidate ** 2
+
+    best = scales * FIT_OCTAVES[0]
+    best_error = error(best)
+    for multiplier in FIT_OCTAVES[1:]:
+        candidate = scales * multiplier
+        candidate_error = error(candidate)
+        better = candidate_error < best_error
+        best = np.where(better, candidate, best)
+        best_error = np.where(better, candidate_error, best_error)
+    for step in FIT_REFINEMENTS:
+        centre = best
+        for candidate in (centre / step, centre * step):
+            candidate_error = error(candidate)
+            better = candidate_error < best_error
+            best = np.where(better, candidate, best)
+            best_error = np.where(better, candidate_error, best_error)
+    return best

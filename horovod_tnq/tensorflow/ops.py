@@ -53,6 +53,48 @@ def bucket_statistic(flat, bucket_size, statistic):
     return tf.reduce_sum(rows, axis=1) / counts
 
 
+def expected_error(rows, scales, table):
+    """core.quantize.expected_error in TF ops (float64)."""
+    y = rows / tf.where(scales > 0, scales, tf.ones_like(scales))[:, None]
+    v = tf.clip_by_value(y, table[0], table[-1])
+    cell = tf.reshape(tf.searchsorted(table, tf.reshape(v, [-1]), side="right"), tf.shape(v))
+    cell = tf.clip_by_value(cell - 1, 0, int(table.shape[0]) - 2)
+    per_element = (y - v) ** 2 + (v - tf.gather(table, cell)) * (tf.gather(table, cell + 1) - v)
+    return tf.reduce_sum(per_element, axis=1) * scales ** 2
+
+
+def fit_scales(flat, bucket_size, table, scales):
+    """core.quantize.fit_scales in TF ops: the same candidates, in the same order."""
+    n = int(flat.shape[0])
+    buckets = -(-n // bucket_size)
+    table_np = np.asarray(table, dtype=np.float64)
+    table = tf.constant(table_np)
+    rows = tf.reshape(tf.pad(tf.cast(flat, tf.float64), [[0, buckets * bucket_size - n]]),
+                      [buckets, bucket_size])
+    padding = np.zeros(buckets)
+    padding[-1] = buckets * bucket_size - n
+    zero_error = float(core.quantize.expected_error(np.zeros((1, 1)), np.ones(1), table_np)[0])
+
+    def error(candidate):
+        return expected_error(rows, candidate, table) - padding * zero_error * candidate ** 2
+
+    best = scales * core.quantize.FIT_OCTAVES[0]
+    best_error = error(best)
+
+    def keep_better(candidate, best, best_error):
+        candidate_error = error(candidate)
+        better = candidate_error < best_error
+        return tf.where(better, candidate, best), tf.where(better, candidate_error, best_error)
+
+    for multiplier in core.quantize.FIT_OCTAVES[1:]:
+        best, best_error = keep_better(scales * multiplier, best, best_error)
+    for step in core.quantize.FIT_REFINEMENTS:
+        centre = best
+        for candidate in (centre / step, centre * step):
+            best, best_error = keep_better(candidate, best, best_error)
+    return best
+
+
 def stochastic_round(values, table, noise):
     table = tf.constant(table, tf.float32)
     v = tf.clip_by_value(values, table[0], table[-1])
@@ -117,11 +159,14 @@ def encode(tensor, *, scheme, bits, bucket_size, key, step):
     fixed = np.frombuffer(header.pack(), dtype=np.uint8)
     if n == 0:
         return tf.constant(fixed)
-    scales = tf.cast(bucket_statistic(flat, bucket_size, scheme.statistic), scale_dtype)
+    scales = bucket_statistic(flat, bucket_size, scheme.statistic)
+    table = core.codec.level_table(scheme.scheme_id, bits)
+    if scheme.fit_scale:
+        scales = fit_scales(flat, bucket_size, table, scales)
+    scales = tf.cast(scales, scale_dtype)
     divisor = tf.cast(tf.where(scales > 0, scales, tf.ones_like(scales)), work)
     normalised = tf.cast(flat / tf.repeat(divisor, bucket_size)[:n], tf.float32)
-    codes = stochastic_round(normalised, core.codec.level_table(scheme.scheme_id, bits),
-                             uniform_noise(n, key, step))
+    codes = stochastic_round(normalised, table, uniform_noise(n, key, step))
     num_exceptions = tf.cast(tf.size(exc_idx), tf.uint32)
     return tf.concat([fixed[:20], _as_bytes(tf.reshape(num_exceptions, [1])), fixed[24:],
                       _as_bytes(scales), _as_bytes(exc_idx), _as_bytes(exc_val),
