@@ -32,3 +32,11 @@ def test_quality_benchmark(tmp_path):
             if bits == 4 and source == "synthetic/student_t2":
                 continue  # NUQSGD's power-of-two levels win there (see the README)
             assert min(nmse, key=nmse.get) in ("tnq", "tnq-fit"), (source, bits, nmse)
+    by_layer = {}
+    for row in rows:
+        if not row["source"].startswith("synthetic") and int(row["bits"]) in (2, 3, 4):
+            key = (row["source"], row["layer"], row["bits"])
+            by_layer.setdefault(key, {})[row["scheme"]] = float(row["nmse"])
+    assert by_layer
+    for key, nmse in by_layer.items():
+        assert min(nmse, key=nmse.get) in ("tnq", "tnq-fit"), (key, nmse)
