@@ -25,14 +25,6 @@ BITS = (1, 2, 3, 4, 8)
 SEEDS = (0, 1, 2)
 
 
-def supported(scheme, bits):
-    try:
-        core.check_scheme_bits(scheme, bits)
-    except ValueError:
-        return False
-    return True
-
-
 def measure(gradient, scheme, bits, bucket_size):
     squared_error = 0.0
     size = 0
@@ -53,7 +45,7 @@ def run(bucket_size):
             zeros = float(np.mean(gradient == 0))
             for scheme in core.SCHEMES:
                 for bits in BITS:
-                    if not supported(scheme, bits):
+                    if not core.supports(scheme, bits):
                         continue
                     error, bits_sent = measure(gradient, scheme, bits, bucket_size)
                     rows.append({"source": source, "layer": layer, "numel": gradient.size,

@@ -1,5 +1,6 @@
 """The demo's data set and report line, shared by the PyTorch and TensorFlow examples."""
 
+import argparse
 import json
 
 import numpy as np
@@ -7,6 +8,17 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 LAYERS = (64, 256, 256, 10)
+
+
+def parse_args(description):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--compression", choices=["none", "fp16", "tnq"], default="tnq")
+    parser.add_argument("--bits", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=16, help="per worker")
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
 
 
 def load_shard(rank, size, seed=0):

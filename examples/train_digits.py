@@ -5,28 +5,15 @@
 Rank 0 prints one JSON line: test accuracy and what the gradient exchange sent per step.
 """
 
-import argparse
-
 import horovod.torch as hvd
 import torch
-from digits import LAYERS, load_shard, report
+from digits import LAYERS, load_shard, parse_args, report
 
 from horovod_tnq.torch import TNQCompressor
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--compression", choices=["none", "fp16", "tnq"], default="tnq")
-    parser.add_argument("--bits", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=16, help="per worker")
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
-
-
 def main():
-    args = parse_args()
+    args = parse_args(__doc__.splitlines()[0])
     hvd.init()
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)

@@ -4,25 +4,12 @@ hvd.DistributedGradientTape inside tf.function.
     horovodrun -np 2 -H localhost:2 --gloo python examples/train_digits_tf.py --compression tnq
 """
 
-import argparse
-
 import horovod.tensorflow as hvd
 import numpy as np
 import tensorflow as tf
-from digits import LAYERS, load_shard, report
+from digits import LAYERS, load_shard, parse_args, report
 
 from horovod_tnq.tensorflow import TNQCompressor
-
-
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--compression", choices=["none", "fp16", "tnq"], default="tnq")
-    parser.add_argument("--bits", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=16, help="per worker")
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
 
 
 def init_layers(seed):
@@ -45,7 +32,7 @@ def forward(variables, x):
 
 
 def main():
-    args = parse_args()
+    args = parse_args(__doc__.splitlines()[0])
     hvd.init()
     tf.config.threading.set_intra_op_parallelism_threads(1)
     x_train, y_train, x_test, y_test = load_shard(hvd.rank(), hvd.size(), args.seed)

@@ -17,6 +17,7 @@ come out exactly as Horovod applies them to an uncompressed tensor.
 import sys
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from .core import SCHEMES, check_scheme_bits
 
@@ -45,6 +46,20 @@ class CompressorConfig:
     def bits_per_element(self):
         """Codes plus per-bucket scale, ignoring the 32-byte header per tensor."""
         return self.bits + 32.0 / self.bucket_size
+
+
+@dataclass
+class Pending:
+    """compress()'s context for decompress(): the allgather in flight (a Horovod handle in
+    PyTorch, the gathered tensor in TF) and what this rank sent."""
+
+    exchange: Any
+    header: Any
+    base_name: str
+    shape: Any
+    dtype: Any
+    process_set: Any
+    device: Any = None
 
 
 HOROVOD_COMPRESSORS = ("none", "fp16")

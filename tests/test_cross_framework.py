@@ -25,16 +25,8 @@ def both_payloads(values, dtype, bits, bucket_size, step=4, scheme="tnq"):
     return torch_payload, tf_payload
 
 
-def supported(scheme, bits):
-    try:
-        core.check_scheme_bits(scheme, bits)
-    except ValueError:
-        return False
-    return True
-
-
 CASES = [(scheme, bits) for scheme in core.SCHEMES for bits in range(1, 9)
-         if supported(scheme, bits)]
+         if core.supports(scheme, bits)]
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])

@@ -6,7 +6,7 @@ Imports numpy only; the PyTorch and TensorFlow adapters build on it.
 from .codec import (DTYPE_CODES, HEADER, SCHEMES, PayloadError, PayloadHeader, check_scheme_bits,
                     decode,
                     decode_sum, encode, encoded_size, get_scheme, iter_payloads, read_header,
-                    shape_tag)
+                    shape_tag, supports)
 from .levels import (LAPLACE_C, MAX_BITS, MIN_BITS, check_bits, laplace_error_bound,
                      laplace_truncation_threshold, tnq_levels, uniform_levels,
                      uniform_truncation_threshold)
@@ -20,7 +20,7 @@ __all__ = [
     "check_scheme_bits", "decode", "decode_sum", "encode", "encoded_size",
     "get_scheme", "iter_payloads", "key_words", "laplace_error_bound",
     "laplace_truncation_threshold", "mean_abs_per_bucket", "pack_bits", "packed_size",
-    "read_header", "shape_tag",
+    "read_header", "shape_tag", "supports",
     "stochastic_round", "stream_key", "tnq_levels", "uniform_levels", "uniform_noise",
     "uniform_truncation_threshold", "unpack_bits",
 ]

@@ -97,6 +97,15 @@ def check_scheme_bits(name, bits):
     get_scheme(name).level_table(check_bits(bits))
 
 
+def supports(name, bits):
+    """Whether scheme ``name`` runs at ``bits`` bits per element."""
+    try:
+        check_scheme_bits(name, bits)
+    except ValueError:
+        return False
+    return True
+
+
 def shape_tag(shape):
     return zlib.crc32(repr(tuple(int(d) for d in shape)).encode("ascii"))
 

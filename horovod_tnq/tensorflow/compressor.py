@@ -14,23 +14,12 @@ from horovod.tensorflow.compression import Compressor
 
 from .. import core
 from ..exchange import (PROBE_TOLERANCE, UNSUPPORTED_OP, CollectiveNamer, CompressorConfig,
-                        DefaultInstanceMethod, DefaultInstanceMixin, horovod_call_site,
+                        DefaultInstanceMethod, DefaultInstanceMixin, Pending,
+                        horovod_call_site,
                         probe_values, reduction_scale)
 from . import ops
 
 _DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
-
-
-class _Pending:
-    __slots__ = ("gathered", "header", "base_name", "shape", "dtype", "process_set")
-
-    def __init__(self, gathered, header, base_name, shape, dtype, process_set):
-        self.gathered = gathered
-        self.header = header
-        self.base_name = base_name
-        self.shape = shape
-        self.dtype = dtype
-        self.process_set = process_set
 
 
 class TNQCompressor(DefaultInstanceMixin, Compressor):
@@ -105,7 +94,7 @@ class TNQCompressor(DefaultInstanceMixin, Compressor):
                                     self.config.bits, core.DTYPE_CODES[tensor.dtype.name],
                                     tensor.shape.num_elements(), self.config.bucket_size, 0,
                                     core.shape_tag(tensor.shape.as_list()))
-        pending = _Pending(gathered, header, base_name, tensor.shape, tensor.dtype, process_set)
+        pending = Pending(gathered, header, base_name, tensor.shape, tensor.dtype, process_set)
         return tf.constant(probe_values(process_set.rank()), tf.float32), pending
 
     @DefaultInstanceMethod
@@ -117,13 +106,13 @@ class TNQCompressor(DefaultInstanceMixin, Compressor):
         size = ctx.process_set.size()
         if tf.executing_eagerly():
             scale = reduction_scale(tensor.numpy().tolist(), size)
-            total = ops.decode_sum(ctx.gathered, ctx.header, size)
+            total = ops.decode_sum(ctx.exchange, ctx.header, size)
         else:
             # No check may fail before both collectives have completed on this rank: a rank
             # that aborted its graph early would leave the others waiting in Horovod forever.
-            with tf.control_dependencies([ctx.gathered, tensor]):
+            with tf.control_dependencies([ctx.exchange, tensor]):
                 scale = _graph_reduction_scale(tensor, size)
-                total = ops.decode_sum(tf.identity(ctx.gathered), ctx.header, size)
+                total = ops.decode_sum(tf.identity(ctx.exchange), ctx.header, size)
         result = tf.cast(total * tf.cast(scale, tf.float64), ctx.dtype)
         return tf.reshape(result, ctx.shape)
 

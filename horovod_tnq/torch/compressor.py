@@ -9,7 +9,7 @@ from horovod.torch.compression import Compressor
 
 from .. import core
 from ..exchange import (CollectiveNamer, CompressorConfig, DefaultInstanceMethod,
-                        DefaultInstanceMixin, horovod_call_site, new_stats, probe_values,
+                        DefaultInstanceMixin, Pending, horovod_call_site, new_stats, probe_values,
                         reduction_scale)
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
@@ -25,21 +25,6 @@ def encode_tensor(tensor, config, key, step):
     return core.encode(host.numpy(), scheme=config.scheme, bits=config.bits,
                        bucket_size=config.bucket_size, key=key, step=step,
                        dtype_name=_DTYPE_NAMES[tensor.dtype], shape=tensor.shape)
-
-
-class _Pending:
-    """What decompress() needs: the allgather in flight and what this rank sent."""
-
-    __slots__ = ("handle", "header", "base_name", "shape", "dtype", "device", "process_set")
-
-    def __init__(self, handle, header, base_name, shape, dtype, device, process_set):
-        self.handle = handle
-        self.header = header
-        self.base_name = base_name
-        self.shape = shape
-        self.dtype = dtype
-        self.device = device
-        self.process_set = process_set
 
 
 class TNQCompressor(DefaultInstanceMixin, Compressor):
@@ -92,8 +77,8 @@ class TNQCompressor(DefaultInstanceMixin, Compressor):
         self.stats["payload_bytes"] += payload.size
         handle = hvd.allgather_async(torch.from_numpy(payload), name=collective_name,
                                      process_set=process_set)
-        pending = _Pending(handle, core.read_header(payload), base_name, tensor.shape,
-                           tensor.dtype, tensor.device, process_set)
+        pending = Pending(handle, core.read_header(payload), base_name, tensor.shape,
+                          tensor.dtype, process_set, tensor.device)
         probe = torch.tensor(probe_values(process_set.rank()), dtype=torch.float32)
         return probe, pending
 
@@ -102,7 +87,7 @@ class TNQCompressor(DefaultInstanceMixin, Compressor):
         if ctx is None:
             return tensor
         try:
-            gathered = hvd.synchronize(ctx.handle)
+            gathered = hvd.synchronize(ctx.exchange)
         finally:
             self._namer.release(ctx.base_name)
         scale = reduction_scale(tensor.tolist(), ctx.process_set.size())
