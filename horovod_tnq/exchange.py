@@ -31,6 +31,7 @@ class CompressorConfig:
     bucket_size: int = 512
     min_numel: int = 1024
     seed: int = 0
+    error_feedback: float = 0.0
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -40,6 +41,11 @@ class CompressorConfig:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{field} must be a non-negative int, got {value!r}")
+        feedback = self.error_feedback
+        if isinstance(feedback, bool) or not isinstance(feedback, (int, float)) or \
+                not 0.0 <= feedback <= 1.0:
+            raise ValueError(f"error_feedback must be a decay factor in [0, 1] (0: off), got "
+                             f"{feedback!r}")
         if not 1 <= self.bucket_size < 2**32:
             raise ValueError(f"bucket_size must be in [1, 2**32), got {self.bucket_size}")
 
@@ -131,6 +137,14 @@ class CollectiveNamer:
         self._in_flight = {}
         self._uses = {}
         self._anonymous = 0
+
+    def state_dict(self):
+        return {"uses": dict(self._uses), "anonymous": self._anonymous}
+
+    def load_state_dict(self, state):
+        with self._lock:
+            self._uses = dict(state["uses"])
+            self._anonymous = int(state["anonymous"])
 
     def acquire(self, name):
         with self._lock:

@@ -84,3 +84,13 @@ def test_every_registered_scheme_matches_across_ranks(checks):
     assert set(schemes) == set(core.SCHEMES)
     tnq_family = min(schemes[s]["nmse"] for s in ("tnq", "tnq-fit"))
     assert tnq_family < min(e["nmse"] for s, e in schemes.items() if not s.startswith("tnq"))
+
+
+def test_error_feedback_trains_and_resumes_exactly(checks):
+    for report in checks:
+        entry = report["error_feedback"]
+        assert entry["residuals"], "error feedback kept no residual"
+        assert entry["resumed"] == entry["continued"]
+    entry = checks[0]["error_feedback"]
+    assert sum(entry["losses"][-5:]) < sum(entry["losses_without"][-5:]) + 0.1
+    assert sum(entry["losses"][-5:]) < 0.4 * sum(entry["losses"][:5])

@@ -85,7 +85,7 @@ def test_seed_reproduces_and_changes_the_result(checks):
 
 
 @pytest.mark.parametrize("config", ["named", "class_accumulate_predivide", "grouped",
-                                    "uncompressed"])
+                                    "error_feedback", "uncompressed"])
 def test_parameters_stay_in_sync_and_training_progresses(training, config):
     digests = same_on_all_ranks(training, config, "digests")
     assert len(set(digests)) == len(digests)  # the weights change every step
@@ -107,3 +107,17 @@ def test_every_registered_scheme_reduces_correctly(checks):
         assert entry["nmse"] <= 2 * entry["single_nmse"], (scheme, entry)
     tnq_family = min(schemes[s]["nmse"] for s in ("tnq", "tnq-fit"))
     assert tnq_family < min(e["nmse"] for s, e in schemes.items() if not s.startswith("tnq"))
+
+
+def test_error_feedback_helps_2bit_training(training):
+    def final(config):
+        return sum(training[0][config]["losses"][-5:]) / 5
+    assert final("error_feedback") < final("no_feedback_2bit") + 0.02, (
+        final("error_feedback"), final("no_feedback_2bit"))
+
+
+def test_checkpoint_restores_error_feedback_exactly(training):
+    for report in training:
+        entry = report["checkpoint"]
+        assert entry["residuals"], "error feedback kept no residual"
+        assert entry["resumed"] == entry["continued"]

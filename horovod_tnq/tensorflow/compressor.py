@@ -26,14 +26,18 @@ class TNQCompressor(DefaultInstanceMixin, Compressor):
     """Truncated Non-uniform Quantization of gradients for ``horovod.tensorflow``.
 
     Arguments as for ``horovod_tnq.torch.TNQCompressor``: bits, scheme, bucket_size, min_numel,
-    seed. Tensors need a static shape to be compressed; others pass through uncompressed.
+    seed, error_feedback. Tensors need a static shape to be compressed; others pass through
+    uncompressed.
     """
 
-    def __init__(self, bits=4, scheme="tnq", bucket_size=512, min_numel=1024, seed=0):
+    def __init__(self, bits=4, scheme="tnq", bucket_size=512, min_numel=1024, seed=0,
+                 error_feedback=0.0):
         self.config = CompressorConfig(bits=bits, scheme=scheme, bucket_size=bucket_size,
-                                       min_numel=min_numel, seed=seed)
+                                       min_numel=min_numel, seed=seed,
+                                       error_feedback=error_feedback)
         self._namer = CollectiveNamer()
         self._step_table = None
+        self._residual_tables = {}
         # bytes handed to Horovod for each named tensor (compressed or not) at its last call,
         # without non-finite exceptions: in graphs this is known when the graph is traced
         self.bytes_by_tensor = {}
@@ -41,7 +45,8 @@ class TNQCompressor(DefaultInstanceMixin, Compressor):
     def __repr__(self):
         c = self.config
         return (f"TNQCompressor(bits={c.bits}, scheme={c.scheme!r}, bucket_size={c.bucket_size},"
-                f" min_numel={c.min_numel}, seed={c.seed})")
+                f" min_numel={c.min_numel}, seed={c.seed},"
+                f" error_feedback={c.error_feedback})")
 
     def should_compress(self, tensor):
         numel = tensor.shape.num_elements()
@@ -54,14 +59,71 @@ class TNQCompressor(DefaultInstanceMixin, Compressor):
         tf.function refuses variables created on a later trace, and a table is one resource, so
         TF's automatic control dependencies keep its reads and writes in program order.
         """
+        table = self._steps()
+        key = tf.constant([identity])
+        step = table.lookup(key)
+        with tf.control_dependencies([table.insert(key, step + 1)]):
+            return tf.identity(step[0])
+
+    def _steps(self):
         if self._step_table is None:
             with tf.init_scope():
                 self._step_table = tf.lookup.experimental.MutableHashTable(
                     key_dtype=tf.string, value_dtype=tf.int64, default_value=0)
-        key = tf.constant([identity])
-        step = self._step_table.lookup(key)
-        with tf.control_dependencies([self._step_table.insert(key, step + 1)]):
-            return tf.identity(step[0])
+        return self._step_table
+
+    def _residual_table(self, identity, numel, dtype):
+        if identity not in self._residual_tables:
+            with tf.init_scope():  # a resource, like the step table: allowed on any trace
+                self._residual_tables[identity] = tf.lookup.experimental.MutableHashTable(
+                    key_dtype=tf.string, value_dtype=dtype, default_value=tf.zeros([numel], dtype))
+        return self._residual_tables[identity]
+
+    def _encode_with_feedback(self, tensor, base_name, key, step):
+        """ECQ-SGD (Wu et al., ICML 2018), as in the PyTorch compressor: compensate with the
+        decayed residual, quantize, keep the new residual (zero where it is not finite)."""
+        numel = tensor.shape.num_elements()
+        work = tf.float64 if tensor.dtype == tf.float64 else tf.float32
+        table = self._residual_table(base_name, numel, work)
+        slot = tf.constant([base_name])
+        values = tf.cast(tf.reshape(tensor, [-1]), work) + \
+            self.config.error_feedback * table.lookup(slot)[0]
+        payload = ops.encode(tf.reshape(values, tensor.shape), scheme=self.config.scheme,
+                             bits=self.config.bits, bucket_size=self.config.bucket_size,
+                             step=step, key=key, dtype_name=tensor.dtype.name)
+        header = core.PayloadHeader(core.get_scheme(self.config.scheme).scheme_id,
+                                    self.config.bits, core.DTYPE_CODES[tensor.dtype.name], numel,
+                                    self.config.bucket_size, 0,
+                                    core.shape_tag(tensor.shape.as_list()))
+        error = values - tf.cast(ops.decode_sum(payload, header, 1), work)
+        error = tf.where(tf.math.is_finite(error), error, tf.zeros_like(error))
+        with tf.control_dependencies([table.insert(slot, error[None, :])]):
+            return tf.identity(payload)
+
+    def state_dict(self):
+        """Per-rank state to checkpoint with the model (call eagerly): error-feedback residuals
+        and each tensor's step count, so a restored run continues exactly."""
+        steps = {}
+        if self._step_table is not None:
+            names, counts = self._step_table.export()
+            steps = {n.decode(): int(c) for n, c in zip(names.numpy(), counts.numpy())}
+        residuals = {name: table.lookup(tf.constant([name]))[0].numpy()
+                     for name, table in self._residual_tables.items()}
+        return {"config": self.config.__dict__.copy(), "namer": self._namer.state_dict(),
+                "graph_steps": steps, "residuals": residuals}
+
+    def load_state_dict(self, state):
+        if state["config"] != self.config.__dict__:
+            raise ValueError(f"checkpoint was saved with compressor settings {state['config']}, "
+                             f"this compressor has {self.config.__dict__}")
+        self._namer.load_state_dict(state["namer"])
+        if state["graph_steps"]:
+            names = list(state["graph_steps"])
+            self._steps().insert(tf.constant(names), tf.constant(
+                [state["graph_steps"][n] for n in names], tf.int64))
+        for name, residual in state["residuals"].items():
+            table = self._residual_table(name, residual.size, tf.as_dtype(residual.dtype))
+            table.insert(tf.constant([name]), tf.constant(residual[None, :]))
 
     @DefaultInstanceMethod
     @tf.autograph.experimental.do_not_convert  # plain Python control flow, traced as written
@@ -81,9 +143,12 @@ class TNQCompressor(DefaultInstanceMixin, Compressor):
         base_name, collective_name, step = self._namer.acquire(name)
         if not eager:
             step = self._graph_step(base_name)
-        payload = ops.encode(tensor, scheme=self.config.scheme, bits=self.config.bits,
-                             bucket_size=self.config.bucket_size, step=step,
-                             key=core.stream_key(self.config.seed, hvd.rank(), base_name))
+        key = core.stream_key(self.config.seed, hvd.rank(), base_name)
+        if self.config.error_feedback:
+            payload = self._encode_with_feedback(tensor, base_name, key, step)
+        else:
+            payload = ops.encode(tensor, scheme=self.config.scheme, bits=self.config.bits,
+                                 bucket_size=self.config.bucket_size, step=step, key=key)
         self.bytes_by_tensor[base_name] = core.encoded_size(
             tensor.shape.num_elements(), self.config.bits, self.config.bucket_size,
             tensor.dtype.name)

@@ -137,10 +137,12 @@ def _as_bytes(tensor):
     return tf.reshape(tf.bitcast(tensor, tf.uint8), [-1])
 
 
-def encode(tensor, *, scheme, bits, bucket_size, key, step):
-    """core.codec.encode for a TF tensor of static size; returns the payload (uint8)."""
+def encode(tensor, *, scheme, bits, bucket_size, key, step, dtype_name=None):
+    """core.codec.encode for a TF tensor of static size; returns the payload (uint8).
+    ``dtype_name`` overrides the dtype recorded in the header (error feedback encodes a float32
+    copy of a float16 or bfloat16 gradient)."""
     scheme = core.get_scheme(scheme)
-    dtype_name = tensor.dtype.name
+    dtype_name = dtype_name or tensor.dtype.name
     if dtype_name not in core.DTYPE_CODES:
         raise TypeError(f"unsupported dtype {dtype_name}; supported: {sorted(core.DTYPE_CODES)}")
     n = tensor.shape.num_elements()

@@ -17,12 +17,18 @@ _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.floa
 _SUPPORTED_DEVICES = ("cpu", "cuda")
 
 
-def encode_tensor(tensor, config, key, step):
-    """The payload (numpy uint8) for one torch tensor: the numpy core on its host copy."""
-    host = tensor.detach().to("cpu")
-    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
-        host = host.float()
-    return core.encode(host.numpy(), scheme=config.scheme, bits=config.bits,
+def host_values(tensor):
+    """A CPU tensor the numpy core can read: float64 stays, every other float becomes float32
+    (numpy has no bfloat16; float32 holds float16 and bfloat16 exactly)."""
+    work = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    return tensor.detach().to("cpu", work)
+
+
+def encode_tensor(tensor, config, key, step, values=None):
+    """The payload (numpy uint8) for one torch tensor: the numpy core on its host copy
+    (or on ``values``, the host copy already compensated by error feedback)."""
+    values = host_values(tensor) if values is None else values
+    return core.encode(values.numpy(), scheme=config.scheme, bits=config.bits,
                        bucket_size=config.bucket_size, key=key, step=step,
                        dtype_name=_DTYPE_NAMES[tensor.dtype], shape=tensor.shape)
 
@@ -39,18 +45,24 @@ class TNQCompressor(DefaultInstanceMixin, Compressor):
         min_numel: tensors with fewer elements, and non-float tensors, take Horovod's ordinary
             allreduce uncompressed: compression does not pay for them.
         seed: seeds stochastic rounding, together with rank, tensor name and step.
+        error_feedback: decay factor in (0, 1] to add each rank's accumulated quantization error
+            to its next gradient before quantizing (ECQ-SGD); 0 turns it off. Checkpoint
+            ``state_dict()`` with the model to resume exactly.
     """
 
-    def __init__(self, bits=4, scheme="tnq", bucket_size=512, min_numel=1024, seed=0):
+    def __init__(self, bits=4, scheme="tnq", bucket_size=512, min_numel=1024, seed=0,
+                 error_feedback=0.0):
         self.config = CompressorConfig(bits=bits, scheme=scheme, bucket_size=bucket_size,
-                                       min_numel=min_numel, seed=seed)
+                                       min_numel=min_numel, seed=seed,
+                                       error_feedback=error_feedback)
         self._namer = CollectiveNamer()
+        self._residuals = {}
         self.stats = new_stats()
 
     def __repr__(self):
         c = self.config
         return (f"TNQCompressor(bits={c.bits}, scheme={c.scheme!r}, bucket_size={c.bucket_size},"
-                f" min_numel={c.min_numel}, seed={c.seed})")
+                f" min_numel={c.min_numel}, seed={c.seed}, error_feedback={c.error_feedback})")
 
     def should_compress(self, tensor):
         return tensor.dtype in _DTYPE_NAMES and tensor.numel() >= self.config.min_numel
@@ -72,7 +84,10 @@ class TNQCompressor(DefaultInstanceMixin, Compressor):
         process_set = process_set or hvd.global_process_set
         base_name, collective_name, step = self._namer.acquire(name)
         key = core.stream_key(self.config.seed, hvd.rank(), base_name)
-        payload = encode_tensor(tensor, self.config, key, step)
+        if self.config.error_feedback:
+            payload = self._encode_with_feedback(tensor, base_name, key, step)
+        else:
+            payload = encode_tensor(tensor, self.config, key, step)
         self.stats["compressed_tensors"] += 1
         self.stats["payload_bytes"] += payload.size
         handle = hvd.allgather_async(torch.from_numpy(payload), name=collective_name,
@@ -81,6 +96,36 @@ class TNQCompressor(DefaultInstanceMixin, Compressor):
                           tensor.dtype, process_set, tensor.device)
         probe = torch.tensor(probe_values(process_set.rank()), dtype=torch.float32)
         return probe, pending
+
+    def _encode_with_feedback(self, tensor, base_name, key, step):
+        """ECQ-SGD (Wu et al., ICML 2018): add the decayed error this rank's earlier
+        quantizations of this tensor left behind, quantize, and keep the new error."""
+        values = host_values(tensor)
+        residual = self._residuals.get(base_name)
+        if residual is not None:
+            if residual.shape != values.shape:
+                raise ValueError(f"error-feedback residual for {base_name!r} has shape "
+                                 f"{tuple(residual.shape)}, the gradient {tuple(values.shape)}")
+            values = values + self.config.error_feedback * residual
+        payload = encode_tensor(tensor, self.config, key, step, values)
+        decoded = torch.from_numpy(core.decode(payload)[0]).to(values.dtype)
+        error = values - decoded.reshape(values.shape)
+        # a NaN or Inf gradient must not poison every later step through the residual
+        self._residuals[base_name] = torch.where(torch.isfinite(error), error, 0)
+        return payload
+
+    def state_dict(self):
+        """Per-rank state to checkpoint with the model: error-feedback residuals and each tensor's
+        step count (which seeds its rounding), so a restored run continues exactly."""
+        return {"config": self.config.__dict__.copy(), "namer": self._namer.state_dict(),
+                "residuals": {name: r.clone() for name, r in self._residuals.items()}}
+
+    def load_state_dict(self, state):
+        if state["config"] != self.config.__dict__:
+            raise ValueError(f"checkpoint was saved with compressor settings {state['config']}, "
+                             f"this compressor has {self.config.__dict__}")
+        self._namer.load_state_dict(state["namer"])
+        self._residuals = {name: r.clone() for name, r in state["residuals"].items()}
 
     @DefaultInstanceMethod
     def decompress(self, tensor, ctx):

@@ -113,19 +113,25 @@ def main():
         report["schemes"][scheme] = {
             "digest": digest(out),
             "nmse": float(((out.numpy() - truth) ** 2).sum() / (truth ** 2).sum())}
-    report["tape"] = train_with_tape()
+    tape = train_with_tape()
+    report["tape"] = {"losses": tape["losses"], "digests": tape["digests"]}
+    report["error_feedback"] = error_feedback_checks()
     with open(os.path.join(OUT_DIR, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
 
 
-def train_with_tape(steps=30):
-    """A two-layer network trained with hvd.DistributedGradientTape inside tf.function."""
+def train_with_tape(steps=30, compressor=None, state=None, start=0):
+    """A two-layer network trained with hvd.DistributedGradientTape inside tf.function; with
+    ``state`` (weights, compressor state) it resumes from a checkpoint taken at step ``start``."""
     init = np.random.default_rng(0)
     w1 = tf.Variable(init.normal(0, 0.2, (32, 128)).astype(np.float32))
     w2 = tf.Variable(init.normal(0, 0.2, (128, 4)).astype(np.float32))
     teacher = np.random.default_rng(1).normal(size=(32, 4)).astype(np.float32)
-    data = np.random.default_rng(100 + hvd.rank())
-    compressor = TNQCompressor(bits=3)
+    compressor = compressor or TNQCompressor(bits=3)
+    if state is not None:
+        w1.assign(state[0])
+        w2.assign(state[1])
+        compressor.load_state_dict(state[2])
 
     @tf.function
     def step(x, y):
@@ -138,12 +144,24 @@ def train_with_tape(steps=30):
             var.assign_sub(0.5 * grad)
         return loss
 
-    losses, digests = [], []
-    for _ in range(steps):
+    losses, digests, checkpoints = [], [], {}
+    for index in range(start, start + steps):
+        data = np.random.default_rng(100000 * hvd.rank() + index)
         x = data.normal(size=(64, 32)).astype(np.float32)
         losses.append(float(step(tf.constant(x), tf.constant((x @ teacher).argmax(1)))))
         digests.append(hashlib.sha256(w1.numpy().tobytes() + w2.numpy().tobytes()).hexdigest())
-    return {"losses": losses, "digests": digests}
+        checkpoints[index + 1] = (w1.numpy(), w2.numpy(), compressor.state_dict())
+    return {"losses": losses, "digests": digests, "checkpoints": checkpoints}
+
+
+def error_feedback_checks(steps=20, resume_at=12):
+    with_feedback = train_with_tape(steps, TNQCompressor(bits=2, error_feedback=1.0))
+    without = train_with_tape(steps, TNQCompressor(bits=2))
+    resumed = train_with_tape(steps - resume_at, TNQCompressor(bits=2, error_feedback=1.0),
+                              state=with_feedback["checkpoints"][resume_at], start=resume_at)
+    return {"losses": with_feedback["losses"], "losses_without": without["losses"],
+            "continued": with_feedback["digests"][-1], "resumed": resumed["digests"][-1],
+            "residuals": sorted(with_feedback["checkpoints"][resume_at][2]["residuals"])}
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ backward_passes_per_step, gradient_predivide_factor) and records, per step, a di
 parameters so the test can check every rank holds identical weights throughout.
 """
 
+import copy
 import hashlib
 import json
 import os
@@ -22,6 +23,8 @@ CONFIGS = {
     "class_accumulate_predivide": dict(compression=TNQCompressor, backward_passes_per_step=2,
                                        gradient_predivide_factor=2.0),
     "grouped": dict(compression=TNQCompressor(bits=4), groups=2),
+    "error_feedback": dict(compression=TNQCompressor(bits=2, error_feedback=1.0)),
+    "no_feedback_2bit": dict(compression=TNQCompressor(bits=2)),
     "uncompressed": dict(),
 }
 
@@ -57,9 +60,48 @@ def train(name, options, steps=30):
     return {"losses": losses, "digests": digests}
 
 
+def checkpoint_resume(before=8, after=6):
+    """Train, checkpoint (model, optimizer, compressor), train on; then restore the checkpoint
+    into fresh objects and train the same steps again: the weights must come out identical."""
+    teacher = torch.nn.Linear(32, 4)
+    torch.nn.init.normal_(teacher.weight, generator=torch.Generator().manual_seed(1))
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.ReLU(),
+                                    torch.nn.Linear(128, 4))
+        compressor = TNQCompressor(bits=2, error_feedback=0.9, seed=5)
+        opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                       named_parameters=model.named_parameters(),
+                                       compression=compressor)
+        return model, opt, compressor
+
+    def run(model, opt, steps):
+        for step in steps:
+            x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1000 * hvd.rank() +
+                                                                              step))
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), teacher(x).argmax(1)).backward()
+            opt.step()
+        return parameters_digest(model)
+
+    model, opt, compressor = build()
+    run(model, opt, range(before))
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), compressor.state_dict()))
+    continued = run(model, opt, range(before, before + after))
+    model, opt, compressor = build()
+    model.load_state_dict(saved[0])
+    opt.load_state_dict(saved[1])
+    compressor.load_state_dict(saved[2])
+    resumed = run(model, opt, range(before, before + after))
+    return {"continued": continued, "resumed": resumed,
+            "residuals": sorted(saved[2]["residuals"])}
+
+
 def main():
     hvd.init()
     report = {name: train(name, options) for name, options in CONFIGS.items()}
+    report["checkpoint"] = checkpoint_resume()
     with open(os.path.join(OUT_DIR, f"rank{hvd.rank()}.json"), "w") as f:
         json.dump(report, f)
 
