@@ -33,7 +33,10 @@ def load_shard(rank, size, seed=0):
 
 def report(framework, compression, bits, workers, steps, accuracy, loss, bytes_per_step,
            elements):
-    """The JSON line run_demo.py reads."""
+    """The JSON line run_demo.py reads. ``bytes_per_step`` is what TNQ handed to Horovod per
+    step; for Horovod's own "none" and "fp16" it follows from the element count."""
+    if compression != "tnq":
+        bytes_per_step = elements * (2 if compression == "fp16" else 4)
     return json.dumps({
         "framework": framework, "compression": compression,
         "bits": bits if compression == "tnq" else None, "workers": workers, "steps": steps,

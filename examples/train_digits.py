@@ -49,11 +49,8 @@ def main():
         predictions = model(torch.from_numpy(x_test)).argmax(1).numpy()
     accuracy = float((predictions == y_test).mean())
     elements = sum(p.numel() for p in model.parameters())
-    if args.compression == "tnq":
-        stats = compression.stats
-        sent = (stats["payload_bytes"] + stats["passthrough_bytes"]) / steps
-    else:
-        sent = 4 * elements / (2 if args.compression == "fp16" else 1)
+    stats = getattr(compression, "stats", None)
+    sent = stats and (stats["payload_bytes"] + stats["passthrough_bytes"]) / steps
     if hvd.rank() == 0:
         print(report("pytorch", args.compression, args.bits, hvd.size(), steps, accuracy,
                      float(loss), sent, elements))

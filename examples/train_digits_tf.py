@@ -64,10 +64,7 @@ def main():
     predictions = forward(variables, tf.constant(x_test)).numpy().argmax(1)
     accuracy = float((predictions == y_test).mean())
     elements = sum(int(np.prod(v.shape)) for v in variables)
-    if args.compression == "tnq":
-        sent = sum(compression.bytes_by_tensor.values())
-    else:
-        sent = 4 * elements / (2 if args.compression == "fp16" else 1)
+    sent = sum(getattr(compression, "bytes_by_tensor", {}).values())
     if hvd.rank() == 0:
         print(report("tensorflow", args.compression, args.bits, hvd.size(), steps, accuracy,
                      float(loss), sent, elements))

@@ -218,6 +218,28 @@ class DefaultInstanceMixin:
             return cls._default
 
 
+class CompressorBase(DefaultInstanceMixin):
+    """What the framework compressors share: validated settings, collective naming, repr and
+    the settings check of a checkpoint."""
+
+    def __init__(self, bits=4, scheme="tnq", bucket_size=512, min_numel=1024, seed=0,
+                 error_feedback=0.0):
+        self.config = CompressorConfig(bits=bits, scheme=scheme, bucket_size=bucket_size,
+                                       min_numel=min_numel, seed=seed,
+                                       error_feedback=error_feedback)
+        self._namer = CollectiveNamer()
+
+    def __repr__(self):
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.config.__dict__.items())
+        return f"{type(self).__name__}({settings})"
+
+    def _check_checkpoint(self, state):
+        if state["config"] != self.config.__dict__:
+            raise ValueError(f"checkpoint was saved with compressor settings {state['config']}, "
+                             f"this compressor has {self.config.__dict__}")
+        self._namer.load_state_dict(state["namer"])
+
+
 def new_stats():
     """Counters a compressor keeps: what it handed to Horovod, to report bytes on the wire."""
     return {"compressed_tensors": 0, "passthrough_tensors": 0, "payload_bytes": 0,

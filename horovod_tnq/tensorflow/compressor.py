@@ -13,16 +13,14 @@ import tensorflow as tf
 from horovod.tensorflow.compression import Compressor
 
 from .. import core
-from ..exchange import (PROBE_TOLERANCE, UNSUPPORTED_OP, CollectiveNamer, CompressorConfig,
-                        DefaultInstanceMethod, DefaultInstanceMixin, Pending,
-                        horovod_call_site,
-                        probe_values, reduction_scale)
+from ..exchange import (PROBE_TOLERANCE, UNSUPPORTED_OP, CompressorBase, DefaultInstanceMethod,
+                        Pending, horovod_call_site, probe_values, reduction_scale)
 from . import ops
 
 _DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 
 
-class TNQCompressor(DefaultInstanceMixin, Compressor):
+class TNQCompressor(CompressorBase, Compressor):
     """Truncated Non-uniform Quantization of gradients for ``horovod.tensorflow``.
 
     Arguments as for ``horovod_tnq.torch.TNQCompressor``: bits, scheme, bucket_size, min_numel,
@@ -30,23 +28,13 @@ class TNQCompressor(DefaultInstanceMixin, Compressor):
     uncompressed.
     """
 
-    def __init__(self, bits=4, scheme="tnq", bucket_size=512, min_numel=1024, seed=0,
-                 error_feedback=0.0):
-        self.config = CompressorConfig(bits=bits, scheme=scheme, bucket_size=bucket_size,
-                                       min_numel=min_numel, seed=seed,
-                                       error_feedback=error_feedback)
-        self._namer = CollectiveNamer()
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._step_table = None
         self._residual_tables = {}
         # bytes handed to Horovod for each named tensor (compressed or not) at its last call,
         # without non-finite exceptions: in graphs this is known when the graph is traced
         self.bytes_by_tensor = {}
-
-    def __repr__(self):
-        c = self.config
-        return (f"TNQCompressor(bits={c.bits}, scheme={c.scheme!r}, bucket_size={c.bucket_size},"
-                f" min_numel={c.min_numel}, seed={c.seed},"
-                f" error_feedback={c.error_feedback})")
 
     def should_compress(self, tensor):
         numel = tensor.shape.num_elements()
@@ -113,10 +101,7 @@ class TNQCompressor(DefaultInstanceMixin, Compressor):
                 "graph_steps": steps, "residuals": residuals}
 
     def load_state_dict(self, state):
-        if state["config"] != self.config.__dict__:
-            raise ValueError(f"checkpoint was saved with compressor settings {state['config']}, "
-                             f"this compressor has {self.config.__dict__}")
-        self._namer.load_state_dict(state["namer"])
+        self._check_checkpoint(state)
         if state["graph_steps"]:
             names = list(state["graph_steps"])
             self._steps().insert(tf.constant(names), tf.constant(

@@ -8,9 +8,8 @@ import torch
 from horovod.torch.compression import Compressor
 
 from .. import core
-from ..exchange import (CollectiveNamer, CompressorConfig, DefaultInstanceMethod,
-                        DefaultInstanceMixin, Pending, horovod_call_site, new_stats, probe_values,
-                        reduction_scale)
+from ..exchange import (CompressorBase, DefaultInstanceMethod, Pending, horovod_call_site,
+                        new_stats, probe_values, reduction_scale)
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                 torch.float64: "float64"}
@@ -33,7 +32,7 @@ def encode_tensor(tensor, config, key, step, values=None):
                        dtype_name=_DTYPE_NAMES[tensor.dtype], shape=tensor.shape)
 
 
-class TNQCompressor(DefaultInstanceMixin, Compressor):
+class TNQCompressor(CompressorBase, Compressor):
     """Truncated Non-uniform Quantization of gradients for ``horovod.torch``.
 
     Args:
@@ -50,19 +49,10 @@ class TNQCompressor(DefaultInstanceMixin, Compressor):
             ``state_dict()`` with the model to resume exactly.
     """
 
-    def __init__(self, bits=4, scheme="tnq", bucket_size=512, min_numel=1024, seed=0,
-                 error_feedback=0.0):
-        self.config = CompressorConfig(bits=bits, scheme=scheme, bucket_size=bucket_size,
-                                       min_numel=min_numel, seed=seed,
-                                       error_feedback=error_feedback)
-        self._namer = CollectiveNamer()
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._residuals = {}
         self.stats = new_stats()
-
-    def __repr__(self):
-        c = self.config
-        return (f"TNQCompressor(bits={c.bits}, scheme={c.scheme!r}, bucket_size={c.bucket_size},"
-                f" min_numel={c.min_numel}, seed={c.seed}, error_feedback={c.error_feedback})")
 
     def should_compress(self, tensor):
         return tensor.dtype in _DTYPE_NAMES and tensor.numel() >= self.config.min_numel
@@ -121,10 +111,7 @@ class TNQCompressor(DefaultInstanceMixin, Compressor):
                 "residuals": {name: r.clone() for name, r in self._residuals.items()}}
 
     def load_state_dict(self, state):
-        if state["config"] != self.config.__dict__:
-            raise ValueError(f"checkpoint was saved with compressor settings {state['config']}, "
-                             f"this compressor has {self.config.__dict__}")
-        self._namer.load_state_dict(state["namer"])
+        self._check_checkpoint(state)
         self._residuals = {name: r.clone() for name, r in state["residuals"].items()}
 
     @DefaultInstanceMethod
