@@ -26,7 +26,10 @@ from jobs import markdown_table, parse_spec, run_local, write_csv  # noqa: E402
 
 from horovod_tnq import core  # noqa: E402
 
-SCHEMES = ["tnq", "tnq-fit", "tnq-uniform", "qsgd", "qsgdinf", "nuqsgd", "terngrad"]
+# the schemes of the quality benchmark's equal-bits comparison (dqsgd picks its own width and
+# dp-binomial adds privacy noise; add them with --schemes or --extra-configs)
+SCHEMES = [name for name, scheme in core.SCHEMES.items()
+           if scheme.body is None and scheme.choose_bits is None] + ["topk", "tnq-sparse"]
 BASELINES = ["none", "fp16"]
 COLUMNS = [
     ("bits", "bits", "s"), ("gradients", "compressor", "s"),
