@@ -95,7 +95,7 @@ class _FusedDistributedOptimizer(torch.optim.Optimizer):
                 raise TypeError("the fused DistributedOptimizer needs dense gradients; pass "
                                 "sparse_as_dense=True")
             grads.append(grad.reshape(-1))
-        flat = torch.cat(grads)
+        flat = grads[0] if len(grads) == 1 else torch.cat(grads)  # a lone tensor: no copy
         name = f"fused.{index}"
         if flat.numel() < self._compression.config.min_numel:  # too small to pay: plain Sum
             handle = hvd.allreduce_async(flat, name=name, op=hvd.Sum,
@@ -115,8 +115,12 @@ class _FusedDistributedOptimizer(torch.optim.Optimizer):
                 flat = hvd.synchronize(handle) * self._scale
             else:
                 flat = self._compression.finish(handle, self._scale)
+            bucket = self._buckets[index]
+            if len(bucket) == 1 and flat.dtype == bucket[0].grad.dtype:
+                bucket[0].grad.set_(flat.view_as(bucket[0].grad))
+                continue
             offset = 0
-            for p in self._buckets[index]:
+            for p in bucket:
                 p.grad.copy_(flat[offset: offset + p.numel()].view_as(p.grad))
                 offset += p.numel()
         self._reset()
