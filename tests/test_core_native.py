@@ -97,6 +97,28 @@ def test_decode_sum_gives_the_reference_numbers(scheme, bits, out_dtype):
     np.testing.assert_array_equal(ours, reference)
 
 
+@pytest.mark.parametrize("reference", [False, True])
+@pytest.mark.parametrize("out_dtype", [np.float32, np.float64])
+def test_decode_sum_writes_into_a_slice_of_a_larger_result(reference, out_dtype):
+    gathered, header = payloads()
+    alone, _ = core.decode_sum(gathered, header, 0.5, out_dtype, reference=reference)
+    whole = np.full(header.numel + 20, -7.0, dtype=out_dtype)
+    written, count = core.decode_sum(gathered, header, 0.5, out_dtype, reference=reference,
+                                     out=whole[10:-10])
+    assert count == 3 and np.shares_memory(written, whole)
+    np.testing.assert_array_equal(whole[10:-10], alone)
+    assert (whole[:10] == -7).all() and (whole[-10:] == -7).all()  # nothing beyond the slice
+
+
+@pytest.mark.parametrize("reference", [False, True])
+@pytest.mark.parametrize("out", [np.empty(10_000, np.float32), np.empty(10_001, np.float64)],
+                         ids=["too-short", "wrong-dtype"])
+def test_decode_sum_refuses_an_out_that_does_not_fit(reference, out):
+    gathered, header = payloads()
+    with pytest.raises(ValueError, match="out must be 10001"):
+        core.decode_sum(gathered, header, 1.0, np.float32, reference=reference, out=out)
+
+
 def test_decode_sum_is_the_scaled_sum_of_decoded_payloads():
     gathered, header = payloads(dtype=np.float64)
     total, _ = core.decode_sum(gathered, header, 1 / 3)

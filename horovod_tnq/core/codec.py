@@ -475,9 +475,11 @@ MATCHING_FIELDS = ("scheme_id", "bits", "dtype_code", "numel", "bucket_size", "s
                    "bucket_params", "num_levels")
 
 
-def decode_sum(buf, expect, factor=1.0, out_dtype=np.float64, reference=False):
+def decode_sum(buf, expect, factor=1.0, out_dtype=np.float64, reference=False, out=None):
     """``factor`` times the sum of all payloads in ``buf``, as ``out_dtype`` (float32 or
     float64), and the number of payloads; each payload is checked against ``expect`` (a header).
+    With ``out`` (a contiguous array of expect.numel out_dtype, e.g. a slice of a larger
+    result) the sum is written there, without an extra copy, and ``out`` is returned.
 
     The sum is taken in float64 in payload order, then multiplied by ``factor`` and rounded once
     to ``out_dtype``, so every rank that decodes the same bytes holds the same result. Raises
@@ -509,7 +511,7 @@ def decode_sum(buf, expect, factor=1.0, out_dtype=np.float64, reference=False):
             SCHEMES_BY_ID[expect.scheme_id].body is None and \
             not any(p.exception_indices.size for p in payloads):
         total, invalid = native.decode_sum(payloads, expect.numel, expect.bucket_size, factor,
-                                           out_dtype)
+                                           out_dtype, out)
         for sections, count in zip(payloads, invalid):
             _check_codes(count, sections.header, sections.table)
         return total, len(payloads)
@@ -517,4 +519,9 @@ def decode_sum(buf, expect, factor=1.0, out_dtype=np.float64, reference=False):
     for sections in payloads[1:]:
         total += _values(sections)
     total *= factor
-    return total.astype(out_dtype, copy=False), len(payloads)
+    if out is None:
+        return total.astype(out_dtype, copy=False), len(payloads)
+    if out.dtype != out_dtype or out.shape != total.shape:
+        raise ValueError(f"out must be {total.size} {out_dtype}, got {out.size} {out.dtype}")
+    out[...] = total
+    return out, len(payloads)

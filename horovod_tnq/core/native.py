@@ -100,11 +100,11 @@ def set_vector_path(avx512):
     return bool(LIBRARY.tnq_set_vector_path(int(avx512)))
 
 
-def decode_sum(payloads, numel, bucket_size, factor, out_dtype):
+def decode_sum(payloads, numel, bucket_size, factor, out_dtype, out=None):
     """(factor * sum over payloads of offset + scale * table[code] per bucket, accumulated in
     float64 in payload order, as out_dtype (float32 or float64); per payload, the number of
     codes beyond its table). ``payloads`` are codec.Sections: each has its own bits, table,
-    scales and (or None) offsets."""
+    scales and (or None) offsets. Writes into ``out`` (numel contiguous out_dtype) when given."""
     count = len(payloads)
     keep = []  # the arrays whose addresses the kernel reads
 
@@ -119,7 +119,11 @@ def decode_sum(payloads, numel, bucket_size, factor, out_dtype):
     tables = [np.zeros(1 << p.header.bits, dtype=np.float64) for p in payloads]
     for table, p in zip(tables, payloads):
         table[: p.table.size] = p.table
-    out = np.empty(numel, dtype=out_dtype)
+    if out is None:
+        out = np.empty(numel, dtype=out_dtype)
+    elif out.dtype != np.dtype(out_dtype) or out.size != numel or not out.flags.c_contiguous:
+        raise ValueError(f"out must be {numel} contiguous {np.dtype(out_dtype)}, got "
+                         f"{out.size} {out.dtype}")
     if out.dtype not in (np.float32, np.float64):
         raise TypeError(f"the native decoder writes float32 or float64, not {out.dtype}")
     invalid = np.zeros(count, dtype=np.int64)

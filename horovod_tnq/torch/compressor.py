@@ -204,7 +204,7 @@ class TNQCompressor(CompressorBase, Compressor):
             # float32 results are rounded once, in the decoder; others go through float64
             out_dtype = np.float32 if ctx.dtype == torch.float32 else np.float64
             if ctx.kind == "allgather":
-                total = self._decode_parts(ctx, scale, out_dtype)
+                total = _decode_parts(ctx, scale, out_dtype)
             else:
                 self._start_second_rounds()
                 total = self._decode_reduced_chunks(ctx, scale, out_dtype)
@@ -212,19 +212,6 @@ class TNQCompressor(CompressorBase, Compressor):
             self._abandon(ctx)
         result = torch.from_numpy(total).to(ctx.dtype).reshape(ctx.shape)
         return result.to(ctx.device)
-
-    def _decode_parts(self, ctx, scale, out_dtype):
-        """Each part of an allgathered tensor decoded as soon as it arrives (while later parts
-        are still on the wire), into its place."""
-        size = ctx.process_set.size()
-        if len(ctx.bounds) == 1:
-            return _decode_sum(hvd.synchronize(ctx.exchange[0]).numpy(), ctx.header[0], scale,
-                               out_dtype, size)
-        total = np.empty(ctx.bounds[-1][1], dtype=out_dtype)
-        for (start, stop), handle, header in zip(ctx.bounds, ctx.exchange, ctx.header):
-            total[start:stop] = _decode_sum(hvd.synchronize(handle).numpy(), header, scale,
-                                            out_dtype, size)
-        return total
 
     def _abandon(self, ctx):
         """ctx is done, or failed: release its name, and never wait on its collectives."""
@@ -270,7 +257,7 @@ class TNQCompressor(CompressorBase, Compressor):
                                         f"{len(ctx.bounds)} ranks")
             end = core.codec.split(gathered, offset).end
             expect = dataclasses.replace(ctx.header, numel=stop - start, num_exceptions=0)
-            total[start:stop] = _decode_sum(gathered[offset:end], expect, scale, out_dtype, 1)
+            _decode_sum(gathered[offset:end], expect, scale, out_dtype, 1, out=total[start:stop])
             offset = end
         if offset != gathered.size:
             raise core.PayloadError(f"received {gathered.size} bytes of reduced chunks, "
@@ -278,8 +265,19 @@ class TNQCompressor(CompressorBase, Compressor):
         return total
 
 
-def _decode_sum(buffer, header, scale, out_dtype, expected_count):
-    total, count = core.decode_sum(buffer, header, scale, out_dtype)
+def _decode_parts(ctx, scale, out_dtype):
+    """Each part of an allgathered tensor decoded as soon as it arrives (while later parts are
+    still on the wire), into its place."""
+    size = ctx.process_set.size()
+    total = np.empty(ctx.bounds[-1][1], dtype=out_dtype)
+    for (start, stop), handle, header in zip(ctx.bounds, ctx.exchange, ctx.header):
+        _decode_sum(hvd.synchronize(handle).numpy(), header, scale, out_dtype, size,
+                    out=total[start:stop])
+    return total
+
+
+def _decode_sum(buffer, header, scale, out_dtype, expected_count, out=None):
+    total, count = core.decode_sum(buffer, header, scale, out_dtype, out=out)
     if count != expected_count:
         raise core.PayloadError(f"received {count} payloads, expected {expected_count}")
     return total
