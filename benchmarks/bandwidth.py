@@ -29,7 +29,8 @@ from emulated_network import EmulatedNetwork, remove_stale_namespaces  # noqa: E
 from jobs import (horovodrun_command, markdown_table, read_report, worker_env,  # noqa: E402
                   write_csv)
 
-CONFIGS = ["none", "fp16", "tnq:bits=4", "tnq:bits=3", "tnq:bits=2", "qsgd:bits=4"]
+CONFIGS = ["none", "fp16", "tnq:bits=4", "tnq:bits=3", "tnq:bits=2", "qsgd:bits=4",
+           "tnq:bits=4,fused=1"]
 PHASES = {"compute_s": "compute", "encode_s": "encode", "decode_s": "decode",
           "comm_wait_s": "wait (network, peers, CPU)"}
 COLUMNS = [

@@ -6,6 +6,7 @@ See horovod_tnq/exchange.py for the protocol that fits it into Horovod's allredu
 
 import dataclasses
 import threading
+import time
 
 import horovod.torch as hvd
 import numpy as np
@@ -233,7 +234,7 @@ class TNQCompressor(CompressorBase, Compressor):
         with self._in_flight_lock:
             waiting = [ctx for ctx in self._in_flight if ctx.second_round is None]
         for ctx in waiting:
-            received = hvd.synchronize(ctx.exchange)[0].numpy()
+            received = wait(ctx.exchange)[0].numpy()
             work = np.float64 if ctx.dtype == torch.float64 else np.float32
             chunk_sum = _decode_sum(received, ctx.header, 1.0, work, ctx.process_set.size())
             slot = ctx.base_name + REDUCED
@@ -248,7 +249,7 @@ class TNQCompressor(CompressorBase, Compressor):
 
     def _decode_reduced_chunks(self, ctx, scale, out_dtype):
         """Wait for the reduced chunks of ``ctx`` and decode them into place, times ``scale``."""
-        gathered = hvd.synchronize(ctx.second_round).numpy()
+        gathered = wait(ctx.second_round).numpy()
         total = np.empty(ctx.bounds[-1][1], dtype=out_dtype)
         offset = 0
         for owner, (start, stop) in enumerate(ctx.bounds):
@@ -265,13 +266,26 @@ class TNQCompressor(CompressorBase, Compressor):
         return total
 
 
+# Horovod's synchronize() polls without pause, so a waiting training thread keeps its core busy
+# (measured: 100% of a core for the whole wait), a core that the kernel's network stack and the
+# other processes need exactly then; a short sleep between polls costs at most that much latency.
+POLL_INTERVAL_S = 2e-4
+
+
+def wait(handle):
+    """hvd.synchronize(handle), sleeping between polls instead of spinning."""
+    while not hvd.poll(handle):
+        time.sleep(POLL_INTERVAL_S)
+    return hvd.synchronize(handle)
+
+
 def _decode_parts(ctx, scale, out_dtype):
     """Each part of an allgathered tensor decoded as soon as it arrives (while later parts are
     still on the wire), into its place."""
     size = ctx.process_set.size()
     total = np.empty(ctx.bounds[-1][1], dtype=out_dtype)
     for (start, stop), handle, header in zip(ctx.bounds, ctx.exchange, ctx.header):
-        _decode_sum(hvd.synchronize(handle).numpy(), header, scale, out_dtype, size,
+        _decode_sum(wait(handle).numpy(), header, scale, out_dtype, size,
                     out=total[start:stop])
     return total
 

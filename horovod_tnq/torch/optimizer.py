@@ -24,7 +24,7 @@ import horovod.torch as hvd
 import torch
 from horovod.torch.compression import Compressor
 
-from .compressor import TNQCompressor
+from .compressor import TNQCompressor, wait
 
 DEFAULT_BUCKET_ELEMENTS = 1 << 22  # 16 MiB of float32 gradients per bucket
 
@@ -112,7 +112,7 @@ class _FusedDistributedOptimizer(torch.optim.Optimizer):
                 self._launch(index)
         for index, handle in sorted(self._handles.items()):
             if isinstance(handle, int):
-                flat = hvd.synchronize(handle) * self._scale
+                flat = wait(handle) * self._scale
             else:
                 flat = self._compression.finish(handle, self._scale)
             bucket = self._buckets[index]
