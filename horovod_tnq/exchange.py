@@ -190,17 +190,36 @@ SCHEME_OPTIONS = ("min_bits", "nmse_target", "dp_clip", "dp_epsilon", "dp_delta"
 HOROVOD_COMPRESSORS = ("none", "fp16")
 
 
-def make_compressor(name, quantizer_class, horovod_compression, **options):
-    """The registry behind each framework's get_compressor(): "none" and "fp16" are Horovod's
-    own compressors, any name in core.SCHEMES is ``quantizer_class(scheme=name, **options)``."""
-    if name in HOROVOD_COMPRESSORS:
-        if options:
-            raise ValueError(f"Horovod's {name!r} compressor takes no options, got {options}")
-        return getattr(horovod_compression, name)
-    if name not in SCHEMES:
-        raise ValueError(f"unknown compressor {name!r}; known: "
-                         f"{sorted(HOROVOD_COMPRESSORS + tuple(SCHEMES))}")
-    return quantizer_class(scheme=name, **options)
+def compressor_registry(quantizer_class, horovod_compression):
+    """Each framework's get_compressor(): "none" and "fp16" are Horovod's own compressors
+    (``horovod_compression``), any name in core.SCHEMES is ``quantizer_class(scheme=name,
+    **options)``."""
+
+    def get_compressor(name, **options):
+        """A Horovod compressor by name: any scheme of horovod_tnq.core.SCHEMES, or Horovod's own
+        "none" / "fp16".
+
+        TNQ: "tnq" (the paper's closed form, the default TNQCompressor), "tnq-fit" (threshold
+        fitted per bucket), "tnq-opt" (level table fitted to each tensor), "tnq-sparse" (the
+        largest entries on fitted non-uniform levels). Baselines: "tnq-uniform" (truncated
+        uniform, arXiv 2402.01798), "qsgd", "qsgdinf" (Alistarh et al.), "nuqsgd"
+        (Ramezani-Kebrya et al.), "maxmin" (CGX, Bagua ByteGrad), "orq" (2+ bits) and "bingrad"
+        (1 bit) (Xu, Huo, Huang, arXiv 2002.11082), "terngrad" (2 bits, Wen et al.), "sign"
+        (1 bit). Adaptive: "topk" (adaptive Top-K), "dqsgd" (width chosen per step),
+        "dp-binomial" (differential privacy). ``options`` go to TNQCompressor (bits,
+        bucket_size, min_numel, seed, error_feedback, exchange, part_elements and the scheme's
+        own settings, e.g. dp_clip)."""
+        if name in HOROVOD_COMPRESSORS:
+            if options:
+                raise ValueError(f"Horovod's {name!r} compressor takes no options, got "
+                                 f"{options}")
+            return getattr(horovod_compression, name)
+        if name not in SCHEMES:
+            raise ValueError(f"unknown compressor {name!r}; known: "
+                             f"{sorted(HOROVOD_COMPRESSORS + tuple(SCHEMES))}")
+        return quantizer_class(scheme=name, **options)
+
+    return get_compressor
 
 
 # Functions of stock Horovod that call compress(); each holds the collective's name in a local
