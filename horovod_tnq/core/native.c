@@ -55,6 +55,14 @@ INLINE uint32_t lowbias32(uint32_t x) {
  * one bucket then run as vector operations instead of one serial chain. */
 #define LANES 16
 
+/* One finite magnitude into a lane's partial result: the running max, or the sum of squares or
+ * of magnitudes. */
+static inline double accumulate(double part, double a, int statistic) {
+    if (statistic == STAT_MAX_ABS)
+        return a > part ? a : part;
+    return part + (statistic == STAT_L2 ? a * a : a);
+}
+
 /* out[b] = statistic of bucket b; returns the number of non-finite elements, so the caller
  * knows whether to collect them. */
 #define DEFINE_STATISTIC(NAME, T)                                                              \
@@ -67,24 +75,16 @@ INLINE uint32_t lowbias32(uint32_t x) {
             int64_t bad = 0, i = 0;                                                            \
             for (; i + LANES <= count; i += LANES)                                             \
                 for (int j = 0; j < LANES; ++j) {                                              \
-                    double a = fabs((double)row[i + j]);                                       \
+                    const double a = fabs((double)row[i + j]);                                 \
                     bad += !(a <= DBL_MAX);                                                    \
-                    a = a <= DBL_MAX ? a : 0.0;                                                \
-                    if (statistic == STAT_MAX_ABS)                                             \
-                        part[j] = a > part[j] ? a : part[j];                                   \
-                    else                                                                       \
-                        part[j] += statistic == STAT_L2 ? a * a : a;                           \
+                    part[j] = accumulate(part[j], a <= DBL_MAX ? a : 0.0, statistic);          \
                 }                                                                              \
             for (int j = 0; i < count; ++i, ++j) {                                             \
-                double a = fabs((double)row[i]);                                               \
+                const double a = fabs((double)row[i]);                                         \
                 bad += !(a <= DBL_MAX);                                                        \
-                a = a <= DBL_MAX ? a : 0.0;                                                    \
-                if (statistic == STAT_MAX_ABS)                                                 \
-                    part[j] = a > part[j] ? a : part[j];                                       \
-                else                                                                           \
-                    part[j] += statistic == STAT_L2 ? a * a : a;                               \
+                part[j] = accumulate(part[j], a <= DBL_MAX ? a : 0.0, statistic);              \
             }                                                                                  \
-            double acc = statistic == STAT_MAX_ABS ? 0.0 : 0.0;                                \
+            double acc = 0.0;                                                                  \
             for (int j = 0; j < LANES; ++j)                                                    \
                 acc = statistic == STAT_MAX_ABS ? (part[j] > acc ? part[j] : acc)              \
                                                 : acc + part[j];                               \

@@ -459,6 +459,19 @@ def _field(buf, offset, size, dtype):
     return tf.bitcast(tf.reshape(buf[offset: offset + size], [size]), dtype)
 
 
+def put_exceptions(values, exc_idx, exc_val, n, position, checks):
+    """``values`` (float64, n elements) of payload ``position`` with its non-finite exceptions
+    written at their indices, once a check (appended to ``checks``) has found every index in
+    range: a corrupted index must fail the step, not land elsewhere."""
+    exc_idx = tf.cast(tf.reshape(exc_idx, [-1, 1]), tf.int64)
+    checks.append(tf.debugging.assert_less(
+        exc_idx, tf.constant(max(n, 1), tf.int64),
+        message=f"payload {position}: exception index out of range for {n} elements"))
+    with tf.control_dependencies(checks[-1:]):
+        return tf.tensor_scatter_nd_update(values, exc_idx,
+                                           tf.cast(tf.reshape(exc_val, [-1]), tf.float64))
+
+
 def decode_sum(gathered, expect, count):
     """Sum (float64, flat) of ``count`` concatenated payloads, each checked against ``expect``.
 
@@ -541,13 +554,7 @@ def decode_each(gathered, expects):
         values *= tf.repeat(params[0], expect.bucket_size)[:n]
         if expect.bucket_params == 2:
             values += tf.repeat(params[1], expect.bucket_size)[:n]
-        exc_idx = tf.cast(tf.reshape(exc_idx, [-1, 1]), tf.int64)
-        checks.append(tf.debugging.assert_less(
-            exc_idx, tf.constant(max(n, 1), tf.int64),
-            message=f"payload {position}: exception index out of range for {n} elements"))
-        with tf.control_dependencies(checks[-1:]):
-            values = tf.tensor_scatter_nd_update(values, exc_idx,
-                                                 tf.cast(tf.reshape(exc_val, [-1]), tf.float64))
+        values = put_exceptions(values, exc_idx, exc_val, n, position, checks)
         decoded.append(values)
         offset = end
     checks.append(tf.debugging.assert_equal(

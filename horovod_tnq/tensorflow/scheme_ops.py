@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from .. import core
 from . import dynamic_ops, privacy_ops, tnq_sparse_ops, topk_ops
+from .ops import put_exceptions
 
 BODY_OPS = {"topk": topk_ops, "tnq-sparse": tnq_sparse_ops, "dp-binomial": privacy_ops}
 
@@ -121,13 +122,7 @@ def decode_sum(gathered, expect, count):
                 values, exc_idx, exc_val, end, more = dynamic_ops.decode_payload(
                     gathered, offset, head, num_exceptions, size, expect, position)
         checks.extend(more)
-        exc_idx = tf.cast(tf.reshape(exc_idx, [-1, 1]), tf.int64)
-        checks.append(tf.debugging.assert_less(
-            exc_idx, tf.constant(max(n, 1), tf.int64),
-            message=f"payload {position}: exception index out of range for {n} elements"))
-        with tf.control_dependencies(checks[-1:]):
-            values = tf.tensor_scatter_nd_update(values, exc_idx,
-                                                 tf.cast(tf.reshape(exc_val, [-1]), tf.float64))
+        values = put_exceptions(values, exc_idx, exc_val, n, position, checks)
         total += values
         offset = end
     checks.append(tf.debugging.assert_equal(
