@@ -8,7 +8,8 @@ with its own full-duplex NIC shaped to --rate-mbit, joined by a bridge), checks 
 goodput with one TCP stream, then for each worker count and compressor spec runs
 ``horovodrun -np N -H host0:1,host1:1,... --gloo`` from host 0 (remote hosts through an ssh
 stand-in that enters their namespace) on benchmarks/digits_worker.py: a 10.8M-parameter MLP on
-scikit-learn's digits, the same data, initialisation and steps for every configuration.
+scikit-learn's digits, the same data, initialisation and steps for every configuration. Each
+worker runs on one core (rank modulo the machine's cores; --no-pin-cores lets them float).
 
 Reports per configuration: samples/s, each step split into compute / encode / decode /
 communication wait, bytes each host's NIC sent per step, and test accuracy and loss after the
@@ -49,6 +50,8 @@ def run_config(network, workers, spec, args, profile=False, replay=False):
     worker_args = ["--compressor", spec, "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--batch-size", str(args.batch_size), "--hidden",
                    args.hidden, "--lr", str(args.lr), "--seed", str(args.seed)]
+    if args.pin_cores:
+        worker_args.append("--pin-core")
     if profile:
         worker_args.append("--profile")
     if replay:
@@ -151,6 +154,10 @@ def parse_args():
                         "cost nothing (accuracy meaningless)")
     parser.add_argument("--profile", nargs="*", default=[], metavar="SPEC",
                         help="also run these specs with rank 0 profiled and print the profiles")
+    parser.add_argument("--pin-cores", action=argparse.BooleanOptionalAction, default=True,
+                        help="each worker on one core (rank modulo the cores), as a host of its "
+                        "own would be: unpinned, the workers of the emulated hosts and the "
+                        "kernel's work for their links migrate between the shared cores")
     parser.add_argument("--timeline", metavar="DIR", help="write a Horovod timeline per run")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--out", default=os.path.join(HERE, "out"))
@@ -179,7 +186,7 @@ def main():
                         [(s, True) for s in args.free_codec]:
                     row = run_config(network, workers, spec, args, replay=replay)
                     row.update(repeat=repeat, rate_mbit=args.rate_mbit, rtt_ms=args.rtt_ms,
-                               link_goodput_mbit=goodput)
+                               link_goodput_mbit=goodput, pinned=args.pin_cores)
                     runs.append(row)
                     print(f"  {workers} workers, {row['label']}: {row['samples_per_s']:.1f} "
                           f"samples/s, {row['step_s']:.3f} s/step, "

@@ -121,6 +121,17 @@ def interface_counters(interface):
         return int(tx.read()), int(rx.read())
 
 
+def pin_to_one_core(rank):
+    """Every thread of this process (Horovod's background and Gloo threads included) onto one
+    of the cores this process may use, chosen by rank; threads started later inherit it.
+    Returns the core."""
+    cores = sorted(os.sched_getaffinity(0))
+    core = cores[rank % len(cores)]
+    for thread in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(thread), {core})
+    return core
+
+
 def build_model(hidden):
     sizes = [64, *hidden, 10]
     layers = []
@@ -157,6 +168,9 @@ def parse_args():
     parser.add_argument("--replay-codec", action="store_true",
                         help="replay each tensor's first payload and decoded sum (see "
                         "replay_codec): speed without codec cost; training results meaningless")
+    parser.add_argument("--pin-core", action="store_true",
+                        help="run on one core, chosen by rank (emulated hosts sharing a machine "
+                        "get a core each instead of contending for all of them)")
     parser.add_argument("--profile", action="store_true",
                         help="rank 0 profiles the timed steps (slows them) and reports the top")
     args = parser.parse_args()
@@ -168,6 +182,7 @@ def parse_args():
 def main():
     args = parse_args()
     hvd.init()
+    core = pin_to_one_core(hvd.rank()) if args.pin_core else None
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
     name, options = parse_spec(args.compressor)
@@ -255,7 +270,7 @@ def main():
         "rx_bytes_per_step": (counters_end[1] - counters_start[1]) / steps,
         "window_s": window_s - eval_s,
         "process_cpu_s": (cpu_s - eval_s) / steps,
-        "losses": losses,
+        "losses": losses, "core": core,
     }
     if stats_end:
         handed = ("payload_bytes", "passthrough_bytes")
@@ -284,6 +299,7 @@ def main():
                                       "process_cpu_s", "tx_bytes_per_step",
                                       "rx_bytes_per_step")},
         "tx_bytes_per_step_by_rank": [rank["tx_bytes_per_step"] for rank in everyone],
+        "core_by_rank": [rank["core"] for rank in everyone],
         "compressor_bytes_per_step": (mean("compressor_bytes_per_step")
                                       if "compressor_bytes_per_step" in mine else None),
         "train_loss": sum(train_loss[-10:]) / len(train_loss[-10:]),

@@ -5,6 +5,7 @@ them they fail with the harness's error rather than skip: a skipped test would h
 bandwidth benchmark cannot run here.
 """
 
+import ast
 import csv
 import os
 import subprocess
@@ -82,6 +83,9 @@ def test_bandwidth_benchmark_two_steps(tmp_path):
                                                 "comm_wait_s"))
         assert 0 < parts <= 1.05 * float(row["step_s"])
         assert 0 <= float(row["test_accuracy"]) <= 1
+        # each emulated host's worker on a core of its own, where the machine has two
+        cores = ast.literal_eval(row["core_by_rank"])
+        assert len(set(cores)) == min(2, len(os.sched_getaffinity(0)))
     assert "| 2 | tnq:bits=4 |" in out
 
 
