@@ -101,3 +101,22 @@ def test_convergence_benchmark_short_run(tmp_path):
         assert 0 < float(row["train_loss_window"]) < 3  # below chance level's ln(10) = 2.3 + noise
     assert (tmp_path / "convergence.png").stat().st_size > 10_000
     assert "| 2 | tnq:bits=2 |" in out
+
+
+@pytest.mark.horovodrun
+def test_scaling_bytes_benchmark_two_and_three_workers(tmp_path):
+    allgather, scalable = "tnq:bits=4,exchange=allgather", "tnq:bits=4,exchange=reduce-scatter"
+    out = run_benchmark("scaling_bytes.py", "--workers", "2", "3", "--configs", "none",
+                        allgather, scalable, "--steps", "2", "--out", str(tmp_path))
+    with open(tmp_path / "scaling_bytes.csv") as f:
+        ratio = {(int(row["workers"]), row["compressor"]): float(row["vs_fp32_gradient"])
+                 for row in csv.DictReader(f)}
+    # ring allreduce: 2(N-1)/N of the gradient per rank, 1 at N=2, 4/3 at N=3 (plus headers)
+    assert 0.95 <= ratio[2, "none"] <= 1.1 and 1.25 <= ratio[3, "none"] <= 1.45
+    # allgather: N-1 payloads of ~1/8 of the gradient each, so it doubles from 2 to 3 ranks;
+    # the reduce-scatter's 2(N-1)/N payloads grow by a third
+    assert 0.11 <= ratio[2, allgather] <= 0.17 and 0.23 <= ratio[3, allgather] <= 0.31
+    assert ratio[3, scalable] < 0.8 * ratio[3, allgather]
+    assert ratio[3, scalable] < 1.6 * ratio[2, scalable]
+    assert (tmp_path / "scaling_bytes.png").stat().st_size > 10_000
+    assert "| 3 |" in out
