@@ -6,10 +6,10 @@ hvd.DistributedOptimizer, with and without TNQCompressor, with HOROVOD_TIMELINE 
 loss.backward() returns, each worker allreduces a one-element marker, so the timeline holds the
 moment backward ended. For each step it reports how many gradient collectives had finished
 moving their data before backward ended, and what fraction of the time spent moving data fell
-inside the backward pass. Writes benchmarks/out/overlap.csv and overlap.png (one step's
-timeline, both runs).
+inside the backward pass. Writes overlap.csv and overlap.png (one step's timeline, both runs)
+to --out (default benchmarks/out).
 
-    python benchmarks/overlap_timeline.py [--steps 6] [--workers 2]
+    python benchmarks/overlap_timeline.py [--steps 6] [--workers 2] [--out DIR]
 """
 
 import argparse
@@ -22,7 +22,6 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-OUT = os.path.join(HERE, "out")
 MARKER = "marker.backward_end"
 # Horovod timeline activities that move a tensor's data between ranks
 TRANSFERS = ("GLOO_ALLGATHER", "GLOO_ALLREDUCE", "GLOO_ALLTOALL", "MPI_ALLGATHER",
@@ -128,8 +127,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", default=os.path.join(HERE, "out"))
     args = parser.parse_args()
-    os.makedirs(OUT, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
     rows, shown = [], {}
     print("| gradients | step | collectives | finished before backward ends | "
           "transfer ms | of it inside backward |")
@@ -146,12 +146,12 @@ def main():
                   f"{report['finished_before_backward_end']} | {report['transfer_ms']:.1f} | "
                   f"{100 * report['hidden_fraction']:.0f}% |", flush=True)
         shown[{"none": "uncompressed", "tnq": "TNQ 4-bit"}[compression]] = (transfers, end)
-    with open(os.path.join(OUT, "overlap.csv"), "w", newline="") as f:
+    with open(os.path.join(args.out, "overlap.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    plot(shown, os.path.join(OUT, "overlap.png"))
-    print(f"\nwrote {OUT}/overlap.csv and overlap.png")
+    plot(shown, os.path.join(args.out, "overlap.png"))
+    print(f"\nwrote {os.path.join(args.out, 'overlap.csv')} and overlap.png")
 
 
 if __name__ == "__main__":

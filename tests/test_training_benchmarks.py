@@ -120,3 +120,22 @@ def test_scaling_bytes_benchmark_two_and_three_workers(tmp_path):
     assert ratio[3, scalable] < 1.6 * ratio[2, scalable]
     assert (tmp_path / "scaling_bytes.png").stat().st_size > 10_000
     assert "| 3 |" in out
+
+
+@pytest.mark.horovodrun
+def test_overlap_timeline_sees_transfers_inside_backward(tmp_path):
+    out = run_benchmark("overlap_timeline.py", "--steps", "4", "--out", str(tmp_path))
+    with open(tmp_path / "overlap.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted({(row["compression"], int(row["step"])) for row in rows}) == [
+        (c, s) for c in ("none", "tnq") for s in (1, 2)]
+    for compression in ("none", "tnq"):
+        mine = [row for row in rows if row["compression"] == compression]
+        for row in mine:
+            assert int(row["collectives"]) >= 6  # a gradient collective per layer at least
+            assert 0 <= int(row["finished_before_backward_end"]) <= int(row["collectives"])
+            assert 0 <= float(row["hidden_fraction"]) <= 1
+        # collectives start while backward still runs, for TNQ as for stock Horovod
+        assert sum(float(row["hidden_ms"]) for row in mine) > 0
+    assert (tmp_path / "overlap.png").stat().st_size > 10_000
+    assert "| tnq | 2 |" in out
