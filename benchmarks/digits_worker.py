@@ -128,7 +128,10 @@ def pin_to_one_core(rank):
     cores = sorted(os.sched_getaffinity(0))
     core = cores[rank % len(cores)]
     for thread in os.listdir("/proc/self/task"):
-        os.sched_setaffinity(int(thread), {core})
+        try:
+            os.sched_setaffinity(int(thread), {core})
+        except ProcessLookupError:  # a thread that ended since the listing
+            pass
     return core
 
 
