@@ -346,6 +346,104 @@ AVX512 static int64_t accumulate_avx512(const uint8_t *codes, int64_t count, con
     }
     return i;
 }
+
+#define MAX_FAST_PAYLOADS 64
+
+/* One payload as decode_sum_avx512 reads it: its codes, and its level table times the current
+ * bucket's scale (plus offset) in two registers. */
+typedef struct {
+    __m512d lo, hi;     /* table[code] * scale (+ offset), codes 0-7 and 8-15 */
+    __m512i shift, mask; /* code j of a group of 8 is (word >> shift[j]) & mask */
+    const uint8_t *packed;
+    int64_t packed_size, invalid;
+    int bits, table_size;
+} FastPayload;
+
+/* Payload p's values of the 8 elements of group g (codes beyond the table counted in the live
+ * lanes). */
+AVX512 static inline __m512d group_values(FastPayload *p, int64_t g, __mmask8 live) {
+    const int64_t byte = g * p->bits;
+    uint64_t word = 0;
+    if (byte + 8 <= p->packed_size)
+        memcpy(&word, p->packed + byte, 8);
+    else
+        memcpy(&word, p->packed + byte, (size_t)(p->packed_size - byte));
+    __m512i code = _mm512_and_si512(
+        _mm512_srlv_epi64(_mm512_set1_epi64((long long)word), p->shift), p->mask);
+    if (p->table_size < (1 << p->bits))
+        p->invalid += __builtin_popcount(
+            _mm512_mask_cmpge_epu64_mask(live, code, _mm512_set1_epi64(p->table_size)));
+    return _mm512_permutex2var_pd(p->lo, code, p->hi);
+}
+
+/* The sum over payloads, in order, of their values of group g. */
+AVX512 static inline __m512d group_sum(FastPayload *in, int payloads, int64_t g, __mmask8 live) {
+    __m512d acc = group_values(&in[0], g, live);
+    for (int p = 1; p < payloads; ++p) acc = _mm512_add_pd(acc, group_values(&in[p], g, live));
+    return acc;
+}
+
+/* tnq_decode_sum for payloads of at most 4 bits and buckets of whole groups of 8 codes: each
+ * group of 8 elements goes from the packed bytes to the output in registers (the portable path
+ * unpacks into a scratch block, sums into a float64 block and converts that). The same float64
+ * operations per element in the same order: table[code] * scale (+ offset), formed once per
+ * bucket and level, then the payloads added in order, then times factor. */
+AVX512 static int decode_sum_avx512(int payloads, const uint8_t *const *packed,
+                                    const int *bits, const double *const *tables,
+                                    const int *table_sizes, const double *const *scales,
+                                    const double *const *offsets, int64_t n, int64_t bucket,
+                                    double factor, float *out32, double *out64,
+                                    int64_t *invalid) {
+    if (bucket % 8 != 0 || payloads > MAX_FAST_PAYLOADS)
+        return 0;
+    FastPayload in[MAX_FAST_PAYLOADS];
+    for (int p = 0; p < payloads; ++p) {
+        const int b = bits[p];
+        if (b > 4)
+            return 0;
+        in[p].packed = packed[p];
+        in[p].packed_size = (n * b + 7) / 8;
+        in[p].invalid = 0;
+        in[p].bits = b;
+        in[p].table_size = table_sizes[p];
+        in[p].shift = _mm512_setr_epi64(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b);
+        in[p].mask = _mm512_set1_epi64((1 << b) - 1);
+    }
+    const __m512d f = _mm512_set1_pd(factor);
+    for (int64_t start = 0, k = 0; start < n; start += bucket, ++k) {
+        const int64_t stop = start + bucket < n ? start + bucket : n;
+        for (int p = 0; p < payloads; ++p) {
+            const double scale = scales[p][k], offset = offsets[p] ? offsets[p][k] : 0.0;
+            double scaled[16];
+            for (int c = 0; c < 16; ++c) {
+                double value = tables[p][c & ((1 << in[p].bits) - 1)] * scale;
+                scaled[c] = offsets[p] ? value + offset : value;
+            }
+            in[p].lo = _mm512_loadu_pd(scaled);
+            in[p].hi = _mm512_loadu_pd(scaled + 8);
+        }
+        int64_t i = start;
+        const int64_t full = start + (stop - start) / 8 * 8;
+        if (out32)
+            for (; i < full; i += 8)
+                _mm256_storeu_ps(out32 + i, _mm512_cvtpd_ps(_mm512_mul_pd(
+                                                group_sum(in, payloads, i / 8, 0xFF), f)));
+        else
+            for (; i < full; i += 8)
+                _mm512_storeu_pd(out64 + i,
+                                 _mm512_mul_pd(group_sum(in, payloads, i / 8, 0xFF), f));
+        if (i < stop) { /* the tensor's last, partial group */
+            const __mmask8 live = (__mmask8)((1u << (stop - i)) - 1u);
+            const __m512d acc = _mm512_mul_pd(group_sum(in, payloads, i / 8, live), f);
+            if (out32)
+                _mm256_mask_storeu_ps(out32 + i, live, _mm512_cvtpd_ps(acc));
+            else
+                _mm512_mask_storeu_pd(out64 + i, live, acc);
+        }
+    }
+    for (int p = 0; p < payloads; ++p) invalid[p] += in[p].invalid;
+    return 1;
+}
 #else
 static int use_avx512(void) { return 0; }
 #endif
@@ -441,6 +539,11 @@ HOT void tnq_decode_sum(int payloads, const uint8_t *const *packed, const int *b
     double acc[BLOCK];
     uint8_t codes[BLOCK];
     const int avx512 = use_avx512();
+#ifdef HAVE_AVX512_PATH
+    if (avx512 && decode_sum_avx512(payloads, packed, bits, tables, table_sizes, scales, offsets,
+                                    n, bucket, factor, out32, out64, invalid))
+        return;
+#endif
     for (int64_t start = 0; start < n; start += BLOCK) {
         int64_t count = n - start < BLOCK ? n - start : BLOCK;
         for (int p = 0; p < payloads; ++p) {
