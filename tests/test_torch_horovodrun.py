@@ -122,6 +122,19 @@ def test_every_registered_scheme_reduces_correctly(checks):
                                                                scheme=scheme), scheme
 
 
+def test_finish_decodes_into_the_gradient_it_was_given(checks):
+    for report in checks:
+        entry = report["decode_into"]
+        for kind in ("allgather", "reduce-scatter"):
+            assert entry[f"{kind}.same.shares"] and entry[f"{kind}.same.equal"], kind
+            # float64 memory cannot hold a float32 result: ignored, same numbers
+            assert not entry[f"{kind}.float64.shares"] and entry[f"{kind}.float64.equal"], kind
+            assert entry[f"{kind}.error"]["error"] <= entry[f"{kind}.error"]["bound"]
+        assert entry["fused_keeps_gradient_memory"]
+    for key in ("allgather.digest", "reduce-scatter.digest", "fused_gradient_digest"):
+        assert len({report["decode_into"][key] for report in checks}) == 1, key
+
+
 def test_error_feedback_helps_2bit_training(training):
     def final(config):
         return sum(training[0][config]["losses"][-5:]) / 5

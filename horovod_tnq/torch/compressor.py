@@ -197,18 +197,25 @@ class TNQCompressor(CompressorBase, Compressor):
             raise
         return self.finish(ctx, scale)
 
-    def finish(self, ctx, scale):
+    def finish(self, ctx, scale, out=None):
         """Wait for the exchange of ``ctx`` (from start()), decode and sum every rank's
         contribution, multiply by ``scale``: the reduced tensor, in the original dtype, shape
-        and device."""
+        and device.
+
+        ``out``: a tensor to decode into where it can be (a contiguous float32 or float64 CPU
+        tensor of the result's dtype and size; otherwise it is ignored); then the result is a
+        view of it. The fused optimizer passes the flat gradient it sent: start() is done with
+        it, and a fresh result of that size would cost page faults on every step.
+        """
         try:
             # float32 results are rounded once, in the decoder; others go through float64
             out_dtype = np.float32 if ctx.dtype == torch.float32 else np.float64
+            total = _decode_target(out, ctx, out_dtype)
             if ctx.kind == "allgather":
-                total = _decode_parts(ctx, scale, out_dtype)
+                total = _decode_parts(ctx, scale, out_dtype, total)
             else:
                 self._start_second_rounds()
-                total = self._decode_reduced_chunks(ctx, scale, out_dtype)
+                total = self._decode_reduced_chunks(ctx, scale, out_dtype, total)
         finally:
             self._abandon(ctx)
         result = torch.from_numpy(total).to(ctx.dtype).reshape(ctx.shape)
@@ -247,10 +254,12 @@ class TNQCompressor(CompressorBase, Compressor):
                                                    name=ctx.collective_name + REDUCED,
                                                    process_set=ctx.process_set)
 
-    def _decode_reduced_chunks(self, ctx, scale, out_dtype):
-        """Wait for the reduced chunks of ``ctx`` and decode them into place, times ``scale``."""
+    def _decode_reduced_chunks(self, ctx, scale, out_dtype, total):
+        """Wait for the reduced chunks of ``ctx`` and decode them into place in ``total`` (None:
+        a new array), times ``scale``."""
         gathered = wait(ctx.second_round).numpy()
-        total = np.empty(ctx.bounds[-1][1], dtype=out_dtype)
+        if total is None:
+            total = np.empty(ctx.bounds[-1][1], dtype=out_dtype)
         offset = 0
         for owner, (start, stop) in enumerate(ctx.bounds):
             if offset >= gathered.size:
@@ -279,11 +288,21 @@ def wait(handle):
     return hvd.synchronize(handle)
 
 
-def _decode_parts(ctx, scale, out_dtype):
+def _decode_target(out, ctx, out_dtype):
+    """``out`` as the numpy array to decode into, or None where it cannot take the result."""
+    if out is None or out.device.type != "cpu" or out.requires_grad or \
+            not out.is_contiguous() or out.numel() != ctx.bounds[-1][1]:
+        return None
+    target = out.detach().numpy().reshape(-1)
+    return target if target.dtype == out_dtype and out.dtype == ctx.dtype else None
+
+
+def _decode_parts(ctx, scale, out_dtype, total):
     """Each part of an allgathered tensor decoded as soon as it arrives (while later parts are
-    still on the wire), into its place."""
+    still on the wire), into its place in ``total`` (None: a new array)."""
     size = ctx.process_set.size()
-    total = np.empty(ctx.bounds[-1][1], dtype=out_dtype)
+    if total is None:
+        total = np.empty(ctx.bounds[-1][1], dtype=out_dtype)
     for (start, stop), handle, header in zip(ctx.bounds, ctx.exchange, ctx.header):
         _decode_sum(wait(handle).numpy(), header, scale, out_dtype, size,
                     out=total[start:stop])

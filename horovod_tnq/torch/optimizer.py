@@ -102,7 +102,7 @@ class _FusedDistributedOptimizer(torch.optim.Optimizer):
                                          process_set=self._process_set)
         else:
             handle = self._compression.start(flat, name, self._process_set)
-        self._handles[index] = handle
+        self._handles[index] = handle, flat
 
     def synchronize(self):
         """Wait for every bucket's reduced gradients and write them into ``p.grad``; buckets
@@ -110,12 +110,15 @@ class _FusedDistributedOptimizer(torch.optim.Optimizer):
         for index in range(len(self._buckets)):
             if index not in self._handles:
                 self._launch(index)
-        for index, handle in sorted(self._handles.items()):
+        for index, (handle, sent) in sorted(self._handles.items()):
             if isinstance(handle, int):
                 flat = wait(handle) * self._scale
             else:
-                flat = self._compression.finish(handle, self._scale)
+                # the gradients were encoded when sent: their memory takes the result
+                flat = self._compression.finish(handle, self._scale, out=sent)
             bucket = self._buckets[index]
+            if len(bucket) == 1 and flat.data_ptr() == bucket[0].grad.data_ptr():
+                continue  # decoded into the gradient itself
             if len(bucket) == 1 and flat.dtype == bucket[0].grad.dtype:
                 bucket[0].grad.set_(flat.view_as(bucket[0].grad))
                 continue

@@ -17,7 +17,7 @@ import torch
 import bounds
 from horovod_tnq import core
 from horovod_tnq.exchange import choose_exchange
-from horovod_tnq.torch import TNQCompressor, get_compressor
+from horovod_tnq.torch import DistributedOptimizer, TNQCompressor, get_compressor
 
 OUT_DIR = sys.argv[1]
 N_ELEMENTS = 60_000
@@ -180,6 +180,40 @@ def adaptive_checks(rank, size):
     return report
 
 
+def decode_into(inputs, rank):
+    """finish() with ``out``: the result lands in out (a float32 gradient, in the allgather
+    and the reduce-scatter exchange) and equals the result of a run without out; an out that
+    cannot take it (another dtype) is left alone. The fused optimizer keeps a lone parameter's
+    gradient memory through synchronize()."""
+    report = {}
+    for kind in ("allgather", "reduce-scatter"):
+        results = []
+        for target in ("none", "same", "float64"):
+            compressor = TNQCompressor(bits=3, exchange=kind, part_elements=25_000)
+            sent = inputs[rank].clone()
+            ctx = compressor.start(sent, f"into.{kind}")  # same name, step: same noise
+            out = {"none": None, "same": sent, "float64": torch.zeros(N_ELEMENTS,
+                                                                      dtype=torch.float64)}
+            result = compressor.finish(ctx, 1.0 / len(inputs), out=out[target])
+            results.append(result)
+            if target != "none":
+                report[f"{kind}.{target}.shares"] = result.data_ptr() == out[target].data_ptr()
+                report[f"{kind}.{target}.equal"] = bool(torch.equal(result, results[0]))
+        report[f"{kind}.digest"] = digest(results[0])
+        report[f"{kind}.error"] = error_report(results[0], inputs, False, bits=3,
+                                               exchange=kind)
+    model = torch.nn.Linear(200, 100)
+    optimizer = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                     named_parameters=model.named_parameters(),
+                                     compression=TNQCompressor(bits=4))
+    model(torch.ones(4, 200) * (rank + 1)).sum().backward()
+    before = model.weight.grad.data_ptr()
+    optimizer.synchronize()
+    report["fused_keeps_gradient_memory"] = model.weight.grad.data_ptr() == before
+    report["fused_gradient_digest"] = digest(model.weight.grad)
+    return report
+
+
 def main():
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
@@ -248,6 +282,7 @@ def main():
     report["schemes"] = scheme_sweep(inputs, rank)
     report.update(exchanges(inputs, rank))
     report["adaptive"] = adaptive_checks(rank, size)
+    report["decode_into"] = decode_into(inputs, rank)
 
     with open(os.path.join(OUT_DIR, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
