@@ -274,6 +274,7 @@ def main():
         "window_s": window_s - eval_s,
         "process_cpu_s": (cpu_s - eval_s) / steps,
         "losses": losses, "core": core,
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
     }
     if stats_end:
         handed = ("payload_bytes", "passthrough_bytes")
@@ -303,6 +304,7 @@ def main():
                                       "rx_bytes_per_step")},
         "tx_bytes_per_step_by_rank": [rank["tx_bytes_per_step"] for rank in everyone],
         "core_by_rank": [rank["core"] for rank in everyone],
+        "malloc_mmap_threshold_by_rank": [rank["malloc_mmap_threshold"] for rank in everyone],
         "compressor_bytes_per_step": (mean("compressor_bytes_per_step")
                                       if "compressor_bytes_per_step" in mine else None),
         "train_loss": sum(train_loss[-10:]) / len(train_loss[-10:]),

@@ -86,6 +86,8 @@ def test_bandwidth_benchmark_two_steps(tmp_path):
         # each emulated host's worker on a core of its own, where the machine has two
         cores = ast.literal_eval(row["core_by_rank"])
         assert len(set(cores)) == min(2, len(os.sched_getaffinity(0)))
+        # every rank, the remote host's included, got the malloc setting (--reuse-freed-memory)
+        assert ast.literal_eval(row["malloc_mmap_threshold_by_rank"]) == [str(1 << 30)] * 2
     assert "| 2 | tnq:bits=4 |" in out
 
 
