@@ -49,9 +49,10 @@ COLUMNS = [
 # glibc gives every freed block of more than 32 MB back to the OS (munmap), so each step's
 # fresh gradient buffers (autograd allocates them anew after zero_grad) are page-faulted in
 # again: measured on this VM, a 2560x4096 float32 matmul into a new tensor takes 20 ms with
-# glibc's defaults and 5 ms with this (THP_MEM_ALLOC_ENABLE=1, PyTorch's huge pages: 8 ms). The
-# same as the jemalloc or tcmalloc that PyTorch's CPU performance guide recommends.
-REUSE_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 31)}
+# glibc's defaults and 5 ms with this (THP_MEM_ALLOC_ENABLE=1, PyTorch's huge pages: 8 ms).
+# jemalloc or tcmalloc, which PyTorch's CPU performance guide recommends, keep them too.
+REUSE_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30),
+                      "MALLOC_TRIM_THRESHOLD_": str(1 << 31)}
 
 
 def run_config(network, workers, spec, args, profile=False, replay=False):
