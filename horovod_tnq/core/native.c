@@ -276,7 +276,8 @@ static int use_avx512(void) {
     if (vector_path < 0) {
         __builtin_cpu_init();
         vector_path = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("bmi2"); /* the encoder packs with pext */
     }
     return vector_path;
 }
