@@ -60,7 +60,7 @@ def test_edge_lengths_and_bucket_sizes(n, bucket_size, bits):
     np.array([np.nan, np.inf, -np.inf, 1.0] * 700, np.float32),
     np.array([1e150, -1e150, 1e-320, 0.0] * 300, np.float64),
 ], ids=["zeros", "constant", "huge", "subnormal", "nonfinite", "float64-extremes"])
-@pytest.mark.parametrize("scheme", ["tnq", "qsgd", "tnq-fit"])
+@pytest.mark.parametrize("scheme", ["tnq", "qsgd", "tnq-fit", "maxmin"])
 def test_special_values_give_the_reference_bytes(values, scheme):
     ours, reference = both_encodings(values, scheme=scheme, bits=4)
     np.testing.assert_array_equal(ours, reference)
@@ -119,6 +119,17 @@ def test_decode_sum_of_any_length_width_and_bucket_gives_the_reference(
     ours, count = core.decode_sum(gathered, header, 0.5, out_dtype)
     reference, _ = core.decode_sum(gathered, header, 0.5, out_dtype, reference=True)
     assert count == ranks
+    np.testing.assert_array_equal(ours, reference)
+
+
+def test_decode_sum_of_more_payloads_than_the_vector_decoder_takes_gives_the_reference():
+    # the AVX-512 decoder keeps up to 64 payloads in hand; more go through the portable loop
+    parts = [core.encode(np.random.default_rng(rank).laplace(size=1000).astype(np.float32),
+                         bits=3, bucket_size=64, key=rank) for rank in range(65)]
+    gathered, header = np.concatenate(parts), core.read_header(parts[0])
+    ours, count = core.decode_sum(gathered, header, 1 / 65, np.float32)
+    reference, _ = core.decode_sum(gathered, header, 1 / 65, np.float32, reference=True)
+    assert count == 65
     np.testing.assert_array_equal(ours, reference)
 
 

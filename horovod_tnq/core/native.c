@@ -83,7 +83,8 @@ static inline double accumulate(double part, double a, int statistic) {
             double part[LANES] = {0};                                                          \
             int64_t bad = 0, i = 0;                                                            \
             for (; i + LANES <= count; i += LANES) {                                           \
-                __builtin_prefetch(row + i + PREFETCH_AHEAD);                                  \
+                if (i + PREFETCH_AHEAD < count)                                                \
+                    __builtin_prefetch(row + i + PREFETCH_AHEAD);                              \
                 for (int j = 0; j < LANES; ++j) {                                              \
                     const double a = fabs((double)row[i + j]);                                 \
                     bad += !(a <= DBL_MAX);                                                    \
@@ -385,7 +386,8 @@ AVX512 __attribute__((target("bmi2"))) static int quantize_pack_avx512(
         for (int64_t i = start; i < stop; i += 16) {
             const int count = stop - i < 16 ? (int)(stop - i) : 16;
             const __mmask16 live = (__mmask16)((1u << count) - 1u);
-            _mm_prefetch((const char *)(x + i + PREFETCH_AHEAD), _MM_HINT_T0);
+            if (i + PREFETCH_AHEAD < n)
+                _mm_prefetch((const char *)(x + i + PREFETCH_AHEAD), _MM_HINT_T0);
             __m512 value = _mm512_maskz_loadu_ps(live, x + i);
             /* non-finite (NaN, +-Inf: fpclass 0x99) elements count as 0 */
             value = _mm512_maskz_mov_ps(~_mm512_fpclass_ps_mask(value, 0x99), value);
