@@ -126,13 +126,29 @@ def test_finish_decodes_into_the_gradient_it_was_given(checks):
     for report in checks:
         entry = report["decode_into"]
         for kind in ("allgather", "reduce-scatter"):
-            assert entry[f"{kind}.same.shares"] and entry[f"{kind}.same.equal"], kind
-            # float64 memory cannot hold a float32 result: ignored, same numbers
-            assert not entry[f"{kind}.float64.shares"] and entry[f"{kind}.float64.equal"], kind
-            assert entry[f"{kind}.error"]["error"] <= entry[f"{kind}.error"]["bound"]
-        assert entry["fused_keeps_gradient_memory"]
-    for key in ("allgather.digest", "reduce-scatter.digest", "fused_gradient_digest"):
+            float32, bfloat16 = f"{kind}.torch.float32", f"{kind}.torch.bfloat16"
+            assert entry[f"{float32}.same.shares"] and entry[f"{float32}.same.equal"], kind
+            # float64 memory cannot hold a float32 result, numpy has no bfloat16: both ignored
+            assert not entry[f"{float32}.float64.shares"], kind
+            assert entry[f"{float32}.float64.equal"], kind
+            assert not entry[f"{bfloat16}.same.shares"] and entry[f"{bfloat16}.same.equal"]
+            for dtype in (float32, bfloat16):
+                error = entry[f"{dtype}.error"]
+                # bfloat16 rounding of the result adds a little on top of the quantizer's bound
+                assert error["error"] <= 1.2 * error["bound"], (dtype, error)
+
+
+def test_fused_optimizer_reduces_into_gradients_of_any_kind(checks):
+    for report in checks:
+        fused = report["decode_into"]["fused"]
+        assert fused["lone"]["keeps_memory"]  # decoded into the gradient backward made
+        assert fused["bfloat16"]["dtype"] == "torch.bfloat16"
+        assert fused["sparse"]["dense"]  # sparse_as_dense=True
+    for key in ("allgather.torch.float32.digest", "reduce-scatter.torch.float32.digest",
+                "allgather.torch.bfloat16.digest", "reduce-scatter.torch.bfloat16.digest"):
         assert len({report["decode_into"][key] for report in checks}) == 1, key
+    for case in ("lone", "bucket", "bfloat16", "sparse"):
+        assert len({report["decode_into"]["fused"][case]["digest"] for report in checks}) == 1
 
 
 def test_error_feedback_helps_2bit_training(training):

@@ -205,7 +205,8 @@ class TNQCompressor(CompressorBase, Compressor):
         ``out``: a tensor to decode into where it can be (a contiguous float32 or float64 CPU
         tensor of the result's dtype and size; otherwise it is ignored); then the result is a
         view of it. The fused optimizer passes the flat gradient it sent: start() is done with
-        it, and a fresh result of that size would cost page faults on every step.
+        it, and a fresh result of that size would cost page faults on every step. If decoding
+        fails (a PayloadError), ``out`` may hold part of the result.
         """
         try:
             # float32 results are rounded once, in the decoder; others go through float64
@@ -289,12 +290,14 @@ def wait(handle):
 
 
 def _decode_target(out, ctx, out_dtype):
-    """``out`` as the numpy array to decode into, or None where it cannot take the result."""
-    if out is None or out.device.type != "cpu" or out.requires_grad or \
+    """``out`` as the numpy array to decode into, or None where it cannot take the result
+    (numpy has no bfloat16, so only float32 and float64 tensors can)."""
+    if out is None or out.dtype != ctx.dtype or out.dtype not in (torch.float32, torch.float64) \
+            or out.device.type != "cpu" or out.is_sparse or out.requires_grad or \
             not out.is_contiguous() or out.numel() != ctx.bounds[-1][1]:
         return None
     target = out.detach().numpy().reshape(-1)
-    return target if target.dtype == out_dtype and out.dtype == ctx.dtype else None
+    return target if target.dtype == out_dtype else None
 
 
 def _decode_parts(ctx, scale, out_dtype, total):

@@ -117,14 +117,19 @@ class _FusedDistributedOptimizer(torch.optim.Optimizer):
                 # the gradients were encoded when sent: their memory takes the result
                 flat = self._compression.finish(handle, self._scale, out=sent)
             bucket = self._buckets[index]
-            if len(bucket) == 1 and flat.data_ptr() == bucket[0].grad.data_ptr():
+            lone = bucket[0].grad if len(bucket) == 1 else None
+            if lone is not None and not lone.is_sparse and flat.data_ptr() == lone.data_ptr():
                 continue  # decoded into the gradient itself
-            if len(bucket) == 1 and flat.dtype == bucket[0].grad.dtype:
-                bucket[0].grad.set_(flat.view_as(bucket[0].grad))
+            if lone is not None and not lone.is_sparse and flat.dtype == lone.dtype:
+                lone.set_(flat.view_as(lone))
                 continue
             offset = 0
             for p in bucket:
-                p.grad.copy_(flat[offset: offset + p.numel()].view_as(p.grad))
+                reduced = flat[offset: offset + p.numel()].view(p.shape)
+                if p.grad.is_sparse:  # sparse_as_dense: the reduced gradient is dense
+                    p.grad = reduced.to(p.dtype)
+                else:
+                    p.grad.copy_(reduced)
                 offset += p.numel()
         self._reset()
         self._synchronized = True

@@ -183,34 +183,52 @@ def adaptive_checks(rank, size):
 def decode_into(inputs, rank):
     """finish() with ``out``: the result lands in out (a float32 gradient, in the allgather
     and the reduce-scatter exchange) and equals the result of a run without out; an out that
-    cannot take it (another dtype) is left alone. The fused optimizer keeps a lone parameter's
-    gradient memory through synchronize()."""
+    cannot take it (float64 for a float32 tensor, a bfloat16 tensor's own memory: numpy has no
+    bfloat16) is left alone. Then the fused optimizer: a lone parameter keeps its gradient
+    memory through synchronize(), bfloat16 and sparse-as-dense gradients are reduced too."""
     report = {}
     for kind in ("allgather", "reduce-scatter"):
-        results = []
-        for target in ("none", "same", "float64"):
-            compressor = TNQCompressor(bits=3, exchange=kind, part_elements=25_000)
-            sent = inputs[rank].clone()
-            ctx = compressor.start(sent, f"into.{kind}")  # same name, step: same noise
-            out = {"none": None, "same": sent, "float64": torch.zeros(N_ELEMENTS,
-                                                                      dtype=torch.float64)}
-            result = compressor.finish(ctx, 1.0 / len(inputs), out=out[target])
-            results.append(result)
-            if target != "none":
-                report[f"{kind}.{target}.shares"] = result.data_ptr() == out[target].data_ptr()
-                report[f"{kind}.{target}.equal"] = bool(torch.equal(result, results[0]))
-        report[f"{kind}.digest"] = digest(results[0])
-        report[f"{kind}.error"] = error_report(results[0], inputs, False, bits=3,
-                                               exchange=kind)
-    model = torch.nn.Linear(200, 100)
-    optimizer = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
-                                     named_parameters=model.named_parameters(),
-                                     compression=TNQCompressor(bits=4))
-    model(torch.ones(4, 200) * (rank + 1)).sum().backward()
-    before = model.weight.grad.data_ptr()
-    optimizer.synchronize()
-    report["fused_keeps_gradient_memory"] = model.weight.grad.data_ptr() == before
-    report["fused_gradient_digest"] = digest(model.weight.grad)
+        for dtype, targets in ((torch.float32, ("none", "same", "float64")),
+                               (torch.bfloat16, ("none", "same"))):
+            results = []
+            for target in targets:
+                compressor = TNQCompressor(bits=3, exchange=kind, part_elements=25_000)
+                sent = inputs[rank].to(dtype, copy=True)  # "same" decodes into it
+                ctx = compressor.start(sent, f"into.{kind}")  # same name, step: same noise
+                out = {"none": None, "same": sent,
+                       "float64": torch.zeros(N_ELEMENTS, dtype=torch.float64)}[target]
+                result = compressor.finish(ctx, 1.0 / len(inputs), out=out)
+                results.append(result)
+                if target != "none":
+                    entry = f"{kind}.{dtype}.{target}"
+                    report[entry + ".shares"] = result.data_ptr() == out.data_ptr()
+                    report[entry + ".equal"] = bool(torch.equal(result, results[0]))
+            report[f"{kind}.{dtype}.digest"] = digest(results[0])
+            report[f"{kind}.{dtype}.error"] = error_report(results[0], inputs, False, bits=3,
+                                                           exchange=kind)
+    fused = {}
+    for case, model in (("lone", torch.nn.Linear(200, 100, bias=False)),
+                        ("bucket", torch.nn.Linear(200, 100)),
+                        ("bfloat16", torch.nn.Linear(200, 100).to(torch.bfloat16)),
+                        ("sparse", torch.nn.Embedding(3000, 8, sparse=True))):
+        torch.manual_seed(0)
+        optimizer = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                         named_parameters=model.named_parameters(),
+                                         compression=TNQCompressor(bits=4),
+                                         sparse_as_dense=case == "sparse")
+        if case == "sparse":
+            model(torch.arange(rank, 3000, 2)).sum().backward()
+        else:
+            dtype = next(model.parameters()).dtype
+            model(torch.ones(4, 200, dtype=dtype) * (rank + 1)).sum().backward()
+        grad = model.weight.grad
+        before = grad.data_ptr() if not grad.is_sparse else None
+        optimizer.synchronize()
+        fused[case] = {"keeps_memory": model.weight.grad.data_ptr() == before,
+                       "dense": not model.weight.grad.is_sparse,
+                       "dtype": str(model.weight.grad.dtype),
+                       "digest": digest(model.weight.grad)}
+    report["fused"] = fused
     return report
 
 
