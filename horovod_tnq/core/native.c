@@ -574,9 +574,6 @@ INLINE void round_block(const float *v, int64_t count, int64_t first, const Leve
     }
 }
 
-/* Subtract the bucket's offset (offsets may be NULL: none), divide by its divisor (non-finite
- * elements become 0 first), round, pack: codec.encode's element-wise part. out must hold
- * ceil(n * bits / 8) bytes; size <= 256 levels. */
 /* The one-pass AVX-512 encoder, for float32 input where the CPU has AVX-512; returns 0 where
  * it did nothing. Pointers are void so that the float64 instance compiles (it never calls). */
 static int fast_quantize_f32(const void *x, int64_t n, int64_t bucket, const void *divisors,
@@ -592,6 +589,9 @@ static int fast_quantize_f32(const void *x, int64_t n, int64_t bucket, const voi
 #endif
 }
 
+/* Subtract the bucket's offset (offsets may be NULL: none), divide by its divisor (non-finite
+ * elements become 0 first), round, pack: codec.encode's element-wise part. out must hold
+ * ceil(n * bits / 8) bytes; size <= 256 levels. */
 #define DEFINE_QUANTIZE(NAME, T)                                                               \
     HOT void NAME(const T *x, int64_t n, int64_t bucket, const T *divisors, const T *offsets,  \
                   const float *levels, int size, uint32_t key_lo, uint32_t key_hi,             \
