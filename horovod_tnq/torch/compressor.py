@@ -211,7 +211,7 @@ class TNQCompressor(CompressorBase, Compressor):
         try:
             # float32 results are rounded once, in the decoder; others go through float64
             out_dtype = np.float32 if ctx.dtype == torch.float32 else np.float64
-            total = _decode_target(out, ctx, out_dtype)
+            total = _decode_target(out, ctx)
             if ctx.kind == "allgather":
                 total = _decode_parts(ctx, scale, out_dtype, total)
             else:
@@ -289,15 +289,14 @@ def wait(handle):
     return hvd.synchronize(handle)
 
 
-def _decode_target(out, ctx, out_dtype):
+def _decode_target(out, ctx):
     """``out`` as the numpy array to decode into, or None where it cannot take the result
     (numpy has no bfloat16, so only float32 and float64 tensors can)."""
     if out is None or out.dtype != ctx.dtype or out.dtype not in (torch.float32, torch.float64) \
             or out.device.type != "cpu" or out.is_sparse or out.requires_grad or \
             not out.is_contiguous() or out.numel() != ctx.bounds[-1][1]:
         return None
-    target = out.detach().numpy().reshape(-1)
-    return target if target.dtype == out_dtype else None
+    return out.detach().numpy().reshape(-1)  # finish() decodes float32 and float64 as such
 
 
 def _decode_parts(ctx, scale, out_dtype, total):

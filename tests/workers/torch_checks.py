@@ -211,7 +211,6 @@ def decode_into(inputs, rank):
                         ("bucket", torch.nn.Linear(200, 100)),
                         ("bfloat16", torch.nn.Linear(200, 100).to(torch.bfloat16)),
                         ("sparse", torch.nn.Embedding(3000, 8, sparse=True))):
-        torch.manual_seed(0)
         optimizer = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                          named_parameters=model.named_parameters(),
                                          compression=TNQCompressor(bits=4),
