@@ -1,14 +1,21 @@
 """Horovod Compressor for ``horovod.tensorflow`` (and ``horovod.tensorflow.keras``).
 
-Same protocol as the PyTorch compressor (horovod_tnq/exchange.py): compress() encodes with TF ops
-(ops.py) and allgathers the payload, Horovod allreduces a two-element probe, decompress() decodes
-every rank's payload and scales the sum. Works eagerly and inside tf.function, where the allgather
-is an ordinary graph op and the random stream's step comes from a counter variable per tensor.
+Same protocol as the PyTorch compressor (horovod_tnq/exchange.py) and the same codec: the numpy
+core encodes and decodes, called directly on the tensors' buffers when eager and through
+``tf.numpy_function`` inside graphs (tf.function, DistributedGradientTape, Keras), where it runs
+each time the graph runs. So both frameworks send the same bytes for the same input, seed,
+name and step. What advances with every exchange (each tensor's step, which seeds its random
+stream, and the error-feedback residuals) lives in Python, as in PyTorch, and is updated when the
+graph runs, not when it is traced.
 """
 
 import re
+import threading
+from dataclasses import dataclass
+from typing import Any
 
 import horovod.tensorflow as hvd
+import numpy as np
 import tensorflow as tf
 from horovod.tensorflow.compression import Compressor
 
@@ -17,119 +24,161 @@ from ..exchange import (EXCHANGE_CODES, PROBE_TOLERANCE, REDUCED, UNSUPPORTED_OP
                         CompressorBase, DefaultInstanceMethod, Pending, choose_exchange,
                         chunk_bounds, horovod_call_site, part_bounds, part_names, probe_values,
                         reduction_scale)
-from . import ops
 
-_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+# What the core reads: float64 stays, every other float goes as float32, which holds float16 and
+# bfloat16 exactly (numpy has no bfloat16), as in the PyTorch adapter.
+_WORK = {tf.float16: tf.float32, tf.bfloat16: tf.float32, tf.float32: tf.float32,
+         tf.float64: tf.float64}
+# TF shares a numpy buffer only if it is 64-byte aligned (tf.numpy_function copies others, and
+# dlpack hands them over as they are, which TF's kernels abort on); numpy aligns large arrays
+# to 16 bytes.
+_ALIGN = 64
+
+
+def host_values(tensor):
+    """``tensor`` as the core reads it (see _WORK)."""
+    return tf.cast(tensor, _WORK[tensor.dtype])
+
+
+def aligned(array):
+    """``array``, or a copy where TF could not take its buffer (eagerly, numpy copies 0.6 MB
+    into an aligned buffer in 0.02 ms, tf.convert_to_tensor in 0.14 ms)."""
+    if array.ctypes.data % _ALIGN == 0 and array.flags.c_contiguous:
+        return array
+    copy = aligned_empty(array.size, array.dtype).reshape(array.shape)
+    copy[...] = array
+    return copy
+
+
+def aligned_empty(numel, dtype):
+    """np.empty(numel, dtype) that TF can take without a copy."""
+    dtype = np.dtype(dtype)
+    raw = np.empty(numel * dtype.itemsize + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start: start + numel * dtype.itemsize].view(dtype)
+
+
+def numpy_call(function, inputs, dtype):
+    """``function`` on the numpy views of ``inputs``: called at once when eager (errors, e.g.
+    core.PayloadError, reach the caller as they are); in a graph, a tf.numpy_function that runs
+    each time the graph runs (errors surface as InvalidArgumentError with the same message).
+    ``dtype``: of its result, or a list, one per array of a tuple it returns. Results reach TF
+    without a copy (see aligned).
+
+    Eagerly tf.numpy_function would copy the inputs and outputs (measured: 1.9 ms for a 4 MB
+    input and output, more than decoding them takes), and an eager tf.reshape costs 0.07 ms:
+    results come from numpy in their final shape.
+    In graphs the op is marked stateless. TF's automatic control dependencies run stateful ops
+    without resource inputs in program order, so a decode marked stateful would hold back every
+    later tensor's encode until this tensor's collectives completed. Only the step counter,
+    whose effect other ops read, is stateful; these ops are functions of run-time inputs
+    (collective results, the step), which grappler cannot fold, and their one side effect, an
+    error-feedback residual, belongs to one payload name, which one op per graph run touches.
+    """
+    several = isinstance(dtype, list)
+
+    def run(*arrays):
+        result = function(*arrays)
+        return [aligned(r) for r in result] if several else aligned(result)
+
+    if not tf.executing_eagerly():
+        return tf.numpy_function(run, inputs, dtype, stateful=False)
+    result = run(*(np.asarray(x) if tf.is_tensor(x) else x for x in inputs))
+    # dlpack hands TF the buffer itself (the array lives as long as the tensor)
+    return [_from_numpy(r) for r in result] if several else _from_numpy(result)
+
+
+def _from_numpy(array):
+    return tf.experimental.dlpack.from_dlpack(array.__dlpack__()) if array.size else \
+        tf.zeros(array.shape, array.dtype)
+
+
+@dataclass(eq=False)
+class _Pending(Pending):
+    runtime_shape: Any = None  # the tensor's shape as a tensor, where its static shape is partial
 
 
 class TNQCompressor(CompressorBase, Compressor):
     """Truncated Non-uniform Quantization of gradients for ``horovod.tensorflow``.
 
     Arguments as for ``horovod_tnq.torch.TNQCompressor``: bits, scheme, bucket_size, min_numel,
-    seed, error_feedback, exchange and the scheme options (min_bits, nmse_target; dp_clip,
-    dp_epsilon, dp_delta, dp_sensitivity). Tensors need a static shape to be compressed; others
-    pass through uncompressed. Payloads of "topk", "tnq-sparse" and "dqsgd" change size from
-    step to step, inside graphs too (Horovod's allgather takes uneven sizes).
+    seed, error_feedback, exchange, part_elements and the scheme options (min_bits,
+    nmse_target; dp_clip, dp_epsilon, dp_delta, dp_sensitivity). A tensor whose size is known
+    only when the graph runs is compressed whatever its size (min_numel needs the size when the
+    graph is built), through the allgather in one payload.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._step_table = None
-        self._residual_tables = {}
+        self._lock = threading.Lock()
+        self._steps = {}  # tensor name -> exchanges so far (eager calls and graph runs)
+        self._residuals = {}  # payload name -> error-feedback residual (numpy)
         # bytes handed to Horovod for each named tensor (compressed or not) at its last call,
         # without non-finite exceptions: in graphs this is known when the graph is traced
         self.bytes_by_tensor = {}
 
     def should_compress(self, tensor):
         numel = tensor.shape.num_elements()
-        return tensor.dtype in _DTYPES and numel is not None and numel >= self.config.min_numel
+        return tensor.dtype in _WORK and (numel is None or numel >= self.config.min_numel)
 
-    def _graph_step(self, identity):
-        """A per-tensor step number that advances each time the graph runs.
+    def _next_step(self, name):
+        with self._lock:
+            step = self._steps.get(name, 0)
+            self._steps[name] = step + 1
+        return step
 
-        The counters live in one hash table keyed by tensor identity rather than in variables:
-        tf.function refuses variables created on a later trace, and a table is one resource, so
-        TF's automatic control dependencies keep its reads and writes in program order.
-        """
-        table = self._steps()
-        key = tf.constant([identity])
-        step = table.lookup(key)
-        with tf.control_dependencies([table.insert(key, step + 1)]):
-            return tf.identity(step[0])
+    def _steps_of(self, name):
+        return self._steps.get(name, 0)
 
-    def _steps(self):
-        if self._step_table is None:
-            with tf.init_scope():
-                self._step_table = tf.lookup.experimental.MutableHashTable(
-                    key_dtype=tf.string, value_dtype=tf.int64, default_value=0)
-        return self._step_table
+    def state_dict(self):
+        """Per-rank state to checkpoint with the model: error-feedback residuals and each
+        tensor's step count (which seeds its rounding), so a restored run continues exactly."""
+        with self._lock:
+            return {"config": self.config.__dict__.copy(), "namer": self._namer.state_dict(),
+                    "steps": dict(self._steps),
+                    "residuals": {name: r.copy() for name, r in self._residuals.items()},
+                    "released": dict(self._released)}
 
-    def _residual_table(self, identity, numel, dtype):
-        if identity not in self._residual_tables:
-            with tf.init_scope():  # a resource, like the step table: allowed on any trace
-                self._residual_tables[identity] = tf.lookup.experimental.MutableHashTable(
-                    key_dtype=tf.string, value_dtype=dtype, default_value=tf.zeros([numel], dtype))
-        return self._residual_tables[identity]
+    def load_state_dict(self, state):
+        self._check_checkpoint(state)
+        with self._lock:
+            self._steps = dict(state["steps"])
+            self._residuals = {name: np.array(r) for name, r in state["residuals"].items()}
 
-    def _encode_chunk(self, flat, slot, step, dtype_name, shape):
-        """The payload of the flat chunk ``flat`` of a tensor of ``dtype_name`` and ``shape``,
-        seeded by its ``slot`` name. With error feedback (ECQ-SGD, Wu et al., ICML 2018), as in
-        the PyTorch compressor: compensate with the slot's decayed residual, quantize, keep the
-        new residual (zero where it is not finite)."""
-        options = dict(scheme=self.config.scheme, bits=self.config.bits,
-                       bucket_size=self.config.bucket_size, step=step, dtype_name=dtype_name,
-                       shape=shape, key=core.stream_key(self.config.seed, hvd.rank(), slot),
-                       options=self.config.scheme_options())
-        if not self.config.error_feedback:
-            return ops.encode(flat, **options)
-        numel = flat.shape.num_elements()
-        work = tf.float64 if dtype_name == "float64" else tf.float32
-        table = self._residual_table(slot, numel, work)
-        key = tf.constant([slot])
-        residual = tf.reshape(table.lookup(key)[0], [numel])  # a lookup has no static shape
-        values = tf.cast(flat, work) + self.config.error_feedback * residual
-        payload = ops.encode(values, **options)
-        error = values - tf.cast(ops.decode_sum(payload, self._header(numel, dtype_name, shape),
-                                                1), work)
-        error = tf.where(tf.math.is_finite(error), error, tf.zeros_like(error))
-        with tf.control_dependencies([table.insert(key, error[None, :])]):
-            return tf.identity(payload)
+    def _payload(self, chunk, slot, key, step, dtype_name, shape):
+        """The payload of the flat float32/float64 ``chunk`` of a tensor of ``dtype_name`` and
+        ``shape``, its rounding drawn from (key, step). With error feedback (ECQ-SGD, Wu et al.,
+        ICML 2018), as in the PyTorch compressor: the chunk first gets the decayed error that
+        this rank's earlier quantizations of ``slot`` left behind, and keeps its new error."""
+        feedback = self.config.error_feedback
+        if feedback:
+            residual = self._residuals.get(slot)
+            if residual is not None:
+                if residual.shape != chunk.shape:
+                    raise ValueError(f"error-feedback residual for {slot!r} has shape "
+                                     f"{residual.shape}, the gradient {chunk.shape}")
+                chunk = chunk + feedback * residual
+        payload = core.encode(chunk, scheme=self.config.scheme, bits=self.config.bits,
+                              bucket_size=self.config.bucket_size, key=key, step=int(step),
+                              dtype_name=dtype_name, shape=shape,
+                              options=self.config.scheme_options())
+        if feedback:
+            with np.errstate(invalid="ignore"):  # inf - inf: zeroed below
+                error = chunk - core.decode(payload)[0].astype(chunk.dtype)
+            # a NaN or Inf gradient must not poison every later step through the residual
+            residual = np.where(np.isfinite(error), error, error.dtype.type(0))
+            with self._lock:  # state_dict() may be copying them
+                self._residuals[slot] = residual
+        return payload
 
-    def _header(self, numel, dtype_name, shape):
-        """The header this rank expects of a payload of ``numel`` elements of a tensor of
+    def _expect(self, numel, dtype_name, shape):
+        """The header this rank expects of every payload of ``numel`` elements of a tensor of
         ``dtype_name`` and ``shape``."""
         return core.PayloadHeader.describe(self.config.scheme, self.config.bits, dtype_name,
                                            numel, self.config.bucket_size, shape)
 
-    def state_dict(self):
-        """Per-rank state to checkpoint with the model (call eagerly): error-feedback residuals
-        and each tensor's step count, so a restored run continues exactly."""
-        steps = {}
-        if self._step_table is not None:
-            names, counts = self._step_table.export()
-            steps = {n.decode(): int(c) for n, c in zip(names.numpy(), counts.numpy())}
-        residuals = {name: table.lookup(tf.constant([name]))[0].numpy()
-                     for name, table in self._residual_tables.items()}
-        return {"config": self.config.__dict__.copy(), "namer": self._namer.state_dict(),
-                "graph_steps": steps, "residuals": residuals, "released": dict(self._released)}
-
-    def _steps_of(self, name):
-        """Releases of a tensor so far: graph runs (the step table) plus eager calls."""
-        graph = 0
-        if self._step_table is not None:
-            graph = int(self._step_table.lookup(tf.constant([name]))[0])
-        # a traced tensor counts its graph runs; the namer counts its traces and eager calls
-        return graph if graph else super()._steps_of(name)
-
-    def load_state_dict(self, state):
-        self._check_checkpoint(state)
-        if state["graph_steps"]:
-            names = list(state["graph_steps"])
-            self._steps().insert(tf.constant(names), tf.constant(
-                [state["graph_steps"][n] for n in names], tf.int64))
-        for name, residual in state["residuals"].items():
-            table = self._residual_table(name, residual.size, tf.as_dtype(residual.dtype))
-            table.insert(tf.constant([name]), tf.constant(residual[None, :]))
+    def _key(self, slot):
+        return core.stream_key(self.config.seed, hvd.rank(), slot)
 
     @DefaultInstanceMethod
     @tf.autograph.experimental.do_not_convert  # plain Python control flow, traced as written
@@ -142,46 +191,67 @@ class TNQCompressor(CompressorBase, Compressor):
         eager = tf.executing_eagerly()
         if name is None and not eager:
             name = tensor.name  # unique in the graph and the same on every rank
+        numel = tensor.shape.num_elements()
         if not self.should_compress(tensor):
-            if name is not None:
-                self.bytes_by_tensor[name] = tensor.shape.num_elements() * tensor.dtype.size
+            if name is not None and numel is not None:
+                self.bytes_by_tensor[name] = numel * tensor.dtype.size
             return tensor, None
-        base_name, collective_name, step = self._namer.acquire(name)
-        if not eager:
-            step = self._graph_step(base_name)
-        size, numel = process_set.size(), tensor.shape.num_elements()
-        self._note_release(base_name, numel)
-        dtype_name, shape = tensor.dtype.name, tensor.shape.as_list()
-        kind = choose_exchange(self.config, numel, size)
-        if kind == "allgather":
-            bounds = part_bounds(numel, self.config.part_elements, self.config.bucket_size)
-        else:
-            bounds = chunk_bounds(numel, size, self.config.bucket_size)
-        parts = part_names(kind, bounds)
-        flat = tf.reshape(tensor, [-1])
-        payloads = [self._encode_chunk(flat[start:stop], base_name + part, step, dtype_name,
-                                       shape)
-                    for (start, stop), part in zip(bounds, parts)]
-        # at most this for schemes whose payload size depends on the data (topk, tnq-sparse, dqsgd)
-        self.bytes_by_tensor[base_name] = sum(
-            core.encoded_size(stop - start, self.config.bits, self.config.bucket_size,
-                              dtype_name, scheme=self.config.scheme,
-                              options=self.config.scheme_options())
-            for start, stop in bounds)
+        base_name, collective_name, _ = self._namer.acquire(name)
         collective_name = _op_name(collective_name)
-        if kind == "allgather":  # one allgather per part: TF runs them as each part is ready
-            exchange = [hvd.allgather(payload, name=_op_name(collective_name + part),
-                                      process_set=process_set)
-                        for payload, part in zip(payloads, parts)]
-            header = [self._header(stop - start, dtype_name, shape) for start, stop in bounds]
+        dtype_name = tensor.dtype.name
+        if numel is None:  # the parts and chunks need the size: one payload, allgathered
+            kind, bounds = "allgather", [(0, None)]
         else:
-            splits = tf.stack([tf.size(payload, out_type=tf.int32) for payload in payloads])
-            exchange, _ = hvd.alltoall(tf.concat(payloads, 0), splits=splits,
-                                       name=collective_name, process_set=process_set)
-            own = bounds[process_set.rank()]
-            header = self._header(own[1] - own[0], dtype_name, shape)
-        pending = Pending(exchange, header, base_name, tensor.shape, tensor.dtype, process_set,
-                          None, kind, bounds, collective_name, step)
+            kind = choose_exchange(self.config, numel, process_set.size())
+            if kind == "allgather":
+                bounds = part_bounds(numel, self.config.part_elements, self.config.bucket_size)
+            else:
+                bounds = chunk_bounds(numel, process_set.size(), self.config.bucket_size)
+            # at most this for schemes whose payload size depends on the data
+            self.bytes_by_tensor[base_name] = sum(
+                core.encoded_size(stop - start, self.config.bits, self.config.bucket_size,
+                                  dtype_name, scheme=self.config.scheme,
+                                  options=self.config.scheme_options())
+                for start, stop in bounds)
+        parts = part_names(kind, bounds)
+        if eager:
+            step = self._next_step(base_name)
+        else:  # drawn each time the graph runs; every payload of this tensor shares it
+            step = tf.numpy_function(lambda: np.int64(self._next_step(base_name)), [], tf.int64,
+                                     stateful=True)
+            step.set_shape([])
+        values = host_values(tensor)
+        jobs = [(start, stop, base_name + part, self._key(base_name + part))
+                for (start, stop), part in zip(bounds, parts)]
+
+        def encode(values, step, jobs):
+            self._note_release(base_name, values.size)
+            flat = values.reshape(-1)
+            return [self._payload(flat[start:stop], slot, key, step, dtype_name, values.shape)
+                    for start, stop, slot, key in jobs]
+
+        if kind == "allgather":  # one allgather per part: each goes once it is encoded
+            exchange = []
+            for job, part in zip(jobs, parts):
+                payload = numpy_call(lambda v, s, job=job: encode(v, s, [job])[0],
+                                     [values, step], tf.uint8)
+                payload.set_shape([None])  # non-finite elements and some schemes add bytes
+                exchange.append(hvd.allgather(payload, name=_op_name(collective_name + part),
+                                              process_set=process_set))
+        else:  # one alltoall: the chunk for each owner rank, in rank order
+            def encode_chunks(values, step):
+                payloads = encode(values, step, jobs)
+                return np.concatenate(payloads), np.array([p.size for p in payloads], np.int32)
+
+            payload, splits = numpy_call(encode_chunks, [values, step], [tf.uint8, tf.int32])
+            payload.set_shape([None])
+            splits.set_shape([len(jobs)])
+            exchange, _ = hvd.alltoall(payload, splits=splits, name=collective_name,
+                                       process_set=process_set)
+        runtime_shape = None if tensor.shape.is_fully_defined() else tf.shape(tensor,
+                                                                              tf.int64)
+        pending = _Pending(exchange, None, base_name, tensor.shape, tensor.dtype, process_set,
+                           None, kind, bounds, collective_name, step, runtime_shape=runtime_shape)
         return tf.constant(probe_values(process_set.rank(), kind), tf.float32), pending
 
     @DefaultInstanceMethod
@@ -192,36 +262,92 @@ class TNQCompressor(CompressorBase, Compressor):
         self._namer.release(ctx.base_name)
         size = ctx.process_set.size()
         if tf.executing_eagerly():
-            scale = reduction_scale(tensor.numpy().tolist(), size, ctx.kind)
-            total = self._reduce(ctx)
+            scale = reduction_scale(np.asarray(tensor).tolist(), size, ctx.kind)
+            total = self._reduce(ctx, scale)
         else:
             # No check may fail before both collectives have completed on this rank: a rank
             # that aborted its graph early would leave the others waiting in Horovod forever.
             received = ctx.exchange if ctx.kind == "allgather" else [ctx.exchange]
             with tf.control_dependencies([*received, tensor]):
                 scale = _graph_reduction_scale(tensor, size, ctx.kind)
-                total = self._reduce(ctx)
-        result = tf.cast(total * tf.cast(scale, tf.float64), ctx.dtype)
-        return tf.reshape(result, ctx.shape)
+                total = self._reduce(ctx, scale)
+            total.set_shape(ctx.shape)
+        return tf.cast(total, ctx.dtype)
 
-    def _reduce(self, ctx):
-        """The float64 sum over ranks of the tensor of ``ctx``, from what its exchange
-        received; for the reduce-scatter, after the second round: this rank's chunk sum
-        quantized again and the reduced chunks allgathered."""
-        size = ctx.process_set.size()
+    def _reduce(self, ctx, scale):
+        """``scale`` times the sum over ranks of the tensor of ``ctx``, in its shape, float32
+        for float32 tensors and float64 for others (rounded once, as in PyTorch), from what its
+        exchange received; for the reduce-scatter, after the second round: this rank's chunk
+        sum quantized again and the reduced chunks allgathered."""
+        size, dtype_name = ctx.process_set.size(), ctx.dtype.name
+        out_dtype = np.float32 if ctx.dtype == tf.float32 else np.float64
+        static_shape = tuple(ctx.shape) if ctx.runtime_shape is None else None
+
+        def layout(runtime_shape=None):
+            """(shape, numel, the (start, stop) of each payload) of the tensor."""
+            shape = static_shape if runtime_shape is None else tuple(int(d) for d in
+                                                                     runtime_shape)
+            numel = int(np.prod(shape))
+            return shape, numel, [(start, numel if stop is None else stop)
+                                  for start, stop in ctx.bounds]
+
         if ctx.kind == "allgather":
-            return tf.concat([ops.decode_sum(tf.identity(gathered), header, size)
-                              for gathered, header in zip(ctx.exchange, ctx.header)], 0)
-        received = tf.identity(ctx.exchange)
-        dtype_name, shape = ctx.dtype.name, ctx.shape.as_list()
-        work = tf.float64 if dtype_name == "float64" else tf.float32
-        chunk_sum = tf.cast(ops.decode_sum(received, ctx.header, size), work)
-        reduced = self._encode_chunk(chunk_sum, ctx.base_name + REDUCED, ctx.step, dtype_name,
-                                     shape)
+            def decode_parts(scale, *inputs):  # every part's buffer, then the run-time shape
+                shape, numel, bounds = layout(*inputs[len(ctx.bounds):])
+                total = aligned_empty(numel, out_dtype)
+                for (start, stop), buffer in zip(bounds, inputs):
+                    _decode_sum(buffer, self._expect(stop - start, dtype_name, shape),
+                                float(scale), out_dtype, size, out=total[start:stop])
+                return total.reshape(shape)
+
+            runtime_shape = [] if ctx.runtime_shape is None else [ctx.runtime_shape]
+            return numpy_call(decode_parts, [scale, *ctx.exchange, *runtime_shape],
+                              _TF[out_dtype])
+
+        rank, slot = ctx.process_set.rank(), ctx.base_name + REDUCED
+        key = self._key(slot)
+        work = np.float64 if ctx.dtype == tf.float64 else np.float32
+
+        def reduce_own_chunk(received, step):
+            shape, _, bounds = layout()
+            start, stop = bounds[rank]
+            chunk_sum = _decode_sum(received, self._expect(stop - start, dtype_name, shape), 1.0,
+                                    work, size)
+            return self._payload(chunk_sum, slot, key, step, dtype_name, shape)
+
+        reduced = numpy_call(reduce_own_chunk, [ctx.exchange, ctx.step], tf.uint8)
+        reduced.set_shape([None])
         gathered = hvd.allgather(reduced, name=_op_name(ctx.collective_name + REDUCED),
                                  process_set=ctx.process_set)
-        expects = [self._header(stop - start, dtype_name, shape) for start, stop in ctx.bounds]
-        return tf.concat(ops.decode_each(gathered, expects), 0)
+
+        def decode_chunks(scale, gathered):
+            shape, numel, bounds = layout()
+            total = aligned_empty(numel, out_dtype)
+            offset = 0
+            for owner, (start, stop) in enumerate(bounds):
+                if offset >= gathered.size:
+                    raise core.PayloadError(f"received {owner} reduced chunks from "
+                                            f"{len(bounds)} ranks")
+                end = core.codec.split(gathered, offset).end
+                _decode_sum(gathered[offset:end], self._expect(stop - start, dtype_name, shape),
+                            float(scale), out_dtype, 1, out=total[start:stop])
+                offset = end
+            if offset != gathered.size:
+                raise core.PayloadError(f"received {gathered.size} bytes of reduced chunks, "
+                                        f"expected {offset}")
+            return total.reshape(shape)
+
+        return numpy_call(decode_chunks, [scale, gathered], _TF[out_dtype])
+
+
+_TF = {np.float32: tf.float32, np.float64: tf.float64}
+
+
+def _decode_sum(buffer, expect, scale, out_dtype, expected_count, out=None):
+    total, count = core.decode_sum(buffer, expect, scale, out_dtype, out=out)
+    if count != expected_count:
+        raise core.PayloadError(f"received {count} payloads, expected {expected_count}")
+    return total
 
 
 def _op_name(name):
