@@ -6,6 +6,15 @@ measured in the same process (best of several runs, one thread), for the compile
 
 "decode" is decode_sum of one rank's payload into a float32 gradient, "decode 8" of eight
 ranks' payloads (what each rank does in an 8-worker allgather exchange).
+
+A second table (skip it with --no-frameworks) times the same codec calls through each
+framework adapter, on the same tensor: PyTorch (the torch compressor's encode_tensor, and
+decode_sum into a torch tensor) and TensorFlow, eagerly and inside tf.function (the TF
+compressor's host_values and numpy_call: the core called on the tensor's buffer when eager,
+through tf.numpy_function in graphs), with TF's time as a ratio of PyTorch's. Calling a
+tf.function has a cost of its own whatever it computes (0.2 to 0.3 ms on a 2-core VM), which a
+training step pays once for all its tensors; so "per tensor" is what one more encode (decode)
+adds to a tf.function call.
 """
 
 import argparse
@@ -48,6 +57,68 @@ def measure(x, scheme, bits, reference, repeats, clock=time.perf_counter):
                                               reference=reference), repeats, clock))
 
 
+GRAPH_OPS = 5  # ops per tf.function call, for the cost of one more tensor inside a graph
+
+
+def framework_times(x, scheme, bits, repeats, clock):
+    """[PyTorch, TF eager, TF tf.function, TF per tensor inside a graph] times of encoding ``x``
+    into one payload, then the same four of decoding it."""
+    import tensorflow as tf
+    import torch
+
+    from horovod_tnq import CompressorConfig
+    from horovod_tnq.tensorflow import compressor as tf_adapter
+    from horovod_tnq.torch import compressor as torch_adapter
+
+    config = CompressorConfig(bits=bits, scheme=scheme, bucket_size=512,
+                              **OPTIONS.get(scheme, {}))
+    key, step = 1, 0
+    host = torch.from_numpy(x)
+    payload = torch_adapter.encode_tensor(host, config, key, step)
+    header = core.read_header(payload)
+
+    def torch_encode():
+        return torch.from_numpy(torch_adapter.encode_tensor(host, config, key, step))
+
+    def torch_decode():
+        total, _ = core.decode_sum(payload, header, 1.0, np.float32)
+        return torch.from_numpy(total).reshape(host.shape)
+
+    def encode(values, step):  # as TNQCompressor.compress() calls the core for one payload
+        return core.encode(values.reshape(-1), scheme=scheme, bits=bits, bucket_size=512,
+                           key=key, step=int(step), dtype_name="float32", shape=values.shape,
+                           options=config.scheme_options())
+
+    def decode(scale, gathered):  # as TNQCompressor.decompress() does for one payload
+        total = tf_adapter.aligned_empty(x.size, np.float32)
+        core.decode_sum(gathered, header, float(scale), np.float32, out=total)
+        return total.reshape(x.shape)
+
+    def tf_encode(tensor, step, ops=1):
+        return [tf_adapter.numpy_call(encode, [tf_adapter.host_values(tensor), step], tf.uint8)
+                for _ in range(ops)]
+
+    def tf_decode(gathered, scale, ops=1):
+        return [tf_adapter.numpy_call(decode, [scale, gathered], tf.float32)
+                for _ in range(ops)]
+
+    tensor, gathered = tf.constant(x), tf.constant(payload)
+    scale, graph_step = tf.constant(1.0, tf.float64), tf.constant(step, tf.int64)
+    times = []
+    for torch_path, tf_path, inputs, eager_inputs, expected in (
+            (torch_encode, tf_encode, (tensor, graph_step), (tensor, step), payload),
+            (torch_decode, tf_decode, (gathered, scale), (gathered, scale), torch_decode())):
+        graph = tf.function(tf_path)
+        several = tf.function(lambda *args, tf_path=tf_path: tf_path(*args, ops=GRAPH_OPS))
+        for out in (tf_path(*eager_inputs), graph(*inputs), several(*inputs)):
+            assert all(np.array_equal(o.numpy(), np.asarray(expected)) for o in out)
+        one, many = (best_time(lambda f=f: f(*inputs), repeats, clock) for f in (graph, several))
+        times += [best_time(torch_path, repeats, clock),
+                  best_time(lambda: tf_path(*eager_inputs), repeats, clock), one,
+                  (many - one) / (GRAPH_OPS - 1)]
+    return times
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--elements", type=int, nargs="+", default=[1 << 20, 1 << 24])
@@ -57,6 +128,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the (slow) numpy reference")
+    parser.add_argument("--no-frameworks", action="store_true",
+                        help="skip the table of the PyTorch and TensorFlow adapters")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="cpu: this process's CPU time, steadier than wall time on a machine "
                              "other jobs share")
@@ -82,7 +155,31 @@ def main():
                           f"{1e3 * enc:.1f} | {enc / copy:.2f} | {1e3 * dec:.1f} | "
                           f"{dec / copy:.2f} | {1e3 * dec8:.1f} | {dec8 / copy:.2f} |",
                           flush=True)
-
+    if args.no_frameworks:
+        return
+    import tensorflow as tf
+    import torch
+    torch.set_num_threads(1)  # one thread, as the core's kernel; TF runs one op at a time
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    print("\nThe same calls through each framework adapter (one payload of float32): ms, and "
+          "TF as a ratio of PyTorch. \"per tensor\": what one more such op adds to a "
+          f"tf.function call ({GRAPH_OPS} against 1).\n")
+    print("| elements | scheme | bits | encode: PyTorch | TF eager | TF tf.function | TF per "
+          "tensor | decode: PyTorch | TF eager | TF tf.function | TF per tensor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for n in args.elements:
+        x = np.random.default_rng(0).laplace(size=n).astype(np.float32)
+        for scheme in args.schemes:
+            for bits in args.bits:
+                if not core.supports(scheme, bits):
+                    continue
+                times = framework_times(x, scheme, bits, args.repeats, clock)
+                cells = []
+                for torch_s, *tf_s in (times[:4], times[4:]):
+                    cells += [f"{1e3 * torch_s:.2f}"] + [f"{1e3 * t:.2f} ({t / torch_s:.2f}x)"
+                                                         for t in tf_s]
+                print(f"| {n} | {scheme} | {bits} | {' | '.join(cells)} |", flush=True)
 
 if __name__ == "__main__":
     main()
