@@ -96,7 +96,12 @@ def run_tf(values, dtype, settings, graph, steps):
     def reduce(x):
         return compressor.decompress(*compressor.compress(x))
 
-    if graph:  # named after its input, "x:0", on every trace: its step advances per run
+    if graph == "dynamic":  # the size is known only when the graph runs
+        spec = tf.TensorSpec([None, values.shape[1]], getattr(tf, dtype))
+        reduce = tf.function(reduce, input_signature=[spec])
+        assert reduce.get_concrete_function().structured_outputs.shape.as_list() == \
+            [None, values.shape[1]]
+    elif graph:  # named after its input, "x:0", on every trace: its step advances per run
         reduce = tf.function(reduce)
     tensor = tf.cast(tf.constant(values), getattr(tf, dtype))
     results = [reduce(tensor) for _ in range(steps)]
@@ -148,6 +153,10 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_same_bytes_and_result_in_both_frameworks(fakes, case, graph):
     check_same(fakes, gradient(), "float32", dict(min_numel=1, seed=3, **CASES[case]), graph)
+
+
+def test_a_tensor_sized_only_at_run_time_is_compressed_alike(fakes):
+    check_same(fakes, gradient(), "float32", dict(bits=3, error_feedback=0.5), "dynamic")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
