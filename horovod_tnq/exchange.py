@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from .core import SCHEMES, check_scheme_bits, dynamic, get_scheme, privacy
+from .core import SCHEMES, check_scheme_bits, dynamic, get_scheme, privacy, rotation
 
 # How the codes travel (see choose_exchange):
 # "allgather": every rank's payload goes to every rank, which decodes and sums them all.
@@ -73,6 +73,8 @@ class CompressorConfig:
                              f"{feedback!r}")
         if not 1 <= self.bucket_size < 2**32:
             raise ValueError(f"bucket_size must be in [1, 2**32), got {self.bucket_size}")
+        if get_scheme(self.scheme).rotation:
+            rotation.check_bucket_size(self.bucket_size)
         if self.exchange not in EXCHANGES:
             raise ValueError(f"exchange must be one of {EXCHANGES}, got {self.exchange!r}")
         if self.exchange == "reduce-scatter" and get_scheme(self.scheme).body is not None:

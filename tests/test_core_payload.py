@@ -76,7 +76,7 @@ def test_size_counts_offsets_and_fitted_levels(scheme, bits, extra):
 def test_older_format_version_is_named():
     p = payload().copy()
     p[3] = 1
-    with pytest.raises(core.PayloadError, match="format version 1, this rank reads version 2"):
+    with pytest.raises(core.PayloadError, match="format version 1, this rank reads version 3"):
         core.decode(p)
 
 

@@ -16,12 +16,17 @@ as ``offset[i] + scale[i] * table[code]``. Layout (little-endian), format versio
     24     4     shape tag (crc32 of the shape, to catch mismatched tensors)
     28     2     number of levels sent: 0 (the scheme's fixed table) or 2**bits (a fitted table)
     30     2     reserved, 0
-    32     ...   levels, if sent: float32, strictly ascending (the table for unit scale)
+    32     16    rotating schemes only (Scheme.rotation): the sender's stream key (uint64), step
+                 (uint32), reserved (uint32, 0): what the decoder needs to undo the rotation
+           ...   levels, if sent: float32, strictly ascending (the table for unit scale)
            ...   per-bucket parameters, float32 (float64 for float64 tensors): all scales, then
                  all offsets if there are two per bucket. A negative scale mirrors the bucket.
            ...   exception indices (uint64), then their values (float32)
-           ...   codes, bit-packed (see packing.py)
+           ...   codes, bit-packed (see packing.py); rotating schemes code the padded buckets
+                 (rotation.padded_size elements), and bucket i decodes as the inverse rotation
+                 of scale[i] * table[code]
 
+Version 3 added the rotation section; version 2 payloads of other schemes are laid out the same.
 Version 1 had no levels and one scale per bucket (bytes 7 and 28-31 reserved).
 
 Non-finite gradient elements are carried exactly (index + value) and overwrite the decoded value,
@@ -38,18 +43,20 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from . import native
+from . import native, rotation
 from .fitting import BucketFit, bingrad_fit, maxmin_fit, orq_fit, tnq_opt_fit
-from .levels import (binary_levels, check_bits, maxmin_levels, nuqsgd_levels, orq_levels,
-                     qsgd_levels, sign_levels, ternary_levels, tnq_levels, uniform_levels)
+from .levels import (binary_levels, check_bits, gaussian_levels, maxmin_levels, nuqsgd_levels,
+                     orq_levels, qsgd_levels, sign_levels, ternary_levels, tnq_levels,
+                     uniform_levels)
 from .packing import pack_bits, packed_size, unpack_bits
-from .quantize import bucket_statistic, fit_scales, stochastic_round
+from .quantize import LANES, bucket_statistic, fit_scales, lane_sums, stochastic_round
 from .rng import key_words, uniform_noise
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MAGIC = b"TNQ" + bytes([FORMAT_VERSION])
 HEADER = struct.Struct("<4sBBBBQIIIHH")
 assert HEADER.size == 32
+ROTATION = struct.Struct("<QII")  # the sender's stream key, step, reserved
 
 DTYPE_CODES = {"float16": 1, "bfloat16": 2, "float32": 3, "float64": 4}
 DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
@@ -72,6 +79,9 @@ class Scheme:
     exceptions (check_bits, encode, size, decode, max_size); choose_bits: picks each payload's
     bits (at most the configured ones) from the data; options: names of the CompressorConfig
     fields the scheme reads, passed to encode.
+
+    With ``rotation`` each bucket is rotated (rotation.py) before it is rounded to the nearest
+    level of a table for unit RMS, and its scale is then EDEN's correction (encode_rotated).
     """
 
     name: str
@@ -87,6 +97,7 @@ class Scheme:
     body: object = None
     choose_bits: object = None
     options: tuple = ()
+    rotation: bool = False  # buckets rotated first (rotation.py); nearest rounding, EDEN scale
 
     def levels_sent(self, bits):
         return 1 << bits if self.sends_levels else 0
@@ -95,6 +106,10 @@ class Scheme:
 SCHEMES = {
     scheme.name: scheme
     for scheme in (
+        Scheme("tnq-rht", 24, gaussian_levels, "l2",
+               "TNQ's optimal truncation and levels for the Gaussian that a random Hadamard "
+               "rotation makes of any gradient; EDEN's unbiasing scale (Vargaftik et al., "
+               "ICML 2022)", rounding="nearest", rotation=True),
         Scheme("tnq", 1, tnq_levels, "mean_abs",
                "Yan et al., Truncated Non-uniform Quantization, arXiv 2402.01160"),
         Scheme("tnq-fit", 8, tnq_levels, "mean_abs",
@@ -154,7 +169,7 @@ def check_scheme_bits(name, bits):
     if scheme.body is not None:
         scheme.body.check_bits(bits)
         return
-    scheme.level_table(check_bits(bits))
+    level_table(scheme.scheme_id, check_bits(bits))  # raises where the scheme has no table
 
 
 def supports(name, bits):
@@ -218,21 +233,38 @@ class PayloadHeader:
     def num_buckets(self):
         return -(-self.numel // self.bucket_size)
 
+    @property
+    def rotated(self):
+        return SCHEMES_BY_ID[self.scheme_id].rotation
+
+    @property
+    def rotation_size(self):
+        """Bytes of the rotation section that follows the header (rotating schemes only)."""
+        return ROTATION.size if self.rotated else 0
+
+    @property
+    def num_codes(self):
+        """Codes in the payload: rotating schemes code their padded last bucket."""
+        if self.rotated:
+            return rotation.padded_size(self.numel, self.bucket_size)
+        return self.numel
+
     def section_sizes(self):
-        """Bytes of: levels, per-bucket parameters, exception indices, exception values, codes."""
+        """Bytes of: levels, per-bucket parameters, exception indices, exception values, codes
+        (after the header and the rotation section)."""
         return (
             self.num_levels * 4,
             self.bucket_params * self.num_buckets * self.scale_dtype.itemsize,
             self.num_exceptions * 8,
             self.num_exceptions * 4,
-            packed_size(self.numel, self.bits),
+            packed_size(self.num_codes, self.bits),
         )
 
     @property
     def total_size(self):
         if self.body_size is not None:
             return HEADER.size + 12 * self.num_exceptions + self.body_size
-        return HEADER.size + sum(self.section_sizes())
+        return HEADER.size + self.rotation_size + sum(self.section_sizes())
 
     def pack(self):
         return HEADER.pack(MAGIC, self.scheme_id, self.bits, self.dtype_code, self.bucket_params,
@@ -273,32 +305,31 @@ def encode(values, *, scheme="tnq", bits, bucket_size, key, step=0, dtype_name=N
         raise TypeError(f"unsupported dtype {dtype_name}; supported: {sorted(DTYPE_CODES)}")
     if not isinstance(bucket_size, (int, np.integer)) or not 1 <= bucket_size < 2**32:
         raise ValueError(f"bucket_size must be an int in [1, 2**32), got {bucket_size!r}")
+    if scheme.rotation:
+        rotation.check_bucket_size(bucket_size)
     work = np.float64 if dtype_name == "float64" else np.float32
     flat = values.reshape(-1).astype(work, copy=False)
     n = flat.size
 
     use_native = native.LIBRARY is not None and not reference and scheme.body is None
+    shape = values.shape if shape is None else shape
+    if scheme.rotation:
+        return encode_rotated(flat, PayloadHeader.describe(scheme, bits, dtype_name, n,
+                                                           bucket_size, shape), key, step,
+                              use_native)
     native_statistic = use_native and scheme.fit is None
     if native_statistic:
         # the kernel counts non-finite elements as zeros in the statistic and the codes
         scales, nonfinite = native.bucket_statistic(flat, bucket_size, scheme.statistic)
     else:
         nonfinite = not np.isfinite(np.sum(np.abs(flat), dtype=np.float64))
-    exc_idx = np.zeros(0, dtype="<u8")
-    exc_val = np.zeros(0, dtype="<f4")
-    finite = flat
-    if nonfinite:
-        bad = ~np.isfinite(flat)
-        exc_idx = np.flatnonzero(bad).astype("<u8")
-        exc_val = flat[bad].astype("<f4")
-        exc_val[np.isnan(exc_val)] = np.nan  # one NaN bit pattern, whatever the framework
-        finite = np.where(bad, 0, flat).astype(work)
+    exc_idx, exc_val, finite = _exceptions(flat, nonfinite)
 
     options = options or {}
     if scheme.choose_bits is not None:
         bits = scheme.choose_bits(finite, bucket_size, bits, **options)
-    header = PayloadHeader.describe(scheme, bits, dtype_name, n, bucket_size,
-                                    values.shape if shape is None else shape, exc_idx.size)
+    header = PayloadHeader.describe(scheme, bits, dtype_name, n, bucket_size, shape,
+                                    exc_idx.size)
     if scheme.body is not None:
         body = scheme.body.encode(finite, bits=bits, key=key, step=step, **options)
         header = replace(header, body_size=body.size)
@@ -342,6 +373,83 @@ def encode(values, *, scheme="tnq", bits, bucket_size, key, step=0, dtype_name=N
     return out
 
 
+def _exceptions(flat, nonfinite):
+    """(indices, float32 values, flat with them zeroed) of flat's non-finite elements, where
+    ``nonfinite`` says there are any."""
+    if not nonfinite:
+        return np.zeros(0, dtype="<u8"), np.zeros(0, dtype="<f4"), flat
+    bad = ~np.isfinite(flat)
+    values = flat[bad].astype("<f4")
+    values[np.isnan(values)] = np.nan  # one NaN bit pattern, whatever the framework
+    return np.flatnonzero(bad).astype("<u8"), values, np.where(bad, 0, flat).astype(flat.dtype)
+
+
+def encode_rotated(flat, header, key, step, use_native=False):
+    """The payload of the rotated scheme for ``flat`` (``header`` without exceptions yet).
+
+    1. Rotate each bucket (rotation.rotate): r = H (d * x), padded to whole buckets, with
+       non-finite elements as zeros (they travel as exceptions).
+    2. Round each coordinate to the nearest level of the unit Lloyd-Max table for N(0, 1)
+       (levels.gaussian_levels) after dividing by the bucket's RMS, sigma = ||r|| / sqrt(n): the
+       truncation threshold and levels that minimise the error for the Gaussian that r follows.
+    3. Scale: EDEN's S = <r, r> / <t[c], r> (Vargaftik et al., ICML 2022), which makes the
+       decoded bucket unbiased over the random rotation, divided by n to undo H H = n I.
+    The numpy reference and the compiled kernel share every step but the element loops, which
+    they compute identically; the kernel writes the codes straight into the payload.
+    """
+    bucket, bits = header.bucket_size, header.bits
+    table = level_table(header.scheme_id, bits)
+    codes_size = header.section_sizes()[4]
+    out = np.empty(header.total_size, dtype=np.uint8)
+    if use_native:
+        codes = out[out.size - codes_size:]
+        norms, dots, nonfinite = native.encode_rotated(flat, bucket, key_words(key), step, table,
+                                                       bits, codes)
+        exc_idx, exc_val, _ = _exceptions(flat, nonfinite)
+    else:
+        exc_idx, exc_val, finite = _exceptions(
+            flat, not np.isfinite(np.sum(np.abs(flat), dtype=np.float64)))
+        rows = rotation.rotate(finite, bucket, key, step)
+        rotated = rows.reshape(-1)
+        norms = bucket_statistic(rotated, bucket, "l2")
+        divisor = np.where(norms != 0, norms / np.sqrt(bucket), 1.0).astype(rotated.dtype)
+        normalised = (rows / divisor[:, None]).astype(np.float32).reshape(-1)
+        indices = stochastic_round(normalised, table, np.full(rotated.size, 0.5, np.float32))
+        products = table.astype(np.float64)[indices] * rotated.astype(np.float64)
+        dots = lane_sums(_lane_rows(products, bucket))
+        codes = pack_bits(indices, bits)
+    scales = np.zeros(norms.size)
+    positive = dots > 0  # nearest rounding keeps each sign, so only an all-zero bucket has 0
+    scales[positive] = norms[positive] * norms[positive] / dots[positive] / bucket
+    header = replace(header, num_exceptions=exc_idx.size)
+    sections = (np.frombuffer(header.pack(), dtype=np.uint8),
+                np.frombuffer(ROTATION.pack(key & 0xFFFFFFFFFFFFFFFF, int(step) & 0xFFFFFFFF, 0),
+                              dtype=np.uint8),
+                scales.astype(header.scale_dtype), exc_idx, exc_val)
+    if exc_idx.size:  # rare (an overflowing step): a larger payload
+        return np.concatenate([np.ascontiguousarray(section).view(np.uint8).reshape(-1)
+                               for section in sections + (codes,)])
+    at = 0
+    for section in sections:
+        raw = section.view(np.uint8).reshape(-1)
+        out[at: at + raw.size] = raw
+        at += raw.size
+    if not use_native:
+        out[at:] = codes
+    return out
+
+
+def _lane_rows(flat, bucket):
+    """flat (whole buckets) as rows zero-padded to a multiple of LANES, for lane_sums."""
+    rows = flat.reshape(-1, bucket)
+    width = -(-bucket // LANES) * LANES
+    if width == bucket:
+        return rows
+    padded = np.zeros((rows.shape[0], width))
+    padded[:, :bucket] = rows
+    return padded
+
+
 def read_header(buf, offset=0):
     buf = memoryview(np.ascontiguousarray(buf, dtype=np.uint8)).cast("B")
     if len(buf) - offset < HEADER.size:
@@ -367,6 +475,8 @@ def read_header(buf, offset=0):
                            f"for {numel} elements)")
     try:
         check_scheme_bits(scheme.name, bits)
+        if scheme.rotation:
+            rotation.check_bucket_size(bucket)
     except ValueError as exc:
         raise PayloadError(f"invalid payload header: {exc}") from None
     if bucket_params != scheme.bucket_params or num_levels != scheme.levels_sent(bits) or \
@@ -399,12 +509,20 @@ class Sections:
     exception_values: np.ndarray
     packed: np.ndarray  # the bit-packed codes, or the body
     end: int  # offset just past the payload
+    rotation: tuple = None  # rotating schemes: the sender's (key, step)
 
 
 def split(buf, offset=0):
     """The validated Sections of the payload at ``offset`` of a uint8 buffer."""
     header = read_header(buf, offset)
     at = offset + HEADER.size
+    turn = None
+    if header.rotated:
+        key, step, reserved = ROTATION.unpack_from(memoryview(buf[at: at + ROTATION.size]))
+        if reserved:
+            raise PayloadError("invalid rotation section in payload: reserved field not 0")
+        turn = (key, step)
+        at += ROTATION.size
     if header.body_size is not None:
         sizes = (0, 0, 8 * header.num_exceptions, 4 * header.num_exceptions, header.body_size)
     else:
@@ -429,7 +547,7 @@ def split(buf, offset=0):
     params = parts[1].view(header.scale_dtype).astype(np.float64)
     params = params.reshape(header.bucket_params, header.num_buckets)
     offsets = params[1] if header.bucket_params == 2 else None
-    return Sections(header, table, params[0], offsets, exc_idx, exc_val, parts[4], at)
+    return Sections(header, table, params[0], offsets, exc_idx, exc_val, parts[4], at, turn)
 
 
 def _check_codes(invalid, header, table):
@@ -445,13 +563,29 @@ def _values(sections):
     if header.body_size is not None:
         values = SCHEMES_BY_ID[header.scheme_id].body.decode(sections.packed, header)
     else:
-        codes = unpack_bits(sections.packed, header.bits, header.numel)
+        codes = unpack_bits(sections.packed, header.bits, header.num_codes)
         _check_codes(int(np.count_nonzero(codes >= sections.table.size)), header,
                      sections.table)
+        if sections.rotation is not None:
+            return _rotated_values(sections, codes)
         values = sections.table[codes]
-        values *= np.repeat(sections.scales, header.bucket_size)[: header.numel]
+        values *= np.repeat(sections.scales, header.bucket_size)[: header.num_codes]
         if sections.offsets is not None:
             values += np.repeat(sections.offsets, header.bucket_size)[: header.numel]
+    values[sections.exception_indices] = sections.exception_values
+    return values
+
+
+def _rotated_values(sections, codes):
+    """The decoded values (float64) of a payload of the rotated scheme: each bucket's
+    scale * table[code], inverse-rotated. Tensors narrower than float64 sent float32 levels and
+    scales, and are decoded in float32 (their rounding is far below the quantization error)."""
+    header = sections.header
+    work = header.scale_dtype.type
+    values = sections.table.astype(work)[codes]
+    values *= np.repeat(sections.scales.astype(work), header.bucket_size)
+    values = rotation.unrotate(values.reshape(-1, header.bucket_size), *sections.rotation)
+    values = values[: header.numel].astype(np.float64)
     values[sections.exception_indices] = sections.exception_values
     return values
 
@@ -510,8 +644,9 @@ def decode_sum(buf, expect, factor=1.0, out_dtype=np.float64, reference=False, o
     if native.LIBRARY is not None and not reference and \
             SCHEMES_BY_ID[expect.scheme_id].body is None and \
             not any(p.exception_indices.size for p in payloads):
-        total, invalid = native.decode_sum(payloads, expect.numel, expect.bucket_size, factor,
-                                           out_dtype, out)
+        kernel = native.rotated_decode_sum if expect.rotated else native.decode_sum
+        total, invalid = kernel(payloads, expect.numel, expect.bucket_size, factor, out_dtype,
+                                out)
         for sections, count in zip(payloads, invalid):
             _check_codes(count, sections.header, sections.table)
         return total, len(payloads)

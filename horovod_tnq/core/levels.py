@@ -153,3 +153,73 @@ def orq_levels(bits):
         raise ValueError("ORQ is multi-level quantization: it needs at least 2 bits (1 bit is "
                          "'sign')")
     return maxmin_levels(bits)
+
+
+# The rotated scheme (core/rotation.py): after a random Hadamard rotation a block's coordinates are
+# close to N(0, sigma^2) whatever the gradient's tails, so TNQ's question -- which threshold and
+# which levels minimise truncation plus rounding error for a known density -- has one answer per
+# bit width, computed here once. For nearest rounding that answer is the Lloyd-Max quantizer
+# (Lloyd 1957 / Max 1960): every level is the mean of N(0, 1) over its cell (centroid condition),
+# every cell boundary the midpoint of its two levels (nearest-neighbour condition); the outermost
+# level is the truncation threshold, values beyond it are clipped to it. Its level density tends
+# to p^(1/3), the Panter-Dite law that TNQ's closed form also follows.
+
+def _normal_cdf(x):
+    return 0.5 * (1.0 + np.vectorize(math.erf)(np.asarray(x, dtype=np.float64) / math.sqrt(2.0)))
+
+
+def _normal_pdf(x):
+    x = np.asarray(x, dtype=np.float64)
+    return np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+
+
+def gaussian_cell_moments(edges):
+    """(probability, first moment) of N(0, 1) in each cell between consecutive ``edges``
+    (-inf and inf allowed)."""
+    edges = np.asarray(edges, dtype=np.float64)
+    cdf, pdf = _normal_cdf(edges), _normal_pdf(edges)
+    return np.diff(cdf), -np.diff(pdf)
+
+
+def gaussian_distortion(table):
+    """E[(Q(X) - X)^2] for X ~ N(0, 1) rounded to the nearest level of ``table`` (sorted)."""
+    table = np.asarray(table, dtype=np.float64)
+    edges = np.concatenate([[-np.inf], (table[1:] + table[:-1]) / 2.0, [np.inf]])
+    mass, first = gaussian_cell_moments(edges)
+    # E[X^2] over a cell is mass - [x pdf(x)] across its edges
+    x_pdf = np.where(np.isfinite(edges), edges * _normal_pdf(np.where(np.isfinite(edges), edges,
+                                                                      0.0)), 0.0)
+    second = mass - np.diff(x_pdf)
+    return float(np.sum(second - 2.0 * table * first + table * table * mass))
+
+
+def gaussian_levels(bits):
+    """Lloyd-Max levels for N(0, 1) with 2**bits entries (float32, ascending, symmetric)."""
+    bits = check_bits(bits)
+    count = 1 << bits
+    # Start from the Panter-Dite companding grid (the levels of N(0, 3) at equal-mass
+    # quantiles), which is close to optimal, then apply Lloyd's two conditions until they hold.
+    quantiles = (np.arange(count) + 0.5) / count
+    table = math.sqrt(3.0) * np.array([_normal_quantile(q) for q in quantiles])
+    for _ in range(20000):
+        edges = np.concatenate([[-np.inf], (table[1:] + table[:-1]) / 2.0, [np.inf]])
+        mass, first = gaussian_cell_moments(edges)
+        updated = first / mass
+        updated = (updated - updated[::-1]) / 2.0  # exactly symmetric
+        if np.max(np.abs(updated - table)) < 1e-12:
+            table = updated
+            break
+        table = updated
+    return table.astype(np.float32)
+
+
+def _normal_quantile(q):
+    """The q-quantile of N(0, 1), by bisection on the CDF (used once per table)."""
+    lo, hi = -40.0, 40.0
+    for _ in range(200):
+        mid = (lo + hi) / 2.0
+        if 0.5 * (1.0 + math.erf(mid / math.sqrt(2.0))) < q:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2.0

@@ -690,6 +690,473 @@ HOT void tnq_decode_sum(int payloads, const uint8_t *const *packed, const int *b
     }
 }
 
+/* ---- the rotated scheme (rotation.py, codec.encode_rotated) ---- */
+
+/* Random signs as rotation.signs: element i is negative where bit i % 32 of
+ * rng.random_words(i / 32) is set. sign_words fills out with the words that cover elements
+ * first..first+count-1, starting with word first / 32. */
+INLINE void sign_words(int64_t first, int64_t count, uint32_t key_lo, uint32_t step_word,
+                       uint32_t *out) {
+    const int64_t begin = first / 32, end = (first + count + 31) / 32;
+    for (int64_t w = begin; w < end; ++w) {
+        uint32_t r = lowbias32(((uint32_t)w * 0x9E3779B9u) ^ key_lo);
+        out[w - begin] = lowbias32(r ^ step_word);
+    }
+}
+
+/* Negate x[i] (element first + i) where its sign bit is set, with sign from sign_words(first,
+ * ...): flipping a float's sign bit is exact negation. */
+#ifdef HAVE_AVX512_PATH
+/* flip_f32/flip_f64 for whole vectors at word boundaries: each sign bit masks one lane. */
+AVX512 static void flip_f32_avx512(float *x, const uint32_t *sign, int64_t count) {
+    const __m512i top = _mm512_set1_epi32((int)0x80000000u);
+    for (int64_t i = 0; i < count; i += 16) {
+        const __mmask16 m = (__mmask16)(sign[i / 32] >> (i % 32));
+        const __m512i v = _mm512_loadu_si512(x + i);
+        _mm512_storeu_si512(x + i, _mm512_mask_xor_epi32(v, m, v, top));
+    }
+}
+
+AVX512 static void flip_f64_avx512(double *x, const uint32_t *sign, int64_t count) {
+    const __m512i top = _mm512_set1_epi64((long long)0x8000000000000000ull);
+    for (int64_t i = 0; i < count; i += 8) {
+        const __mmask8 m = (__mmask8)(sign[i / 32] >> (i % 32));
+        const __m512i v = _mm512_loadu_si512(x + i);
+        _mm512_storeu_si512(x + i, _mm512_mask_xor_epi64(v, m, v, top));
+    }
+}
+#define FLIP_FAST(FN, WIDTH)                                                                   \
+    if (use_avx512() && first % 32 == 0 && count % WIDTH == 0) {                               \
+        FN(x, sign, count);                                                                    \
+        return;                                                                                \
+    }
+#else
+#define FLIP_FAST(FN, WIDTH)
+#endif
+
+INLINE void flip_f32(float *x, const uint32_t *sign, int64_t first, int64_t count) {
+    FLIP_FAST(flip_f32_avx512, 16)
+    uint32_t *bits = (uint32_t *)x;
+    const int64_t shift = first % 32;
+    for (int64_t i = 0; i < count; ++i) {
+        const int64_t j = i + shift;
+        bits[i] ^= ((sign[j / 32] >> (j % 32)) & 1u) << 31;
+    }
+}
+
+INLINE void flip_f64(double *x, const uint32_t *sign, int64_t first, int64_t count) {
+    FLIP_FAST(flip_f64_avx512, 8)
+    uint64_t *bits = (uint64_t *)x;
+    const int64_t shift = first % 32;
+    for (int64_t i = 0; i < count; ++i) {
+        const int64_t j = i + shift;
+        bits[i] ^= (uint64_t)((sign[j / 32] >> (j % 32)) & 1u) << 63;
+    }
+}
+
+#ifdef HAVE_AVX512_PATH
+/* The first stages of the transform within each vector: 16 floats (h = 1, 2, 4, 8) or 8
+ * doubles (h = 1, 2, 4). Lane i with bit h clear takes x[i] + x[i + h], its partner
+ * x[i - h] - x[i]: the swapped vector y gives x + y and y - x, the same IEEE operations as the
+ * portable stages (addition commutes exactly). */
+AVX512 static void hadamard_lanes_f32(float *x, int64_t n) {
+    const __m512i swap1 = _mm512_set_epi32(14, 15, 12, 13, 10, 11, 8, 9, 6, 7, 4, 5, 2, 3, 0, 1);
+    const __m512i swap2 = _mm512_set_epi32(13, 12, 15, 14, 9, 8, 11, 10, 5, 4, 7, 6, 1, 0, 3, 2);
+    const __m512i swap4 = _mm512_set_epi32(11, 10, 9, 8, 15, 14, 13, 12, 3, 2, 1, 0, 7, 6, 5, 4);
+    const __m512i swap8 = _mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8);
+    for (int64_t i = 0; i < n; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i), y;
+        y = _mm512_permutexvar_ps(swap1, v);
+        v = _mm512_mask_blend_ps(0xAAAA, _mm512_add_ps(v, y), _mm512_sub_ps(y, v));
+        y = _mm512_permutexvar_ps(swap2, v);
+        v = _mm512_mask_blend_ps(0xCCCC, _mm512_add_ps(v, y), _mm512_sub_ps(y, v));
+        y = _mm512_permutexvar_ps(swap4, v);
+        v = _mm512_mask_blend_ps(0xF0F0, _mm512_add_ps(v, y), _mm512_sub_ps(y, v));
+        y = _mm512_permutexvar_ps(swap8, v);
+        v = _mm512_mask_blend_ps(0xFF00, _mm512_add_ps(v, y), _mm512_sub_ps(y, v));
+        _mm512_storeu_ps(x + i, v);
+    }
+}
+
+/* dequantize's table lookup for full tables of at most 16 levels: a register permute (every
+ * code indexes inside the table, so none is invalid). */
+AVX512 static int64_t dequantize_avx512(const uint8_t *codes, int64_t count, const double *table,
+                                        int bits, double scale, double *v) {
+    double table16[16] = {0};
+    memcpy(table16, table, sizeof(double) * ((size_t)1 << bits));
+    const __m512d t_lo = _mm512_loadu_pd(table16), t_hi = _mm512_loadu_pd(table16 + 8);
+    const __m512d s = _mm512_set1_pd(scale);
+    for (int64_t i = 0; i < count; i += 8) {
+        __m512i index = _mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)(codes + i)));
+        _mm512_storeu_pd(v + i, _mm512_mul_pd(_mm512_permutex2var_pd(t_lo, index, t_hi), s));
+    }
+    return 0;
+}
+
+/* unpack_codes + dequantize_f32 in registers for count (a multiple of 16) codes at packed,
+ * levels the payload's table as float32 padded with zeros to 256 entries: pdep spreads each 8 codes' bits into 8 bytes (the inverse of the encoder's pext), a permute
+ * (up to 16 levels) or a gather reads the table. end: the payload's end, never read past. */
+AVX512 __attribute__((target("bmi2"))) static int64_t dequantize_packed_f32_avx512(
+    const uint8_t *packed, const uint8_t *end, int64_t count, const float *levels, int size,
+    int bits, float scale, float *v) {
+    const uint64_t low_bits = 0x0101010101010101ull * ((1u << bits) - 1u);
+    const __m512 lookup16 = _mm512_loadu_ps(levels), s = _mm512_set1_ps(scale);
+    const __m512i limit = _mm512_set1_epi32(size);
+    int64_t bad = 0;
+    for (int64_t i = 0; i < count; i += 16) {
+        uint64_t words[2];
+        for (int half = 0; half < 2; ++half) {
+            const uint8_t *from = packed + (i / 8 + half) * bits;
+            uint64_t word = 0;
+            if (from + 8 <= end)
+                memcpy(&word, from, 8); /* a constant size: one load, not a call */
+            else
+                memcpy(&word, from, (size_t)(end - from));
+            words[half] = _pdep_u64(word, low_bits);
+        }
+        const __m512i index = _mm512_cvtepu8_epi32(_mm_set_epi64x((long long)words[1],
+                                                                  (long long)words[0]));
+        bad += __builtin_popcount(_mm512_cmpge_epi32_mask(index, limit));
+        const __m512 level = bits <= 4 ? _mm512_permutexvar_ps(index, lookup16)
+                                       : _mm512_i32gather_ps(index, levels, 4);
+        _mm512_storeu_ps(v + i, _mm512_mul_ps(level, s));
+    }
+    return bad;
+}
+
+/* Stages h = 1 to 128 of each block of 256 floats, the block in 16 registers: 4 stages within
+ * each vector as in hadamard_lanes_f32, then 4 between vectors (vector k and k + d for d = 1, 2,
+ * 4, 8, i.e. h = 16 d). One load and one store per element instead of one per stage. */
+AVX512 static void hadamard_blocks256_f32(float *x, int64_t n) {
+    const __m512i swap1 = _mm512_set_epi32(14, 15, 12, 13, 10, 11, 8, 9, 6, 7, 4, 5, 2, 3, 0, 1);
+    const __m512i swap2 = _mm512_set_epi32(13, 12, 15, 14, 9, 8, 11, 10, 5, 4, 7, 6, 1, 0, 3, 2);
+    const __m512i swap4 = _mm512_set_epi32(11, 10, 9, 8, 15, 14, 13, 12, 3, 2, 1, 0, 7, 6, 5, 4);
+    const __m512i swap8 = _mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8);
+    /* lane i's partner is y = swapped x; x[i] + y where bit h of i is clear, y - x[i] where it
+     * is set: one fused multiply-add of x by +-1 and y, exact in the product, so it rounds
+     * once, as the portable addition or subtraction does (signed zeros included) */
+    const __m512 sign1 = _mm512_setr_ps(1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1);
+    const __m512 sign2 = _mm512_setr_ps(1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1);
+    const __m512 sign4 = _mm512_setr_ps(1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1);
+    const __m512 sign8 = _mm512_setr_ps(1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1);
+    for (int64_t start = 0; start < n; start += 256) {
+        __m512 v[16];
+#pragma GCC unroll 16
+        for (int k = 0; k < 16; ++k) {
+            __m512 a = _mm512_loadu_ps(x + start + 16 * k);
+            a = _mm512_fmadd_ps(a, sign1, _mm512_permutexvar_ps(swap1, a));
+            a = _mm512_fmadd_ps(a, sign2, _mm512_permutexvar_ps(swap2, a));
+            a = _mm512_fmadd_ps(a, sign4, _mm512_permutexvar_ps(swap4, a));
+            v[k] = _mm512_fmadd_ps(a, sign8, _mm512_permutexvar_ps(swap8, a));
+        }
+#pragma GCC unroll 4
+        for (int d = 1; d < 16; d *= 2)
+#pragma GCC unroll 16
+            for (int k = 0; k < 16; ++k)
+                if (!(k & d)) {
+                    const __m512 a = v[k], b = v[k + d];
+                    v[k] = _mm512_add_ps(a, b);
+                    v[k + d] = _mm512_sub_ps(a, b);
+                }
+#pragma GCC unroll 16
+        for (int k = 0; k < 16; ++k) _mm512_storeu_ps(x + start + 16 * k, v[k]);
+    }
+}
+
+/* The last steps of the float32 rotated decoder for one bucket, in registers: each payload's
+ * values (values32 + p * bucket) with its signs flipped (signs + p * words: sign_words from a
+ * start that is a multiple of 32), summed in float64 in payload order, times factor, stored
+ * to out32 or out64. live a multiple of 16. */
+AVX512 static void sum_flipped_avx512(const float *values32, const uint32_t *signs, int64_t words,
+                                      int payloads, int64_t bucket, int64_t live, double factor,
+                                      float *out32, double *out64) {
+    const __m512i top = _mm512_set1_epi32((int)0x80000000u);
+    const __m512d f = _mm512_set1_pd(factor);
+    for (int64_t i = 0; i < live; i += 16) {
+        __m512d lo = _mm512_setzero_pd(), hi = lo;
+        for (int p = 0; p < payloads; ++p) {
+            const __mmask16 m = (__mmask16)(signs[p * words + i / 32] >> (i % 32));
+            __m512i v = _mm512_loadu_si512(values32 + p * bucket + i);
+            const __m512 x = _mm512_castsi512_ps(_mm512_mask_xor_epi32(v, m, v, top));
+            const __m512d x_lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+            const __m512d x_hi = _mm512_cvtps_pd(
+                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+            /* the first payload's values as they are (0.0 + x would turn -0.0 into +0.0) */
+            lo = p == 0 ? x_lo : _mm512_add_pd(lo, x_lo);
+            hi = p == 0 ? x_hi : _mm512_add_pd(hi, x_hi);
+        }
+        lo = _mm512_mul_pd(lo, f);
+        hi = _mm512_mul_pd(hi, f);
+        if (out32) {
+            _mm256_storeu_ps(out32 + i, _mm512_cvtpd_ps(lo));
+            _mm256_storeu_ps(out32 + i + 8, _mm512_cvtpd_ps(hi));
+        } else {
+            _mm512_storeu_pd(out64 + i, lo);
+            _mm512_storeu_pd(out64 + i + 8, hi);
+        }
+    }
+}
+
+AVX512 static void hadamard_lanes_f64(double *x, int64_t n) {
+    const __m512i swap1 = _mm512_set_epi64(6, 7, 4, 5, 2, 3, 0, 1);
+    const __m512i swap2 = _mm512_set_epi64(5, 4, 7, 6, 1, 0, 3, 2);
+    const __m512i swap4 = _mm512_set_epi64(3, 2, 1, 0, 7, 6, 5, 4);
+    for (int64_t i = 0; i < n; i += 8) {
+        __m512d v = _mm512_loadu_pd(x + i), y;
+        y = _mm512_permutexvar_pd(swap1, v);
+        v = _mm512_mask_blend_pd(0xAA, _mm512_add_pd(v, y), _mm512_sub_pd(y, v));
+        y = _mm512_permutexvar_pd(swap2, v);
+        v = _mm512_mask_blend_pd(0xCC, _mm512_add_pd(v, y), _mm512_sub_pd(y, v));
+        y = _mm512_permutexvar_pd(swap4, v);
+        v = _mm512_mask_blend_pd(0xF0, _mm512_add_pd(v, y), _mm512_sub_pd(y, v));
+        _mm512_storeu_pd(x + i, v);
+    }
+}
+#endif
+
+/* Stages h, 2h, 4h, ... of the unnormalised Walsh-Hadamard transform of x[0..n) in place (n a
+ * power of two): stage h turns x[i], x[i + h] (bit h of i clear) into their sum and difference,
+ * as rotation.hadamard. Two stages per pass over the block (the second pairs the first's
+ * outputs i, i + 2h and i + h, i + 3h: the same additions in the same order), so each element
+ * is loaded and stored half as often; the inner loops vectorise for h of a vector or more. */
+#define DEFINE_HADAMARD_STAGES(NAME, T)                                                        \
+    INLINE void NAME(T *x, int64_t n, int64_t h) {                                             \
+        for (; 4 * h <= n; h *= 4)                                                             \
+            for (int64_t i = 0; i < n; i += 4 * h)                                             \
+                for (int64_t j = i; j < i + h; ++j) {                                          \
+                    const T a = x[j], b = x[j + h], c = x[j + 2 * h], d = x[j + 3 * h];        \
+                    const T s0 = a + b, d0 = a - b, s1 = c + d, d1 = c - d;                    \
+                    x[j] = s0 + s1;                                                            \
+                    x[j + h] = d0 + d1;                                                        \
+                    x[j + 2 * h] = s0 - s1;                                                    \
+                    x[j + 3 * h] = d0 - d1;                                                    \
+                }                                                                              \
+        if (h < n)                                                                             \
+            for (int64_t j = 0; j < h; ++j) {                                                  \
+                const T a = x[j], b = x[j + h];                                                \
+                x[j] = a + b;                                                                  \
+                x[j + h] = a - b;                                                              \
+            }                                                                                  \
+    }
+
+DEFINE_HADAMARD_STAGES(hadamard_stages_f32, float)
+DEFINE_HADAMARD_STAGES(hadamard_stages_f64, double)
+
+/* The whole transform: the first stages within vectors (hadamard_lanes) where the AVX-512 path
+ * is on, then the rest. */
+INLINE void hadamard_f32(float *x, int64_t n) {
+#ifdef HAVE_AVX512_PATH
+    if (use_avx512() && n >= 256) {
+        hadamard_blocks256_f32(x, n);
+        hadamard_stages_f32(x, n, 256);
+        return;
+    }
+    if (use_avx512() && n >= 16) {
+        hadamard_lanes_f32(x, n);
+        hadamard_stages_f32(x, n, 16);
+        return;
+    }
+#endif
+    hadamard_stages_f32(x, n, 1);
+}
+
+INLINE void hadamard_f64(double *x, int64_t n) {
+#ifdef HAVE_AVX512_PATH
+    if (use_avx512() && n >= 8) {
+        hadamard_lanes_f64(x, n);
+        hadamard_stages_f64(x, n, 8);
+        return;
+    }
+#endif
+    hadamard_stages_f64(x, n, 1);
+}
+
+/* dequantize (below) in float32, for payloads of tensors narrower than float64: float32 levels
+ * times the float32 scale (both were sent as float32). */
+INLINE int64_t dequantize_f32(const uint8_t *codes, int64_t count, const double *table, int size,
+                              float scale, float *v) {
+    int64_t bad = 0;
+    for (int64_t i = 0; i < count; ++i) bad += codes[i] >= size;
+    for (int64_t i = 0; i < count; ++i) v[i] = (float)table[codes[i]] * scale;
+    return bad;
+}
+
+/* v[i] = table[codes[i]] * scale for a rotated bucket (count a multiple of 8); returns the
+ * number of codes at or beyond size (a corrupted payload). */
+INLINE int64_t dequantize(const uint8_t *codes, int64_t count, const double *table, int size,
+                          int bits, double scale, double *v) {
+#ifdef HAVE_AVX512_PATH
+    if (use_avx512() && bits <= 4 && size == 1 << bits)
+        return dequantize_avx512(codes, count, table, bits, scale, v);
+#endif
+    (void)bits;
+    int64_t bad = 0;
+    for (int64_t i = 0; i < count; ++i) bad += codes[i] >= size;
+    for (int64_t i = 0; i < count; ++i) v[i] = table[codes[i]] * scale;
+    return bad;
+}
+
+/* The float64 sum of v[0..count) in quantize.lane_sums' order: lane j adds elements j,
+ * j + LANES, ... (count a multiple of 8), then the lanes are added in order. */
+INLINE double lane_sum(const double *v, int64_t count) {
+    double part[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= count; i += LANES)
+        for (int j = 0; j < LANES; ++j) part[j] += v[i + j];
+    for (int j = 0; i < count; ++i, ++j) part[j] += v[i];
+    double acc = 0.0;
+    for (int j = 0; j < LANES; ++j) acc += part[j];
+    return acc;
+}
+
+/* codec.encode_rotated's element loops, one bucket at a time in cache: non-finite elements
+ * taken as 0 (and counted: the return value), rotate (signs, then the transform), the bucket's L2 norm (norms[b]), divide by its RMS, round to the nearest level of
+ * the unit table, pack, and <table[code], r> (dots[b]), all in quantize.lane_sums' order where
+ * they sum. x: n elements, zero-padded to whole buckets of a power of two >= 8. scratch:
+ * bucket T for the rotated bucket, bucket float, bucket uint32 and bucket doubles; codes: bucket
+ * bytes. out holds the packed codes of the padded buckets. */
+#define DEFINE_ENCODE_ROTATED(NAME, T, HADAMARD, FLIP)                                         \
+    HOT int64_t NAME(const T *x, int64_t n, int64_t bucket, uint32_t key_lo, uint32_t key_hi,  \
+                     uint32_t step, const float *levels, int size, int bits, double *norms,    \
+                     double *dots, void *scratch, uint8_t *codes, uint8_t *out) {              \
+        const uint32_t step_word = lowbias32(step ^ key_hi);                                   \
+        T *row = (T *)scratch;                                                                 \
+        float *v = (float *)(row + bucket);                                                    \
+        uint32_t *sign = (uint32_t *)(v + bucket);                                             \
+        double *wide = (double *)(sign + bucket);                                              \
+        const double root = sqrt((double)bucket);                                              \
+        LevelTable table;                                                                      \
+        prepare_table(levels, size, &table);                                                   \
+        int64_t nonfinite = 0;                                                                 \
+        for (int64_t start = 0, b = 0; start < n; start += bucket, ++b) {                      \
+            const int64_t live = n - start < bucket ? n - start : bucket;                      \
+            for (int64_t i = 0; i < live; ++i) {                                               \
+                const T value = x[start + i];                                                  \
+                const int finite = isfinite(value);                                            \
+                nonfinite += !finite;                                                          \
+                row[i] = finite ? value : (T)0;                                                \
+            }                                                                                  \
+            memset(row + live, 0, (size_t)(bucket - live) * sizeof(T));                        \
+            sign_words(start, bucket, key_lo, step_word, sign);                                \
+            FLIP(row, sign, start, bucket);                                                    \
+            HADAMARD(row, bucket);                                                             \
+            for (int64_t i = 0; i < bucket; ++i) wide[i] = (double)row[i] * (double)row[i];    \
+            const double norm = sqrt(lane_sum(wide, bucket));                                  \
+            const T divisor = (T)(norm != 0.0 ? norm / root : 1.0);                            \
+            for (int64_t i = 0; i < bucket; ++i) v[i] = (float)(row[i] / divisor);             \
+            round_block(v, bucket, 0, &table, 0, 0, 1, codes);                                 \
+            for (int64_t i = 0; i < bucket; ++i)                                               \
+                wide[i] = (double)levels[codes[i]] * (double)row[i];                           \
+            norms[b] = norm;                                                                   \
+            dots[b] = lane_sum(wide, bucket);                                                  \
+            pack_codes(codes, bucket, bits, out + start / 8 * bits);                           \
+        }                                                                                      \
+        return nonfinite;                                                                      \
+    }
+
+DEFINE_ENCODE_ROTATED(tnq_encode_rotated_f32, float, hadamard_f32, flip_f32)
+DEFINE_ENCODE_ROTATED(tnq_encode_rotated_f64, double, hadamard_f64, flip_f64)
+
+/* codec.decode_sum for payloads of the rotated scheme: per bucket, each payload's
+ * scale * table[code], inverse-rotated with its sender's signs (keys_lo, keys_hi, steps), in
+ * float32 (single: tensors narrower than float64) or float64, summed in float64 in payload
+ * order, times factor, stored as float32 (out32) or float64 (out64). n is the tensor's element
+ * count; payloads code whole buckets (bucket a power of two, >= 8, so each bucket's codes start
+ * on a byte). scratch: 2 * bucket doubles, bucket uint32, and per payload 256 + bucket floats
+ * and bucket / 32 + 1 uint32; codes: bucket bytes. */
+HOT void tnq_rotated_decode_sum(int payloads, const uint8_t *const *packed, const int *bits,
+                                const double *const *tables, const int *table_sizes,
+                                const double *const *scales, const uint32_t *keys_lo,
+                                const uint32_t *keys_hi, const uint32_t *steps, int64_t n,
+                                int64_t bucket, int single, double factor, float *out32,
+                                double *out64, int64_t *invalid, void *scratch, uint8_t *codes) {
+    double *acc = (double *)scratch, *v = acc + bucket;
+    float *v32 = (float *)v;
+    uint32_t *sign = (uint32_t *)(v + bucket);
+    float *levels32 = (float *)(sign + bucket); /* each payload's table, as float32 */
+    float *values32 = levels32 + 256 * payloads; /* float32 payloads: each one's bucket */
+    const int64_t words = bucket / 32 + 1;
+    uint32_t *signs = (uint32_t *)(values32 + bucket * payloads); /* and its sign words */
+#ifdef HAVE_AVX512_PATH
+    const int fused = single && use_avx512() && bucket % 32 == 0;
+#else
+    const int fused = 0;
+#endif
+    for (int p = 0; p < payloads; ++p)
+        for (int k = 0; k < 256; ++k)
+            levels32[256 * p + k] = k < table_sizes[p] ? (float)tables[p][k] : 0.0f;
+    const int64_t padded = (n + bucket - 1) / bucket * bucket;
+    for (int64_t start = 0, k = 0; start < n; start += bucket, ++k) {
+        const int64_t live = n - start < bucket ? n - start : bucket;
+        for (int p = 0; p < payloads; ++p) {
+            const int b = bits[p];
+            const int64_t packed_size = (padded * b + 7) / 8;
+            const double *table = tables[p];
+            if (fused)
+                sign = signs + p * words;
+            sign_words(start, live, keys_lo[p], lowbias32(steps[p] ^ keys_hi[p]), sign);
+            const uint8_t *from = packed[p] + start / 8 * b;
+            if (single) {
+                v32 = values32 + p * bucket;
+#ifdef HAVE_AVX512_PATH
+                if (use_avx512() && bucket % 16 == 0)
+                    invalid[p] += dequantize_packed_f32_avx512(
+                        from, packed[p] + packed_size, bucket, levels32 + 256 * p,
+                        table_sizes[p], b,
+                        (float)scales[p][k], v32);
+                else
+#endif
+                {
+                    unpack_codes(from, bucket, b, codes);
+                    invalid[p] += dequantize_f32(codes, bucket, table, table_sizes[p],
+                                                 (float)scales[p][k], v32);
+                }
+                hadamard_f32(v32, bucket);
+                if (!fused)
+                    flip_f32(v32, sign, start, live);
+                continue;
+            }
+            unpack_codes(from, bucket, b, codes);
+            invalid[p] += dequantize(codes, bucket, table, table_sizes[p], b, scales[p][k], v);
+            hadamard_f64(v, bucket);
+            flip_f64(v, sign, start, live);
+            if (p == 0)
+                memcpy(acc, v, (size_t)live * sizeof(double));
+            else
+                for (int64_t i = 0; i < live; ++i) acc[i] += v[i];
+        }
+#ifdef HAVE_AVX512_PATH
+        if (fused && live % 16 == 0) {
+            sum_flipped_avx512(values32, signs, words, payloads, bucket, live, factor,
+                               out32 ? out32 + start : NULL, out64 ? out64 + start : NULL);
+            continue;
+        }
+#endif
+        if (fused) /* the tensor's last, partial bucket */
+            for (int p = 0; p < payloads; ++p)
+                flip_f32(values32 + p * bucket, signs + p * words, start, live);
+        if (single) { /* the float64 sum of the payloads' buckets, in payload order */
+            int64_t i = 0;
+            for (; i + 8 <= live; i += 8) {
+                double a[8];
+                for (int j = 0; j < 8; ++j) a[j] = (double)values32[i + j];
+                for (int p = 1; p < payloads; ++p)
+                    for (int j = 0; j < 8; ++j) a[j] += (double)values32[p * bucket + i + j];
+                for (int j = 0; j < 8; ++j) acc[i + j] = a[j];
+            }
+            for (; i < live; ++i) {
+                double a = (double)values32[i];
+                for (int p = 1; p < payloads; ++p) a += (double)values32[p * bucket + i];
+                acc[i] = a;
+            }
+        }
+        if (out32)
+            for (int64_t i = 0; i < live; ++i) out32[start + i] = (float)(acc[i] * factor);
+        else
+            for (int64_t i = 0; i < live; ++i) out64[start + i] = acc[i] * factor;
+    }
+}
+
 #ifdef TNQ_PYTHON_MODULE
 /* setup.py builds this file as a Python extension so that pip places it in the package; it is
  * importable, but its functions are reached through ctypes (native.py). */

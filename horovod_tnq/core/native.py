@@ -38,6 +38,14 @@ def _load():
     library.tnq_decode_sum.argtypes = [_i32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
                                        _f64, _ptr, _ptr, _ptr]
     library.tnq_decode_sum.restype = None
+    for name in ("tnq_encode_rotated_f32", "tnq_encode_rotated_f64"):
+        getattr(library, name).argtypes = [_ptr, _i64, _i64, _u32, _u32, _u32, _ptr, _i32, _i32,
+                                           _ptr, _ptr, _ptr, _ptr, _ptr]
+        getattr(library, name).restype = _i64
+    library.tnq_rotated_decode_sum.argtypes = [_i32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
+                                               _ptr, _i64, _i64, _i32, _f64, _ptr, _ptr, _ptr,
+                                               _ptr, _ptr]
+    library.tnq_rotated_decode_sum.restype = None
     library.tnq_set_vector_path.argtypes = [_i32]
     library.tnq_set_vector_path.restype = _i32
     library.tnq_set_vector_path(1)
@@ -105,6 +113,10 @@ def decode_sum(payloads, numel, bucket_size, factor, out_dtype, out=None):
     float64 in payload order, as out_dtype (float32 or float64); per payload, the number of
     codes beyond its table). ``payloads`` are codec.Sections: each has its own bits, table,
     scales and (or None) offsets. Writes into ``out`` (numel contiguous out_dtype) when given."""
+    return _decode_sum(payloads, numel, bucket_size, factor, out_dtype, out, rotated=False)
+
+
+def _decode_sum(payloads, numel, bucket_size, factor, out_dtype, out, rotated):
     count = len(payloads)
     keep = []  # the arrays whose addresses the kernel reads
 
@@ -127,6 +139,25 @@ def decode_sum(payloads, numel, bucket_size, factor, out_dtype, out=None):
     if out.dtype not in (np.float32, np.float64):
         raise TypeError(f"the native decoder writes float32 or float64, not {out.dtype}")
     invalid = np.zeros(count, dtype=np.int64)
+    if rotated:
+        words = [(p.rotation[0] & 0xFFFFFFFF, p.rotation[0] >> 32, p.rotation[1])
+                 for p in payloads]
+        lo, hi, steps = ((ctypes.c_uint32 * count)(*column) for column in zip(*words))
+        # 2 doubles and 1 uint32 per element of a bucket; per payload, 256 float32 levels, a
+        # bucket of float32 values and its sign words
+        per_payload = 1024 + 4 * bucket_size + 4 * (bucket_size // 32 + 1)
+        scratch = np.empty(bucket_size * 20 + per_payload * count, dtype=np.uint8)
+        codes = np.empty(bucket_size, dtype=np.uint8)
+        LIBRARY.tnq_rotated_decode_sum(
+            count, pointers([p.packed.astype(np.uint8, copy=False) for p in payloads]), bits,
+            pointers(tables), sizes, pointers([p.scales.astype(np.float64, copy=False)
+                                               for p in payloads]),
+            lo, hi, steps, numel, bucket_size,
+            int(payloads[0].header.scale_dtype.itemsize == 4), float(factor),
+            _address(out) if out.dtype == np.float32 else None,
+            _address(out) if out.dtype == np.float64 else None, _address(invalid),
+            _address(scratch), _address(codes))
+        return out, invalid.tolist()
     LIBRARY.tnq_decode_sum(
         count, pointers([p.packed.astype(np.uint8, copy=False) for p in payloads]), bits,
         pointers(tables), sizes, pointers([p.scales.astype(np.float64, copy=False)
@@ -137,3 +168,30 @@ def decode_sum(payloads, numel, bucket_size, factor, out_dtype, out=None):
         _address(out) if out.dtype == np.float32 else None,
         _address(out) if out.dtype == np.float64 else None, _address(invalid))
     return out, invalid.tolist()
+
+
+def encode_rotated(flat, bucket_size, key_words, step, table, bits, out):
+    """(L2 norm of each rotated bucket, <table[code], rotated> per bucket, number of
+    non-finite elements) of codec.encode_rotated, in one pass that keeps each bucket in cache;
+    non-finite elements are taken as 0 and the packed codes are written into ``out``."""
+    flat = np.ascontiguousarray(flat)
+    table = np.ascontiguousarray(table, dtype=np.float32)
+    buckets = -(-flat.size // bucket_size)
+    if out.dtype != np.uint8 or out.size != (buckets * bucket_size * bits + 7) // 8 or \
+            not out.flags.c_contiguous:
+        raise ValueError("out must hold exactly the packed codes of the padded buckets")
+    norms = np.empty(buckets, dtype=np.float64)
+    dots = np.empty(buckets, dtype=np.float64)
+    scratch = np.empty(bucket_size * (flat.itemsize + 16), dtype=np.uint8)
+    codes = np.empty(bucket_size, dtype=np.uint8)
+    lo, hi = key_words
+    nonfinite = getattr(LIBRARY, f"tnq_encode_rotated_{_suffix(flat.dtype)}")(
+        _address(flat), flat.size, bucket_size, lo, hi, int(step) & 0xFFFFFFFF,
+        _address(table), table.size, bits, _address(norms), _address(dots), _address(scratch),
+        _address(codes), _address(out))
+    return norms, dots, int(nonfinite)
+
+
+def rotated_decode_sum(payloads, numel, bucket_size, factor, out_dtype, out=None):
+    """decode_sum for payloads of the rotated scheme (codec.Sections with ``rotation`` set)."""
+    return _decode_sum(payloads, numel, bucket_size, factor, out_dtype, out, rotated=True)

@@ -50,16 +50,24 @@ def bucket_statistic(flat, bucket_size, statistic="mean_abs"):
         return rows.max(axis=1)
     if statistic == "l2":
         rows *= rows
-    # a reduction over a middle axis adds its slices one after another: the lane order
-    lanes = rows.reshape(buckets, width // LANES, LANES).sum(axis=1)
-    total = lanes[:, 0].copy()
-    for lane in range(1, LANES):
-        total += lanes[:, lane]
+    total = lane_sums(rows)
     if statistic == "l2":
         return np.sqrt(total)
     counts = np.full(buckets, bucket_size, dtype=np.float64)
     counts[-1] = n - (buckets - 1) * bucket_size
     return total / counts
+
+
+def lane_sums(rows):
+    """The float64 sum of each row (rows: float64, length a multiple of LANES, zero-padded) in
+    the lane order described above."""
+    count, width = rows.shape
+    # a reduction over a middle axis adds its slices one after another: the lane order
+    lanes = rows.reshape(count, width // LANES, LANES).sum(axis=1)
+    total = lanes[:, 0].copy()
+    for lane in range(1, LANES):
+        total += lanes[:, lane]
+    return total
 
 
 def bucket_min_max(flat, bucket_size):
