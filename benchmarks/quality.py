@@ -12,8 +12,8 @@ Schemes send different amounts of metadata, so TNQ is compared at equal bits: ea
 scheme's NMSE is interpolated (log-linearly) between its own bit widths at the bits per element
 TNQ's payload really has; a scheme that cannot run at more bits is taken at its largest width,
 and below its smallest width at its smallest (where it would only be worse). The last column
-and the closing lists say where the TNQ family (tnq, tnq-fit, tnq-opt, tnq-sparse) is not the
-best at 2, 3 and 4 bits, per source and per layer: against every scheme, and among the
+and the closing lists say where the TNQ family (tnq-rht, tnq, tnq-fit, tnq-opt, tnq-sparse) is
+not the best at 2, 3 and 4 bits, per source and per layer: against every scheme, and among the
 quantizers (one code per element: the sparsifiers topk and tnq-sparse left out).
 """
 
@@ -30,7 +30,7 @@ from gradients import all_sources  # noqa: E402
 from horovod_tnq import core  # noqa: E402
 
 BITS = (1, 2, 3, 4, 8)
-TNQ_FAMILY = ("tnq", "tnq-fit", "tnq-opt", "tnq-sparse")
+TNQ_FAMILY = ("tnq-rht", "tnq", "tnq-fit", "tnq-opt", "tnq-sparse")
 TARGET_BITS = (2, 3, 4)
 # Compared at equal bits per element: the level-table schemes, and topk and tnq-sparse, whose
 # ``bits`` is the budget of their whole payload (indices, values, everything). dqsgd picks its
@@ -39,11 +39,62 @@ TARGET_BITS = (2, 3, 4)
 COMPARED = [name for name, scheme in core.SCHEMES.items()
             if scheme.body is None and scheme.choose_bits is None] + ["topk", "tnq-sparse"]
 SPARSIFIERS = ("topk", "tnq-sparse")  # not quantizers: they send some elements, not every one
+# The state of the art as an anchor, written here from its paper rather than with the core's
+# code: EDEN (Vargaftik et al., ICML 2022, Section 4 / Algorithm 1): a random rotation of each
+# block (random signs, then a Walsh-Hadamard matrix, here as a dense matrix product), the
+# block's coordinates rounded to the nearest Lloyd-Max level of N(0, 1) times the block's RMS
+# (levels fitted here by Lloyd's algorithm on Gaussian samples), and the scale
+# ||r||^2 / <q, r>. One float32 scale per block of the bucket size, like tnq-rht.
+ANCHORS = ("eden-anchor",)
+_ANCHOR_LEVELS = {}
+
+
+def anchor_levels(bits):
+    """Lloyd-Max levels of N(0, 1) fitted on samples (independently of core.levels)."""
+    if bits not in _ANCHOR_LEVELS:
+        samples = np.sort(np.random.default_rng(12345).normal(size=1 << 21))
+        levels = np.quantile(samples, (np.arange(1 << bits) + 0.5) / (1 << bits))
+        for _ in range(300):
+            edges = np.searchsorted(samples, (levels[1:] + levels[:-1]) / 2)
+            sums = np.add.reduceat(samples, np.concatenate([[0], edges]))
+            counts = np.diff(np.concatenate([[0], edges, [samples.size]]))
+            levels = sums / np.maximum(counts, 1)
+        _ANCHOR_LEVELS[bits] = levels
+    return _ANCHOR_LEVELS[bits]
+
+
+def eden_anchor(gradient, bits, block, seed):
+    """EDEN's round trip of ``gradient``: (decoded, bits sent)."""
+    rng = np.random.default_rng(seed)
+    n = gradient.size
+    rows = np.zeros(-(-n // block) * block)
+    rows[:n] = gradient
+    rows = rows.reshape(-1, block)
+    hadamard = np.array([[1.0]])
+    while hadamard.shape[0] < block:
+        hadamard = np.block([[hadamard, hadamard], [hadamard, -hadamard]])
+    hadamard /= np.sqrt(block)
+    signs = rng.choice([-1.0, 1.0], size=rows.shape)
+    rotated = (rows * signs) @ hadamard
+    rms = np.sqrt((rotated ** 2).mean(axis=1, keepdims=True))
+    levels = anchor_levels(bits)
+    edges = (levels[1:] + levels[:-1]) / 2
+    quantized = levels[np.searchsorted(edges, rotated / np.where(rms > 0, rms, 1))]
+    dot = (quantized * rotated).sum(axis=1, keepdims=True)
+    scale = np.where(dot > 0, (rotated ** 2).sum(axis=1, keepdims=True) / np.where(
+        dot > 0, dot, 1), 0).astype(np.float32)
+    decoded = ((scale * quantized) @ hadamard.T) * signs
+    return decoded.reshape(-1)[:n], bits * rows.size + 32 * rows.shape[0]
 
 
 def measure(gradient, scheme, bits, bucket_size, seeds):
     squared_error = 0.0
     size = 0
+    if scheme in ANCHORS:
+        for seed in range(seeds):
+            decoded, sent = eden_anchor(gradient.astype(np.float64), bits, bucket_size, seed)
+            squared_error += float(((decoded - gradient) ** 2).sum()) / seeds
+        return squared_error, float(sent)
     for seed in range(seeds):
         payload = core.encode(gradient, scheme=scheme, bits=bits, bucket_size=bucket_size,
                               key=core.stream_key(seed, 0, scheme))
@@ -59,9 +110,9 @@ def run(bucket_size, seeds):
         for layer, gradient in layers.items():
             norm2 = float((gradient.astype(np.float64) ** 2).sum())
             zeros = float(np.mean(gradient == 0))
-            for scheme in COMPARED:
+            for scheme in COMPARED + list(ANCHORS):
                 for bits in BITS:
-                    if not core.supports(scheme, bits):
+                    if scheme not in ANCHORS and not core.supports(scheme, bits):
                         continue
                     error, bits_sent = measure(gradient, scheme, bits, bucket_size, seeds)
                     rows.append({"source": source, "layer": layer, "numel": gradient.size,
@@ -96,9 +147,10 @@ def nmse_at(points, bits_sent):
 
 
 def equal_bits_verdicts(summary, exclude=()):
-    """For each (source, layer, bits in TARGET_BITS): the best TNQ variant, its NMSE, and the
-    best other scheme with its NMSE interpolated to that variant's bits per element; schemes in
-    ``exclude`` take part on neither side."""
+    """For each (source, layer, bits in TARGET_BITS): the TNQ variant that beats the best other
+    scheme by the widest margin at the bits per element that variant sends, its NMSE, and that
+    other scheme with its NMSE interpolated there; schemes in ``exclude`` take part on neither
+    side."""
     curves = {}
     for (source, layer, bits, scheme), point in summary.items():
         curves.setdefault((source, layer, scheme), []).append(point)
@@ -108,13 +160,15 @@ def equal_bits_verdicts(summary, exclude=()):
                 if (source, layer, bits, s) in summary and s not in exclude}
         if not ours:
             continue
-        best = min(ours, key=lambda s: ours[s][1])
-        sent, nmse = ours[best]
-        others = {s: nmse_at(points, sent) for (src, lay, s), points in curves.items()
-                  if src == source and lay == layer and s not in TNQ_FAMILY and
-                  s not in exclude}
-        rival = min(others, key=others.get)
-        verdicts[(source, layer, bits)] = (best, nmse, rival, others[rival])
+        rivals = [s for (src, lay, s) in curves if src == source and lay == layer and
+                  s not in TNQ_FAMILY and s not in exclude and s not in ANCHORS]
+        candidates = []
+        for variant, (sent, nmse) in ours.items():
+            # each variant against the best other scheme at the bits *it* sends
+            others = {s: nmse_at(curves[(source, layer, s)], sent) for s in rivals}
+            rival = min(others, key=others.get)
+            candidates.append((nmse / others[rival], (variant, nmse, rival, others[rival])))
+        verdicts[(source, layer, bits)] = min(candidates)[1]
     return verdicts
 
 
@@ -156,6 +210,29 @@ def plot(rows, path):
     fig.savefig(path, dpi=100)
 
 
+def print_anchor_table(summary):
+    """The default scheme against the EDEN anchor and the best seed baseline, per source and
+    bit width (NMSE over all layers; ratios < 1: tnq-rht's error is lower)."""
+    seeds = ("qsgd", "qsgdinf", "nuqsgd", "maxmin")
+    print("tnq-rht against the EDEN anchor and the best seed baseline (QSGD, QSGDinf, NUQSGD, "
+          "MaxMin) at the same bits")
+    print("| source | bits | tnq-rht | eden-anchor | tnq-rht / eden | best seed baseline | "
+          "tnq-rht / best seed | tnq |")
+    print("|---|---|---|---|---|---|---|---|")
+    for source, bits in sorted({(k[0], k[2]) for k in summary if k[3] == "tnq-rht"}):
+        ours = summary[(source, "all", bits, "tnq-rht")][1]
+        anchor = summary.get((source, "all", bits, "eden-anchor"), (0, float("nan")))[1]
+        baselines = {s: summary[(source, "all", bits, s)][1] for s in seeds
+                     if (source, "all", bits, s) in summary}
+        tnq = summary.get((source, "all", bits, "tnq"), (0, float("nan")))[1]
+        best = min(baselines, key=baselines.get) if baselines else None
+        best_cell = f"{best} {baselines[best]:.3g} | {ours / baselines[best]:.3f}" if best \
+            else " | "
+        print(f"| {source} | {bits} | {ours:.3g} | {anchor:.3g} | {ours / anchor:.3f} | "
+              f"{best_cell} | {tnq:.3g} |")
+    print()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
@@ -171,7 +248,8 @@ def main():
     plot(rows, os.path.join(args.out, "quality.png"))
     summary = summarise(rows)
     verdicts = equal_bits_verdicts(summary)
-    schemes = list(COMPARED)
+    schemes = list(COMPARED) + list(ANCHORS)
+    print_anchor_table(summary)
     print("NMSE over all layers of each source; last column: the best TNQ variant against the "
           "best other scheme at the same bits per element sent (ratio < 1: TNQ wins)")
     print("| source | bits | " + " | ".join(schemes) + " | TNQ vs best other |")

@@ -34,7 +34,7 @@ def test_quality_benchmark(tmp_path):
     sources = {row["source"] for row in rows}
     assert {"cnn_digits", "char_lm_stdlib", "synthetic/student_t2",
             "synthetic/student_t3"} <= sources
-    assert {row["scheme"] for row in rows} == set(quality.COMPARED)
+    assert {row["scheme"] for row in rows} == set(quality.COMPARED) | set(quality.ANCHORS)
     for row in rows:
         if row["scheme"] == "tnq-sparse":
             assert float(row["bits_per_element"]) <= int(row["bits"]), row
@@ -46,6 +46,11 @@ def test_quality_benchmark(tmp_path):
             for key, (best, nmse, rival, rival_nmse) in verdicts.items():
                 assert nmse < rival_nmse, (exclude, key, best, nmse, rival, rival_nmse)
     summary = quality.summarise(rows)
+    for source in sources:  # the default is as good as the state of the art, everywhere
+        for bits in (2, 3, 4, 8):
+            ours = summary[(source, "all", bits, "tnq-rht")][1]
+            assert ours <= 1.05 * summary[(source, "all", bits, "eden-anchor")][1], source
+            assert ours < summary[(source, "all", bits, "tnq")][1], source
     for source in ("cnn_digits", "char_lm_stdlib"):
         _, nmse, _, _ = quality.equal_bits_verdicts(summary, quality.SPARSIFIERS)[
             (source, "all", 2)]
