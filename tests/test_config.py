@@ -27,7 +27,7 @@ def test_bad_settings_are_refused(options, match):
 def test_defaults_and_bits_per_element():
     config = CompressorConfig()
     assert (config.bits, config.scheme, config.bucket_size, config.error_feedback) == \
-        (4, "tnq", 512, 0.0)
+        (4, "tnq-rht", 512, 0.0)
     assert config.bits_per_element() == pytest.approx(4 + 32 / 512)
     # MaxMin sends two floats per bucket
     assert CompressorConfig(scheme="maxmin", bits=3).bits_per_element() == \

@@ -51,13 +51,16 @@ class TNQCompressor(CompressorBase, Compressor):
         bits: bits per element on the wire, 1 to 8 (for "topk" and "tnq-sparse" the budget in
             bits per element of the whole payload, for "dqsgd" the widest width, for
             "dp-binomial" the levels before noise).
-        scheme: "tnq" (non-uniform levels), "tnq-fit", "tnq-opt", "tnq-sparse" (the largest
+        scheme: "tnq-rht" (the default: each bucket randomly rotated, then rounded to the
+            levels that are optimal for the Gaussian the rotation makes of it; unbiased),
+            "tnq" (the paper's closed form), "tnq-fit", "tnq-opt", "tnq-sparse" (the largest
             entries on fitted non-uniform levels, core/tnq_sparse.py), or another scheme of
             core.SCHEMES: "tnq-uniform", "qsgd", "qsgdinf", "nuqsgd", "maxmin", "orq",
             "bingrad" (1 bit), "terngrad" (2 bits), "sign" (1 bit), "topk" (adaptive Top-K),
             "dqsgd" (width chosen per step), "dp-binomial" (differential privacy); see
             get_compressor.
-        bucket_size: elements sharing one scale (and, for "maxmin" and "bingrad", an offset);
+        bucket_size: elements sharing one scale (and, for "maxmin" and "bingrad", an offset;
+            for "tnq-rht" a power of two, the block each rotation mixes);
             each costs 32 / bucket_size bits per element.
         min_numel: tensors with fewer elements, and non-float tensors, take Horovod's ordinary
             allreduce uncompressed: compression does not pay for them.
