@@ -20,6 +20,11 @@ def synthetic(n=262_144, seed=0):
         "laplace": rng.laplace(size=n).astype(np.float32),
         "student_t3": rng.standard_t(3, n).astype(np.float32),
         "student_t2": rng.standard_t(2, n).astype(np.float32),
+        # a layer whose rows (of 256) have scales spread over orders of magnitude, plus 0.1%
+        # outliers 100 times the typical row's scale: what one scale per tensor cannot fit
+        "row_scales_outliers": ((rng.normal(size=(n // 256, 256)) *
+                                 rng.lognormal(0.0, 2.0, size=(n // 256, 1))).ravel() +
+                                np.where(rng.random(n) < 1e-3, 100.0, 0.0)).astype(np.float32),
     }
 
 
