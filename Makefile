@@ -20,7 +20,7 @@ demo: $(STAMP)
 wire-bytes: $(STAMP)
 	$(PY) benchmarks/wire_bytes.py
 
-# training benchmarks (README "Training over a slow network", "Convergence"); the first two need root
+# training benchmarks (docs/benchmarks.md); the first two need root
 bandwidth: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bandwidth.py
 

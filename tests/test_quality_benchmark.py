@@ -1,4 +1,5 @@
-"""The quality benchmark runs end to end, and its headlines hold (README, "Comparing schemes"):
+"""The quality benchmark runs end to end, and its headlines hold (README "Results" and
+docs/benchmarks.md):
 
 * the target of issue 4: at 2, 3 and 4 bits per element a TNQ scheme has the lowest NMSE of
   every compared scheme at the same bits per element sent, on every gradient source (synthetic
@@ -7,7 +8,8 @@
 * among the quantizers (one code per element) a TNQ variant is best likewise;
 * adaptive Top-K, at the same bits, beats every quantizer at 2 bits on the real models.
 
-One seed instead of the README's three keeps it quick; the margins are wider than the noise."""
+One seed instead of the documented run's three keeps it quick; the margins are wider than the
+noise."""
 
 import csv
 import os
@@ -50,7 +52,7 @@ def test_quality_benchmark(tmp_path):
         for bits in (2, 3, 4, 8):
             ours = summary[(source, "all", bits, "tnq-rht")][1]
             # one seed: a rotation's error varies by about 8% from seed to seed on the source
-            # with outliers (the README's 3-seed run holds both within 6%)
+            # with outliers (the documented 3-seed run holds both within 6%)
             assert ours <= 1.15 * summary[(source, "all", bits, "eden-anchor")][1], source
             assert ours < summary[(source, "all", bits, "tnq")][1], source
     for source in ("cnn_digits", "char_lm_stdlib"):

@@ -2,7 +2,7 @@
 
 A payload is a self-delimiting uint8 buffer, so several ranks' payloads can be concatenated by an
 allgather and walked through afterwards. Bucket i of ``bucket size`` consecutive elements decodes
-as ``offset[i] + scale[i] * table[code]``. Layout (little-endian), format version 2:
+as ``offset[i] + scale[i] * table[code]``. Layout (little-endian), format version 3:
 
     offset size  field
     0      4     magic b"TNQ" + format version (2)

@@ -3,8 +3,7 @@
 Every scheme decodes bucket i as ``offset[i] + scale[i] * table[code]``. The fixed-table schemes
 (codec.SCHEMES) take the scale from a bucket statistic; the schemes here compute their parameters
 from the data, and those that fit a level table send it in the payload. Each fit returns a
-BucketFit; horovod_tnq/tensorflow/ops.py re-expresses every step in TF ops, in the same order,
-so both frameworks send the same bytes.
+BucketFit. Both framework adapters call these same functions, so both send the same bytes.
 
 Optimal levels for a given set of values (re-derived here; Xu, Huo, Huang, "Optimal Gradient
 Quantization Condition for Communication-Efficient Distributed Training", arXiv 2002.11082, state

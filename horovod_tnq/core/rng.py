@@ -2,9 +2,9 @@
 
 Element i of a tensor gets a uniform draw that depends only on (key, step, i), never on how many
 draws were made before, so the noise is reproducible per (seed, rank, tensor, step), independent
-of thread counts and chunking, and simple to re-implement bit for bit in another framework
-(horovod_tnq/tensorflow/ops.py does, in TF ops). The key is fixed per tensor and computed once in
-Python; the step is a separate 32-bit input so a TF graph can feed it from a counter variable.
+of thread counts and chunking, and simple to re-implement bit for bit elsewhere (native.c does,
+element by element). The key is fixed per tensor and computed once in Python; the step is a
+separate 32-bit input.
 The mixer is the "lowbias32" integer hash (C. Wellons, hash-prospector).
 """
 

@@ -78,9 +78,7 @@ searches, whatever K is. A candidate's E is at least the energy it leaves out, s
 largest K of each width has been evaluated, the candidates leaving out more than the smallest E
 so far are skipped (they cannot be chosen); what remains is a few (K, q) times 150 tables. On
 one core the numpy encoder takes about as long as Top-K's (1M elements: 170 to 210 ms, Top-K
-180 to 280 ms; 16k elements: 5 ms, Top-K 3 ms; benchmarks/cpu_speed.py). The TF twin
-(tensorflow/tnq_sparse_ops.py) evaluates every candidate with the same operations in the same
-order (sums as running sums), so it makes the same choice and sends the same bytes.
+180 to 280 ms; 16k elements: 5 ms, Top-K 3 ms; benchmarks/cpu_speed.py).
 
 The scheme is biased (what is left out and what is truncated), so the compressors turn error
 feedback on by default for it, as for Top-K.
@@ -179,8 +177,7 @@ def candidates(n, bits):
 
 
 def prefix_sums(ascending):
-    """P1, P2: running sums of the magnitudes and their squares, with a leading 0 (in order, as
-    the TF twin's tf.cumsum)."""
+    """P1, P2: running sums of the magnitudes and their squares, with a leading 0 (in order)."""
     zero = np.zeros(1)
     return (np.concatenate([zero, np.cumsum(ascending)]),
             np.concatenate([zero, np.cumsum(ascending * ascending)]))
@@ -233,7 +230,7 @@ def choose(ascending, n, bits):
             blocks.append((q, ks))
     # A candidate's E is at least the energy it leaves out, p2[n - K]; those leaving out more
     # than the E of some candidate cannot be the first smallest: skip them. The largest K of
-    # each width sets that bound. (The TF twin evaluates them all: the same choice.)
+    # each width sets that bound.
     bound = min([p2[n]] + [float(candidate_errors(ascending, p1, p2, q, ks[:1])[0].min())
                            for q, ks in blocks])
     errors, found = [np.array([p2[n]])], []  # the first candidate: send nothing

@@ -154,7 +154,7 @@ def _level(lo, hi, steps, j):
 def choose(magnitudes_sorted, n, bits):
     """(K, q) minimising the expected error E(K, q) within the byte budget (module docstring).
     ``magnitudes_sorted`` holds |g| in descending order, float64."""
-    # running sums, accumulated in order as the TF twin's tf.cumsum does
+    # running sums, accumulated in order
     energy = np.cumsum(magnitudes_sorted * magnitudes_sorted)
     total = float(energy[-1]) if energy.size else 0.0
     nonzero = int(np.count_nonzero(magnitudes_sorted))

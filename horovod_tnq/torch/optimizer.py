@@ -3,8 +3,9 @@
 Stock ``hvd.DistributedOptimizer(compression=TNQCompressor(...))`` works, but it runs the
 compressor once per parameter: an encode, an allgather and a two-element probe allreduce each,
 every one negotiated by Horovod on its own. Uncompressed Horovod fuses all gradients into one
-allreduce; measured on the 10.8M-parameter benchmark model (README, "Training over a slow
-network"), the per-tensor collectives alone cost more than the compressed bytes save.
+allreduce; measured on the 10.8M-parameter benchmark model (docs/benchmarks.md, "Training
+over a slow network"), the per-tensor collectives alone cost more than the compressed bytes
+save.
 
 This optimizer has the same signature as Horovod's. It lays the parameters out in buckets
 (PyTorch DDP's idea: reverse registration order, which is roughly the order backward produces
