@@ -133,10 +133,10 @@ def test_payload_carries_the_rotation_and_codes_whole_buckets():
     assert header.num_codes == 1024 and payload.size == header.total_size
     assert payload.size == core.encoded_size(1000, 3, 256, scheme="tnq-rht")
     sections = core.codec.split(payload)
-    assert sections.rotation == (123, 9)
+    assert sections.rotation == (123, 9, 0)
     corrupted = payload.copy()
-    corrupted[core.HEADER.size + 12] = 1  # the rotation section's reserved word
-    with pytest.raises(core.PayloadError, match="rotation"):
+    corrupted[core.HEADER.size + 15] = 0x40  # the rotation section's exponent: 2**30
+    with pytest.raises(core.PayloadError, match="exponent"):
         core.decode(corrupted)
 
 

@@ -17,7 +17,8 @@ as ``offset[i] + scale[i] * table[code]``. Layout (little-endian), format versio
     28     2     number of levels sent: 0 (the scheme's fixed table) or 2**bits (a fitted table)
     30     2     reserved, 0
     32     16    rotating schemes only (Scheme.rotation): the sender's stream key (uint64), step
-                 (uint32), reserved (uint32, 0): what the decoder needs to undo the rotation
+                 (uint32) and exponent e (int32; see SAFE_NORMS): what the decoder needs to undo
+                 the rotation; the values decode times 2**e
            ...   levels, if sent: float32, strictly ascending (the table for unit scale)
            ...   per-bucket parameters, float32 (float64 for float64 tensors): all scales, then
                  all offsets if there are two per bucket. A negative scale mirrors the bucket.
@@ -56,7 +57,14 @@ FORMAT_VERSION = 3
 MAGIC = b"TNQ" + bytes([FORMAT_VERSION])
 HEADER = struct.Struct("<4sBBBBQIIIHH")
 assert HEADER.size == 32
-ROTATION = struct.Struct("<QII")  # the sender's stream key, step, reserved
+ROTATION = struct.Struct("<QIi")  # the sender's stream key, step, power-of-two exponent
+# A rotated bucket sums up to bucket_size elements: float32 sums of elements near float32's
+# largest overflow, and tiny ones lose their mantissa. Tensors whose bucket norms leave this
+# range (float32 work; float64's is wider) are encoded as x * 2**-e, the exponent e in the
+# payload, and decoded times 2**e: exact, since both are powers of two.
+SAFE_NORMS = {np.dtype(np.float32): (2.0 ** -100, 2.0 ** 100),
+              np.dtype(np.float64): (2.0 ** -900, 2.0 ** 900)}
+MAX_EXPONENT = 1100  # |e| a payload may carry
 
 DTYPE_CODES = {"float16": 1, "bfloat16": 2, "float32": 3, "float64": 4}
 DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
@@ -397,23 +405,43 @@ def encode_rotated(flat, header, key, step, use_native=False):
     The numpy reference and the compiled kernel share every step but the element loops, which
     they compute identically; the kernel writes the codes straight into the payload.
     """
+    exponent = 0
+    payload, norms = _encode_rotated(flat, header, key, step, use_native, exponent)
+    low, high = SAFE_NORMS[flat.dtype]
+    largest = float(norms.max()) if norms.size else 0.0
+    if not (largest <= high and (largest == 0.0 or largest >= low)):
+        # rare: encode x * 2**-e with the largest finite |x| scaled into [0.5, 1)
+        finite = flat[np.isfinite(flat)]
+        exponent = int(np.frexp(np.abs(finite).max())[1]) if finite.size else 0
+        payload, _ = _encode_rotated(np.ldexp(flat, -exponent).astype(flat.dtype), header, key,
+                                     step, use_native, exponent, exceptions_of=flat)
+    return payload
+
+
+def _encode_rotated(flat, header, key, step, use_native, exponent, exceptions_of=None):
+    """(payload, norm of each rotated bucket) of encode_rotated for values already scaled by
+    2**-exponent; non-finite exceptions are taken from ``exceptions_of`` (the unscaled values)
+    when given."""
     bucket, bits = header.bucket_size, header.bits
     table = level_table(header.scheme_id, bits)
     codes_size = header.section_sizes()[4]
     out = np.empty(header.total_size, dtype=np.uint8)
+    original = flat if exceptions_of is None else exceptions_of
     if use_native:
         codes = out[out.size - codes_size:]
         norms, dots, nonfinite = native.encode_rotated(flat, bucket, key_words(key), step, table,
                                                        bits, codes)
-        exc_idx, exc_val, _ = _exceptions(flat, nonfinite)
+        exc_idx, exc_val, _ = _exceptions(original, nonfinite)
     else:
-        exc_idx, exc_val, finite = _exceptions(
-            flat, not np.isfinite(np.sum(np.abs(flat), dtype=np.float64)))
-        rows = rotation.rotate(finite, bucket, key, step)
-        rotated = rows.reshape(-1)
-        norms = bucket_statistic(rotated, bucket, "l2")
-        divisor = np.where(norms != 0, norms / np.sqrt(bucket), 1.0).astype(rotated.dtype)
-        normalised = (rows / divisor[:, None]).astype(np.float32).reshape(-1)
+        nonfinite = not np.isfinite(np.sum(np.abs(flat), dtype=np.float64))
+        exc_idx, exc_val, _ = _exceptions(original, nonfinite)
+        finite = np.where(np.isfinite(flat), flat, 0).astype(flat.dtype) if nonfinite else flat
+        with np.errstate(over="ignore", invalid="ignore"):  # encode_rotated checks the norms
+            rows = rotation.rotate(finite, bucket, key, step)
+            rotated = rows.reshape(-1)
+            norms = bucket_statistic(rotated, bucket, "l2")
+            divisor = np.where(norms != 0, norms / np.sqrt(bucket), 1.0).astype(rotated.dtype)
+            normalised = (rows / divisor[:, None]).astype(np.float32).reshape(-1)
         indices = stochastic_round(normalised, table, np.full(rotated.size, 0.5, np.float32))
         products = table.astype(np.float64)[indices] * rotated.astype(np.float64)
         dots = lane_sums(_lane_rows(products, bucket))
@@ -423,12 +451,12 @@ def encode_rotated(flat, header, key, step, use_native=False):
     scales[positive] = norms[positive] * norms[positive] / dots[positive] / bucket
     header = replace(header, num_exceptions=exc_idx.size)
     sections = (np.frombuffer(header.pack(), dtype=np.uint8),
-                np.frombuffer(ROTATION.pack(key & 0xFFFFFFFFFFFFFFFF, int(step) & 0xFFFFFFFF, 0),
-                              dtype=np.uint8),
+                np.frombuffer(ROTATION.pack(key & 0xFFFFFFFFFFFFFFFF, int(step) & 0xFFFFFFFF,
+                                            exponent), dtype=np.uint8),
                 scales.astype(header.scale_dtype), exc_idx, exc_val)
     if exc_idx.size:  # rare (an overflowing step): a larger payload
         return np.concatenate([np.ascontiguousarray(section).view(np.uint8).reshape(-1)
-                               for section in sections + (codes,)])
+                               for section in sections + (codes,)]), norms
     at = 0
     for section in sections:
         raw = section.view(np.uint8).reshape(-1)
@@ -436,7 +464,7 @@ def encode_rotated(flat, header, key, step, use_native=False):
         at += raw.size
     if not use_native:
         out[at:] = codes
-    return out
+    return out, norms
 
 
 def _lane_rows(flat, bucket):
@@ -509,7 +537,7 @@ class Sections:
     exception_values: np.ndarray
     packed: np.ndarray  # the bit-packed codes, or the body
     end: int  # offset just past the payload
-    rotation: tuple = None  # rotating schemes: the sender's (key, step)
+    rotation: tuple = None  # rotating schemes: the sender's (key, step, exponent)
 
 
 def split(buf, offset=0):
@@ -518,10 +546,10 @@ def split(buf, offset=0):
     at = offset + HEADER.size
     turn = None
     if header.rotated:
-        key, step, reserved = ROTATION.unpack_from(memoryview(buf[at: at + ROTATION.size]))
-        if reserved:
-            raise PayloadError("invalid rotation section in payload: reserved field not 0")
-        turn = (key, step)
+        key, step, exponent = ROTATION.unpack_from(memoryview(buf[at: at + ROTATION.size]))
+        if abs(exponent) > MAX_EXPONENT:
+            raise PayloadError(f"invalid rotation section in payload: exponent {exponent}")
+        turn = (key, step, exponent)
         at += ROTATION.size
     if header.body_size is not None:
         sizes = (0, 0, 8 * header.num_exceptions, 4 * header.num_exceptions, header.body_size)
@@ -584,8 +612,9 @@ def _rotated_values(sections, codes):
     work = header.scale_dtype.type
     values = sections.table.astype(work)[codes]
     values *= np.repeat(sections.scales.astype(work), header.bucket_size)
-    values = rotation.unrotate(values.reshape(-1, header.bucket_size), *sections.rotation)
-    values = values[: header.numel].astype(np.float64)
+    key, step, exponent = sections.rotation
+    values = rotation.unrotate(values.reshape(-1, header.bucket_size), key, step)
+    values = np.ldexp(values[: header.numel].astype(np.float64), exponent)
     values[sections.exception_indices] = sections.exception_values
     return values
 

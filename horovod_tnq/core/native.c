@@ -870,6 +870,7 @@ AVX512 static void hadamard_blocks256_f32(float *x, int64_t n) {
 AVX512 static void sum_flipped_avx512(const float *values32, const uint32_t *signs, int64_t words,
                                       int payloads, int64_t bucket, int64_t live, double factor,
                                       float *out32, double *out64) {
+    /* (payloads with an exponent take the portable sum) */
     const __m512i top = _mm512_set1_epi32((int)0x80000000u);
     const __m512d f = _mm512_set1_pd(factor);
     for (int64_t i = 0; i < live; i += 16) {
@@ -1057,17 +1058,23 @@ INLINE double lane_sum(const double *v, int64_t count) {
 DEFINE_ENCODE_ROTATED(tnq_encode_rotated_f32, float, hadamard_f32, flip_f32)
 DEFINE_ENCODE_ROTATED(tnq_encode_rotated_f64, double, hadamard_f64, flip_f64)
 
+/* A decoded float32 value as float64, times 2**exponent (exact, as numpy's ldexp). */
+INLINE double scaled_value(float value, int exponent) {
+    return exponent ? ldexp((double)value, exponent) : (double)value;
+}
+
 /* codec.decode_sum for payloads of the rotated scheme: per bucket, each payload's
  * scale * table[code], inverse-rotated with its sender's signs (keys_lo, keys_hi, steps), in
- * float32 (single: tensors narrower than float64) or float64, summed in float64 in payload
- * order, times factor, stored as float32 (out32) or float64 (out64). n is the tensor's element
+ * float32 (single: tensors narrower than float64) or float64, times 2**exponents[p] (ldexp, only
+ * where it is not 0: codec.SAFE_NORMS), summed in float64 in payload order, times factor, stored as float32 (out32) or float64 (out64). n is the tensor's element
  * count; payloads code whole buckets (bucket a power of two, >= 8, so each bucket's codes start
  * on a byte). scratch: 2 * bucket doubles, bucket uint32, and per payload 256 + bucket floats
  * and bucket / 32 + 1 uint32; codes: bucket bytes. */
 HOT void tnq_rotated_decode_sum(int payloads, const uint8_t *const *packed, const int *bits,
                                 const double *const *tables, const int *table_sizes,
                                 const double *const *scales, const uint32_t *keys_lo,
-                                const uint32_t *keys_hi, const uint32_t *steps, int64_t n,
+                                const uint32_t *keys_hi, const uint32_t *steps,
+                                const int *exponents, int64_t n,
                                 int64_t bucket, int single, double factor, float *out32,
                                 double *out64, int64_t *invalid, void *scratch, uint8_t *codes) {
     double *acc = (double *)scratch, *v = acc + bucket;
@@ -1077,8 +1084,10 @@ HOT void tnq_rotated_decode_sum(int payloads, const uint8_t *const *packed, cons
     float *values32 = levels32 + 256 * payloads; /* float32 payloads: each one's bucket */
     const int64_t words = bucket / 32 + 1;
     uint32_t *signs = (uint32_t *)(values32 + bucket * payloads); /* and its sign words */
+    int scaled = 0;
+    for (int p = 0; p < payloads; ++p) scaled |= exponents[p] != 0;
 #ifdef HAVE_AVX512_PATH
-    const int fused = single && use_avx512() && bucket % 32 == 0;
+    const int fused = single && !scaled && use_avx512() && bucket % 32 == 0;
 #else
     const int fused = 0;
 #endif
@@ -1120,6 +1129,8 @@ HOT void tnq_rotated_decode_sum(int payloads, const uint8_t *const *packed, cons
             invalid[p] += dequantize(codes, bucket, table, table_sizes[p], b, scales[p][k], v);
             hadamard_f64(v, bucket);
             flip_f64(v, sign, start, live);
+            if (exponents[p])
+                for (int64_t i = 0; i < live; ++i) v[i] = ldexp(v[i], exponents[p]);
             if (p == 0)
                 memcpy(acc, v, (size_t)live * sizeof(double));
             else
@@ -1139,14 +1150,16 @@ HOT void tnq_rotated_decode_sum(int payloads, const uint8_t *const *packed, cons
             int64_t i = 0;
             for (; i + 8 <= live; i += 8) {
                 double a[8];
-                for (int j = 0; j < 8; ++j) a[j] = (double)values32[i + j];
+                for (int j = 0; j < 8; ++j) a[j] = scaled_value(values32[i + j], exponents[0]);
                 for (int p = 1; p < payloads; ++p)
-                    for (int j = 0; j < 8; ++j) a[j] += (double)values32[p * bucket + i + j];
+                    for (int j = 0; j < 8; ++j)
+                        a[j] += scaled_value(values32[p * bucket + i + j], exponents[p]);
                 for (int j = 0; j < 8; ++j) acc[i + j] = a[j];
             }
             for (; i < live; ++i) {
-                double a = (double)values32[i];
-                for (int p = 1; p < payloads; ++p) a += (double)values32[p * bucket + i];
+                double a = scaled_value(values32[i], exponents[0]);
+                for (int p = 1; p < payloads; ++p)
+                    a += scaled_value(values32[p * bucket + i], exponents[p]);
                 acc[i] = a;
             }
         }

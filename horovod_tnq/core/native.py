@@ -43,8 +43,8 @@ def _load():
                                            _ptr, _ptr, _ptr, _ptr, _ptr]
         getattr(library, name).restype = _i64
     library.tnq_rotated_decode_sum.argtypes = [_i32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
-                                               _ptr, _i64, _i64, _i32, _f64, _ptr, _ptr, _ptr,
-                                               _ptr, _ptr]
+                                               _ptr, _ptr, _i64, _i64, _i32, _f64, _ptr, _ptr,
+                                               _ptr, _ptr, _ptr]
     library.tnq_rotated_decode_sum.restype = None
     library.tnq_set_vector_path.argtypes = [_i32]
     library.tnq_set_vector_path.restype = _i32
@@ -143,6 +143,7 @@ def _decode_sum(payloads, numel, bucket_size, factor, out_dtype, out, rotated):
         words = [(p.rotation[0] & 0xFFFFFFFF, p.rotation[0] >> 32, p.rotation[1])
                  for p in payloads]
         lo, hi, steps = ((ctypes.c_uint32 * count)(*column) for column in zip(*words))
+        exponents = (ctypes.c_int * count)(*[p.rotation[2] for p in payloads])
         # 2 doubles and 1 uint32 per element of a bucket; per payload, 256 float32 levels, a
         # bucket of float32 values and its sign words
         per_payload = 1024 + 4 * bucket_size + 4 * (bucket_size // 32 + 1)
@@ -152,7 +153,7 @@ def _decode_sum(payloads, numel, bucket_size, factor, out_dtype, out, rotated):
             count, pointers([p.packed.astype(np.uint8, copy=False) for p in payloads]), bits,
             pointers(tables), sizes, pointers([p.scales.astype(np.float64, copy=False)
                                                for p in payloads]),
-            lo, hi, steps, numel, bucket_size,
+            lo, hi, steps, exponents, numel, bucket_size,
             int(payloads[0].header.scale_dtype.itemsize == 4), float(factor),
             _address(out) if out.dtype == np.float32 else None,
             _address(out) if out.dtype == np.float64 else None, _address(invalid),
