@@ -175,3 +175,21 @@ def check_against_reference(n, log_bucket, bits, wide, ranks, seed):
         fast, count = core.decode_sum(buf, header, 1 / ranks, out_dtype)
         slow, _ = core.decode_sum(buf, header, 1 / ranks, out_dtype, reference=True)
         assert count == ranks and np.array_equal(fast, slow)
+
+
+@pytest.mark.parametrize("dtype, magnitude", [(np.float32, 3e38), (np.float32, 1e36),
+                                              (np.float32, 1e-42), (np.float64, 1e300),
+                                              (np.float64, 1e-310)])
+def test_values_near_the_dtypes_limits_decode_finite_and_close(dtype, magnitude):
+    """A rotation sums a bucket: near the largest float it would overflow, near the smallest
+    lose its mantissa; such tensors travel scaled by a power of two."""
+    x = (np.random.default_rng(3).uniform(-1, 1, size=3000) * magnitude).astype(dtype)
+    for reference in (False, True):
+        payloads = [core.encode(x, scheme="tnq-rht", bits=4, bucket_size=512, key=key,
+                                reference=reference) for key in (1, 2)]
+        assert core.codec.split(payloads[0]).rotation[2] != 0
+        total, _ = core.decode_sum(np.concatenate(payloads), core.read_header(payloads[0]), 0.5,
+                                   np.float64, reference=reference)
+        assert np.all(np.isfinite(total))
+        scaled = x.astype(np.float64) / magnitude  # the error relative to the values' size
+        assert nmse(total / magnitude, scaled) < 0.01

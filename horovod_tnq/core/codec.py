@@ -409,7 +409,10 @@ def encode_rotated(flat, header, key, step, use_native=False):
     payload, norms = _encode_rotated(flat, header, key, step, use_native, exponent)
     low, high = SAFE_NORMS[flat.dtype]
     largest = float(norms.max()) if norms.size else 0.0
-    if not (largest <= high and (largest == 0.0 or largest >= low)):
+    # (an overflowing rotation makes inf - inf: NaN norms; float64 squares of values below
+    # ~1e-154 underflow: zero norms of a nonzero tensor)
+    if not largest <= high or 0.0 < largest < low or \
+            (largest == 0.0 and np.any((flat != 0) & np.isfinite(flat))):
         # rare: encode x * 2**-e with the largest finite |x| scaled into [0.5, 1)
         finite = flat[np.isfinite(flat)]
         exponent = int(np.frexp(np.abs(finite).max())[1]) if finite.size else 0
