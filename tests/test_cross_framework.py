@@ -136,7 +136,8 @@ def gradient(shape=(40, 77), seed=0):
 
 # one case per family: payload layout, exchange, error feedback
 CASES = {
-    "tnq": dict(bits=3),
+    "default (tnq-rht: rotation section)": dict(bits=3),
+    "tnq (closed form)": dict(scheme="tnq", bits=3),
     "tnq-opt (fitted table sent)": dict(scheme="tnq-opt", bits=3),
     "maxmin (scale and offset)": dict(scheme="maxmin", bits=4),
     "topk (own body, feedback on)": dict(scheme="topk", bits=2),
