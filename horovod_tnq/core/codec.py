@@ -5,7 +5,7 @@ allgather and walked through afterwards. Bucket i of ``bucket size`` consecutive
 as ``offset[i] + scale[i] * table[code]``. Layout (little-endian), format version 3:
 
     offset size  field
-    0      4     magic b"TNQ" + format version (2)
+    0      4     magic b"TNQ" + format version (3)
     4      1     scheme id (see SCHEMES)
     5      1     bits per code (1..8)
     6      1     dtype code of the original tensor (see DTYPE_CODES)
@@ -63,7 +63,7 @@ ROTATION = struct.Struct("<QIi")  # the sender's stream key, step, power-of-two 
 # range (float32 work; float64's is wider) are encoded as x * 2**-e, the exponent e in the
 # payload, and decoded times 2**e: exact, since both are powers of two.
 SAFE_NORMS = {np.dtype(np.float32): (2.0 ** -100, 2.0 ** 100),
-              np.dtype(np.float64): (2.0 ** -900, 2.0 ** 900)}
+              np.dtype(np.float64): (2.0 ** -450, 2.0 ** 450)}  # squares stay normal
 MAX_EXPONENT = 1100  # |e| a payload may carry
 
 DTYPE_CODES = {"float16": 1, "bfloat16": 2, "float32": 3, "float64": 4}

@@ -19,6 +19,8 @@ import math
 
 import numpy as np
 
+from .lloyd_max_tables import POSITIVE_LEVELS
+
 LAPLACE_C = 3.0 * math.sqrt(6.0) / 2.0
 
 MIN_BITS = 1
@@ -194,23 +196,29 @@ def gaussian_distortion(table):
 
 
 def gaussian_levels(bits):
-    """Lloyd-Max levels for N(0, 1) with 2**bits entries (float32, ascending, symmetric)."""
-    bits = check_bits(bits)
-    count = 1 << bits
-    # Start from the Panter-Dite companding grid (the levels of N(0, 3) at equal-mass
-    # quantiles), which is close to optimal, then apply Lloyd's two conditions until they hold.
+    """Lloyd-Max levels for N(0, 1) with 2**bits entries (float32, ascending, symmetric): the
+    tables of lloyd_max_tables.py, computed once by lloyd_max_gaussian."""
+    return _symmetric(POSITIVE_LEVELS[check_bits(bits)])
+
+
+def lloyd_max_gaussian(bits, max_steps=400_000, tolerance=1e-13):
+    """Lloyd-Max levels for N(0, 1) with 2**bits entries (float64): start from the Panter-Dite
+    companding grid (the levels of N(0, 3) at equal-mass quantiles), which is close to optimal,
+    then apply Lloyd's two conditions until a step moves no level by more than ``tolerance``
+    (8 bits converge slowly: seconds to a minute)."""
+    count = 1 << check_bits(bits)
     quantiles = (np.arange(count) + 0.5) / count
     table = math.sqrt(3.0) * np.array([_normal_quantile(q) for q in quantiles])
-    for _ in range(20000):
+    for _ in range(max_steps):
         edges = np.concatenate([[-np.inf], (table[1:] + table[:-1]) / 2.0, [np.inf]])
         mass, first = gaussian_cell_moments(edges)
         updated = first / mass
         updated = (updated - updated[::-1]) / 2.0  # exactly symmetric
-        if np.max(np.abs(updated - table)) < 1e-12:
-            table = updated
-            break
+        step = np.max(np.abs(updated - table))
         table = updated
-    return table.astype(np.float32)
+        if step < tolerance:
+            break
+    return table
 
 
 def _normal_quantile(q):

@@ -1013,7 +1013,7 @@ INLINE double lane_sum(const double *v, int64_t count) {
 /* codec.encode_rotated's element loops, one bucket at a time in cache: non-finite elements
  * taken as 0 (and counted: the return value), rotate (signs, then the transform), the bucket's L2 norm (norms[b]), divide by its RMS, round to the nearest level of
  * the unit table, pack, and <table[code], r> (dots[b]), all in quantize.lane_sums' order where
- * they sum. x: n elements, zero-padded to whole buckets of a power of two >= 8. scratch:
+ * they sum. x: n elements, taken as zero-padded to whole buckets (a power of two >= 8). scratch:
  * bucket T for the rotated bucket, bucket float, bucket uint32 and bucket doubles; codes: bucket
  * bytes. out holds the packed codes of the padded buckets. */
 #define DEFINE_ENCODE_ROTATED(NAME, T, HADAMARD, FLIP)                                         \
@@ -1078,7 +1078,7 @@ HOT void tnq_rotated_decode_sum(int payloads, const uint8_t *const *packed, cons
                                 int64_t bucket, int single, double factor, float *out32,
                                 double *out64, int64_t *invalid, void *scratch, uint8_t *codes) {
     double *acc = (double *)scratch, *v = acc + bucket;
-    float *v32 = (float *)v;
+    float *v32; /* each float32 payload's bucket, in values32 */
     uint32_t *sign = (uint32_t *)(v + bucket);
     float *levels32 = (float *)(sign + bucket); /* each payload's table, as float32 */
     float *values32 = levels32 + 256 * payloads; /* float32 payloads: each one's bucket */
