@@ -13,6 +13,11 @@ from horovod_tnq.core import levels, native, rotation
 LLOYD_MAX_DISTORTION = {1: 0.3634, 2: 0.1175, 3: 0.03455, 4: 0.009497}
 
 
+def table(bits):
+    """The unit level table of tnq-rht at ``bits``."""
+    return core.codec.level_table(core.SCHEMES["tnq-rht"].scheme_id, bits)
+
+
 def nmse(decoded, x):
     x = x.astype(np.float64)
     return float(((decoded - x) ** 2).sum() / (x ** 2).sum())
@@ -48,22 +53,22 @@ def test_rotation_round_trip_and_signs_differ_by_key_and_step():
 
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_gaussian_tables_satisfy_lloyd_max_conditions(bits):
-    table = core.codec.level_table(core.SCHEMES["tnq-rht"].scheme_id, bits).astype(np.float64)
-    assert table.size == 1 << bits and np.all(np.diff(table) > 0)
-    assert np.array_equal(table, -table[::-1])
+    unit = table(bits).astype(np.float64)
+    assert unit.size == 1 << bits and np.all(np.diff(unit) > 0)
+    assert np.array_equal(unit, -unit[::-1])
     # each level is the mean of N(0, 1) over its cell, whose edges are the midpoints
-    edges = np.concatenate([[-np.inf], (table[1:] + table[:-1]) / 2, [np.inf]])
+    edges = np.concatenate([[-np.inf], (unit[1:] + unit[:-1]) / 2, [np.inf]])
     mass, first = levels.gaussian_cell_moments(edges)
-    assert np.allclose(first / mass, table, atol=1e-5)
+    assert np.allclose(first / mass, unit, atol=1e-5)
     if bits in LLOYD_MAX_DISTORTION:
-        assert levels.gaussian_distortion(table) == pytest.approx(LLOYD_MAX_DISTORTION[bits],
-                                                                  rel=1e-3)
+        assert levels.gaussian_distortion(unit) == pytest.approx(LLOYD_MAX_DISTORTION[bits],
+                                                                 rel=1e-3)
     # Panter-Dite: distortion ~ (sqrt(3) pi / 2) 4^-bits for many levels
     if bits >= 6:
-        assert levels.gaussian_distortion(table) == pytest.approx(
+        assert levels.gaussian_distortion(unit) == pytest.approx(
             np.sqrt(3) * np.pi / 2 * 4.0 ** -bits, rel=0.1)
     if bits <= 5:  # the shipped literals are the solver's result (8 bits takes a minute)
-        assert np.allclose(levels.lloyd_max_gaussian(bits), table, rtol=0, atol=1e-6)
+        assert np.allclose(levels.lloyd_max_gaussian(bits), unit, rtol=0, atol=1e-6)
 
 
 SOURCES = {
@@ -80,7 +85,7 @@ SOURCES = {
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_error_is_near_edens_on_every_source(source, bits):
     x = SOURCES[source](np.random.default_rng(bits), 1 << 16).astype(np.float32)
-    distortion = levels.gaussian_distortion(core.codec.level_table(core.SCHEMES["tnq-rht"].scheme_id, bits))
+    distortion = levels.gaussian_distortion(table(bits))
     # EDEN's vNMSE for a rotated Gaussian block is about D / (1 - D); allow 25% (50% at 8
     # bits, where float32 rounding starts to show) for blocks of 512 that are not exactly
     # Gaussian
