@@ -1,28 +1,45 @@
 """Convergence of the compression schemes at equal bits: loss curves and final accuracy.
 
-    python benchmarks/convergence.py [--schemes tnq tnq-fit qsgd ...] [--bits 2 4] [--steps 400]
-                                     [--workers 2] [--extra-configs tnq:bits=2,error_feedback=1]
+    python benchmarks/convergence.py [--task digits|char-lm] [--schemes tnq tnq-fit qsgd ...]
+                                     [--bits 2 4] [--steps 400] [--workers 2]
+                                     [--extra-configs tnq:bits=2,error_feedback=1]
 
-Each run is ``horovodrun -np W -H localhost:W --gloo`` on benchmarks/digits_worker.py: an MLP
-(64-256-256-10 by default) on scikit-learn's digits with SGD + momentum, the same
-initialisation, data order and step count for every scheme. Every scheme in --schemes runs at
+Each run is ``horovodrun -np W -H localhost:W --gloo`` on the task's worker, trained with SGD +
+momentum through ``hvd.DistributedOptimizer(..., compression=get_compressor(...))``, with the
+same initialisation, data order and step count for every scheme:
+
+- ``--task digits`` (default), benchmarks/digits_worker.py: an MLP (64-256-256-10 by default)
+  on scikit-learn's digits. Easy: most schemes end within noise of uncompressed training.
+- ``--task char-lm``, benchmarks/lm_worker.py: gradients.py's character-level GRU language
+  model (--hidden is the GRU width, 256 by default: 329k parameters) on the source text of
+  Python's standard library, gradient norm clipped to 1 after the exchange, 300 steps of 32
+  windows of 64 characters per worker; test loss (nats per character) and next-character
+  accuracy on a held-out tenth of the text. Harder, and the gradients (a sparse embedding, a
+  heavy-tailed output layer) are less kind to quantisation.
+
+Every scheme in --schemes runs at
 every width in --bits that it supports, next to uncompressed and fp16 Horovod; --extra-configs
 adds any other compressor spec (see jobs.py), e.g. a scheme with options. A run that fails is
 reported as failed and the others go on.
 
 Writes convergence.csv (one row per evaluation: training loss averaged over the steps since the
-previous evaluation and over ranks, test loss and accuracy on the 450 held-out digits) and
-convergence.png (curves per bit width), and prints the final numbers as a markdown table.
+previous evaluation and over ranks, test loss and accuracy on the held-out data) and
+convergence.png (curves per bit width), named convergence_char_lm.* for char-lm and with a
+_seed<N> suffix for --seed N other than 0, and prints the final numbers as a markdown table. The
+MB handed to Horovod per step is the compressor's own count, and 4 or 2 bytes per parameter for
+Horovod's "none" and "fp16".
 """
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from jobs import markdown_table, parse_spec, run_local, write_csv  # noqa: E402
+from jobs import (WORKER, horovodrun_command, markdown_table, parse_spec,  # noqa: E402
+                  read_report, worker_env, write_csv)
 
 from horovod_tnq import core  # noqa: E402
 
@@ -31,6 +48,15 @@ from horovod_tnq import core  # noqa: E402
 SCHEMES = [name for name, scheme in core.SCHEMES.items()
            if scheme.body is None and scheme.choose_bits is None] + ["topk", "tnq-sparse"]
 BASELINES = ["none", "fp16"]
+# per task: the worker script, the defaults of the arguments left unset, and the plot's
+# accuracy axis
+TASKS = {
+    "digits": dict(worker=WORKER, steps=400, batch_size=16, hidden="256,256", lr=0.05,
+                   accuracy_range=(80, 100)),
+    "char-lm": dict(worker=os.path.join(HERE, "lm_worker.py"), steps=300, batch_size=32,
+                    hidden="256", lr=0.5, accuracy_range=None),
+}
+BASELINE_BYTES = {"none": 4, "fp16": 2}  # per parameter, what Horovod's own compressors hand it
 COLUMNS = [
     ("bits", "bits", "s"), ("gradients", "compressor", "s"),
     ("test acc", lambda row: 100 * row["test_accuracy"], ".2f"),
@@ -66,7 +92,16 @@ def smoothed(losses, curve):
     return out
 
 
-def plot(rows, curves, path, title):
+def run_worker(worker, workers, worker_args, timeout=None):
+    """jobs.run_local with another worker script: rank 0's report."""
+    command = [worker if part == WORKER else part
+               for part in horovodrun_command(workers, f"localhost:{workers}", worker_args)]
+    done = subprocess.run(command, cwd=os.path.dirname(HERE), env=worker_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    return read_report(done, " ".join(worker_args))
+
+
+def plot(rows, curves, path, title, accuracy_range=(80, 100)):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -90,7 +125,8 @@ def plot(rows, curves, path, title):
         axes[0][column].set_title(f"{bits} bits: training loss")
         axes[1][column].set_title(f"{bits} bits: test accuracy (%)")
         axes[1][column].set_xlabel("step")
-        axes[1][column].set_ylim(80, 100)
+        if accuracy_range:
+            axes[1][column].set_ylim(*accuracy_range)
         axes[0][column].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
@@ -100,6 +136,7 @@ def plot(rows, curves, path, title):
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="digits", choices=sorted(TASKS))
     parser.add_argument("--schemes", nargs="*", default=SCHEMES,
                         help="get_compressor names, each run at every width in --bits")
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
@@ -107,19 +144,27 @@ def parse_args():
                         help="Horovod's own compressors to run beside the schemes")
     parser.add_argument("--extra-configs", nargs="*", default=[], metavar="SPEC")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, help="default: the task's (400 digits, 300 char-lm)")
     parser.add_argument("--eval-every", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=16, help="per worker")
-    parser.add_argument("--hidden", default="256,256")
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--batch-size", type=int, help="per worker; default: the task's "
+                        "(16 digits, 32 char-lm windows)")
+    parser.add_argument("--hidden", help="hidden widths; default: the task's (256,256 digits, "
+                        "256 char-lm)")
+    parser.add_argument("--lr", type=float, help="default: the task's (0.05 digits, 0.5 char-lm)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--out", default=os.path.join(HERE, "out"))
-    return parser.parse_args()
+    args = parser.parse_args()
+    task = TASKS[args.task]
+    for key in ("steps", "batch_size", "hidden", "lr"):
+        if getattr(args, key) is None:
+            setattr(args, key, task[key])
+    return args
 
 
 def main():
     args = parse_args()
+    task = TASKS[args.task]
     os.makedirs(args.out, exist_ok=True)
     rows, curves, points, failed = [], {}, [], []
     for bits, spec in configs(args.baselines, args.schemes, args.bits, args.extra_configs):
@@ -129,12 +174,14 @@ def main():
                        "--seed", str(args.seed)]
         start = time.perf_counter()
         try:
-            report = run_local(args.workers, worker_args, timeout=args.timeout)
+            report = run_worker(task["worker"], args.workers, worker_args, timeout=args.timeout)
         except Exception as error:  # one broken scheme must not hide the others' results
             failed.append((spec, str(error).splitlines()[0]))
             print(f"  {spec}: FAILED: {str(error)[-1500:]}", flush=True)
             continue
         report["job_s"] = time.perf_counter() - start
+        if report.get("compressor_bytes_per_step") is None and spec in BASELINE_BYTES:
+            report["compressor_bytes_per_step"] = BASELINE_BYTES[spec] * report["parameters"]
         curve = report.pop("curve")
         for point, loss in zip(curve, smoothed(report.pop("train_loss_per_step"), curve)):
             point["train_loss_window"] = loss
@@ -149,17 +196,26 @@ def main():
     base = next((row for row in rows if row["compressor"] == "none"), None)
     for row in rows:
         row["vs_none_pp"] = 100 * (row["test_accuracy"] - base["test_accuracy"]) if base else None
-    write_csv(os.path.join(args.out, "convergence.csv"), points)
+    stem = "convergence" + ("_char_lm" if args.task == "char-lm" else "") + \
+        (f"_seed{args.seed}" if args.seed else "")
+    write_csv(os.path.join(args.out, stem + ".csv"), points)
     parameters = rows[0]["parameters"] if rows else 0
-    title = (f"MLP 64-{args.hidden.replace(',', '-')}-10 ({parameters} parameters) on digits, "
-             f"{args.workers} workers, batch {args.batch_size}/worker, {args.steps} steps")
+    if args.task == "digits":
+        title = f"MLP 64-{args.hidden.replace(',', '-')}-10 ({parameters} parameters) on digits"
+    else:
+        title = (f"char GRU {args.hidden} ({parameters} parameters) on Python stdlib source, "
+                 f"lr {args.lr}")
+    title += f", {args.workers} workers, batch {args.batch_size}/worker, {args.steps} steps"
+    if args.seed:
+        title += f", seed {args.seed}"
     if rows:
-        plot(rows, curves, os.path.join(args.out, "convergence.png"), title)
+        plot(rows, curves, os.path.join(args.out, stem + ".png"), title,
+             task["accuracy_range"])
     print(f"\n{title}\n")
     print(markdown_table(rows, COLUMNS))
     for spec, reason in failed:
         print(f"\nFAILED {spec}: {reason}")
-    print(f"\nwrote {os.path.join(args.out, 'convergence.csv')} and convergence.png")
+    print(f"\nwrote {os.path.join(args.out, stem + '.csv')} and {stem}.png")
     if failed:
         sys.exit(1)
 

@@ -106,6 +106,28 @@ def test_convergence_benchmark_short_run(tmp_path):
 
 
 @pytest.mark.horovodrun
+def test_convergence_benchmark_char_lm_two_steps(tmp_path):
+    out = run_benchmark("convergence.py", "--task", "char-lm", "--baselines", "none",
+                        "--schemes", "tnq-rht", "--bits", "2", "--steps", "2", "--eval-every",
+                        "1", "--hidden", "64", "--out", str(tmp_path))
+    with open(tmp_path / "convergence_char_lm.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["compressor"], int(row["step"])) for row in rows] == [
+        (spec, step) for spec in ("none", "tnq-rht:bits=2") for step in (1, 2)]
+    for row in rows:
+        # next-byte cross-entropy starts near chance level's ln(256) = 5.5 and can only fall
+        assert 0 < float(row["train_loss_window"]) < 6
+        assert 0 < float(row["test_loss"]) < 6
+        assert 0 <= float(row["test_accuracy"]) <= 1
+    assert (tmp_path / "convergence_char_lm.png").stat().st_size > 10_000
+    assert "| 2 | tnq-rht:bits=2 |" in out
+    # MB handed to Horovod per step: 4 bytes a parameter uncompressed, far less at 2 bits
+    table = {line.split("|")[2].strip(): line.split("|") for line in out.splitlines()
+             if line.startswith("| ")}
+    assert float(table["tnq-rht:bits=2"][7]) < 0.2 * float(table["none"][7])
+
+
+@pytest.mark.horovodrun
 def test_scaling_bytes_benchmark_two_and_three_workers(tmp_path):
     allgather, scalable = "tnq:bits=4,exchange=allgather", "tnq:bits=4,exchange=reduce-scatter"
     out = run_benchmark("scaling_bytes.py", "--workers", "2", "3", "--configs", "none",

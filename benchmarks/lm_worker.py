@@ -1,0 +1,155 @@
+"""One Horovod worker of convergence.py's char-lm task: a character-level language model.
+
+gradients.py's ``CharModel`` (byte embedding, one GRU layer, linear output over the 256 byte
+values) learns to predict the next byte of the source text of Python's own standard library
+(gradients.py's ``stdlib_text()``), trained with SGD + momentum through the stock
+``hvd.DistributedOptimizer(..., compression=get_compressor(...))`` and the compressor named by a
+spec (see jobs.py). The last ``--test-fraction`` of the text (whole other modules, since the
+text is the library's files in name order) is held out. Each rank draws its own random windows
+of the training text; every rank starts from the same initialisation.
+
+Rank 0 prints one report line (JSON after jobs.REPORT_MARKER) with the fields convergence.py
+reads, as digits_worker.py does: training loss per step (mean over ranks), test loss and
+next-character accuracy on the held-out text at ``--eval-every`` steps and at the end, the
+parameter count, and what the compressor handed to Horovod per step when it keeps such counts.
+
+    horovodrun -np 2 -H localhost:2 --gloo python benchmarks/lm_worker.py \
+        --compressor tnq-rht:bits=2
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import horovod.torch as hvd
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from gradients import CharModel, stdlib_text  # noqa: E402
+from jobs import REPORT_MARKER, parse_spec  # noqa: E402
+
+from horovod_tnq.torch import get_compressor  # noqa: E402
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compressor", default="none", help="spec: name[:key=value,...]")
+    parser.add_argument("--hidden", default="256", help="GRU width (one layer)")
+    parser.add_argument("--embedding", type=int, default=64, help="byte embedding width")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="accepted for convergence.py's common arguments; must be 0")
+    parser.add_argument("--batch-size", type=int, default=32, help="windows per worker")
+    parser.add_argument("--length", type=int, default=64, help="characters per window")
+    parser.add_argument("--lr", type=float, default=0.5)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--clip", type=float, default=1.0,
+                        help="clip the averaged gradient's norm to this (0: off), as RNNs "
+                        "trained with SGD usually are; after the exchange, so every rank clips "
+                        "the same decoded gradient")
+    parser.add_argument("--text-bytes", type=int, default=400_000,
+                        help="bytes of standard library source to use")
+    parser.add_argument("--test-fraction", type=float, default=0.1)
+    parser.add_argument("--test-windows", type=int, default=64,
+                        help="held-out windows of 256 characters, evenly spaced")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=0, help="0: evaluate at the end only")
+    args = parser.parse_args()
+    if args.steps < 1 or args.warmup != 0:
+        parser.error(f"--steps must be >= 1 and --warmup 0, got {args.steps}, {args.warmup}")
+    return args
+
+
+def split_text(text_bytes, test_fraction):
+    """(training text, held-out text) as int64 tensors of byte values."""
+    text = torch.from_numpy(stdlib_text(text_bytes).astype("int64"))
+    cut = int(len(text) * (1 - test_fraction))
+    return text[:cut], text[cut:]
+
+
+def test_windows(text, count, length=256):
+    """``count`` evenly spaced windows of ``length`` + 1 characters of ``text``."""
+    starts = torch.linspace(0, len(text) - length - 1, count).long()
+    return torch.stack([text[s: s + length + 1] for s in starts.tolist()])
+
+
+def evaluate(model, windows):
+    """(mean cross-entropy in nats, next-character accuracy) over every position of ``windows``;
+    each window starts from an empty state, so its first characters are predicted blind."""
+    with torch.no_grad():
+        logits = model(windows[:, :-1]).reshape(-1, 256)
+        target = windows[:, 1:].reshape(-1)
+        loss = torch.nn.functional.cross_entropy(logits, target).item()
+        accuracy = (logits.argmax(1) == target).float().mean().item()
+    return loss, accuracy
+
+
+def main():
+    args = parse_args()
+    hvd.init()
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(1)
+    name, options = parse_spec(args.compressor)
+    compression = get_compressor(name, **options)
+
+    train_text, test_text = split_text(args.text_bytes, args.test_fraction)
+    held_out = test_windows(test_text, args.test_windows)
+    model = CharModel(dim=args.embedding, hidden=int(args.hidden))
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
+                                         compression=compression)
+    generator = torch.Generator().manual_seed(args.seed * 1000 + hvd.rank())
+
+    stats_start = dict(getattr(compression, "stats", {}))
+    losses, curve = [], []
+    for step in range(1, args.steps + 1):
+        starts = torch.randint(0, len(train_text) - args.length - 1, (args.batch_size,),
+                               generator=generator)
+        window = torch.stack([train_text[s: s + args.length + 1] for s in starts.tolist()])
+        optimizer.zero_grad()
+        logits = model(window[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256),
+                                                 window[:, 1:].reshape(-1))
+        loss.backward()
+        optimizer.synchronize()
+        if args.clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        with optimizer.skip_synchronize():
+            optimizer.step()
+        losses.append(loss.item())
+        if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
+            test_loss, test_accuracy = evaluate(model, held_out)
+            curve.append({"step": step, "test_loss": test_loss, "test_accuracy": test_accuracy})
+
+    stats_end = getattr(compression, "stats", {})
+    mine = {"losses": losses}
+    if stats_end:
+        handed = ("payload_bytes", "passthrough_bytes")
+        mine["compressor_bytes_per_step"] = sum(stats_end[k] - stats_start.get(k, 0)
+                                                for k in handed) / args.steps
+    everyone = hvd.allgather_object(mine)
+    if hvd.rank() != 0:
+        return
+    train_loss = [sum(values) / len(values) for values in zip(*(r["losses"] for r in everyone))]
+    for point in curve:
+        point["train_loss"] = train_loss[point["step"] - 1]
+    report = {
+        "compressor": args.compressor, "task": "char-lm", "workers": hvd.size(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "hidden": args.hidden, "batch_size": args.batch_size, "length": args.length,
+        "steps": args.steps, "clip": args.clip,
+        "compressor_bytes_per_step": (
+            sum(r["compressor_bytes_per_step"] for r in everyone) / len(everyone)
+            if "compressor_bytes_per_step" in mine else None),
+        "train_loss": sum(train_loss[-10:]) / len(train_loss[-10:]),
+        "test_loss": curve[-1]["test_loss"], "test_accuracy": curve[-1]["test_accuracy"],
+        "curve": curve, "train_loss_per_step": train_loss,
+    }
+    print(REPORT_MARKER + json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    main()
