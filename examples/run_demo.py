@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+from horovod_tnq.exchange import DEFAULT_SCHEME
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SCRIPTS = {"pytorch": "train_digits.py", "tensorflow": "train_digits_tf.py"}
@@ -50,7 +52,9 @@ def main():
         for compression, bits in RUNS:
             row = run_training(framework, compression, bits, args.epochs, args.workers)
             baseline = row["test_accuracy"] if baseline is None else baseline
-            label = compression + (f" {bits}-bit" if bits else "")
+            # "tnq" runs TNQCompressor with its defaults: name the scheme it uses
+            label = (DEFAULT_SCHEME if compression == "tnq" else compression) + \
+                (f" {bits}-bit" if bits else "")
             print(f"| {framework} | {label} | {100 * row['test_accuracy']:.2f}% | "
                   f"{100 * (row['test_accuracy'] - baseline):+.2f} pp | "
                   f"{row['bits_per_element']:.2f} | {row['bytes_per_step']:.0f} | "
