@@ -30,13 +30,19 @@ def test_shaped_link_is_capped_at_its_rate_and_is_removed_after_an_error():
         with EmulatedNetwork(2, rate_mbit=100) as network:
             assert len(ours(namespace_names())) == 3  # two hosts and the switch
             assert len(ours(os.listdir(ETC_NETNS))) == 2  # each host's /etc/hosts
-            # The shaping caps the link whatever the machine's load; how close a transfer gets
-            # to the cap depends on the load, so the benchmark reports the measured rate
-            # (bandwidth.py's first line) and the test asserts only the cap.
+            # every host's upload (its eth0) and download (its switch port) is shaped to the
+            # rate; the rate a transfer reaches depends on the machine's load, so the benchmark
+            # reports it (bandwidth.py's first line) and the test checks the configuration
+            for namespace, device in ((network.hosts[0], "eth0"), (network.hosts[1], "eth0"),
+                                      (network.switch, "port0"), (network.switch, "port1")):
+                shown = subprocess.run(["ip", "netns", "exec", namespace, "tc", "qdisc", "show",
+                                        "dev", device], capture_output=True, text=True,
+                                       check=True).stdout
+                assert "tbf" in shown and "rate 100Mbit" in shown, shown
             for source, target in ((0, 1), (1, 0)):
-                assert 0 < network.throughput_mbit(source, target, megabytes=8) <= 100
-            sent, _ = network.counters(0)
-            assert sent >= 8 * 2**20  # the NIC counters saw what host 0 sent
+                network.throughput_mbit(source, target, megabytes=8)
+            sent, received = network.counters(0)
+            assert sent >= 8 * 2**20 and received >= 8 * 2**20  # both directions carried it
             raise RuntimeError("inside")
     assert ours(namespace_names()) == []
     assert ours(os.listdir(ETC_NETNS) if os.path.isdir(ETC_NETNS) else []) == []
