@@ -119,6 +119,17 @@ def framework_times(x, scheme, bits, repeats, clock):
     return times
 
 
+def configurations(args):
+    """(elements, float32 Laplace input, scheme, bits) for every combination asked for that
+    the scheme supports; the same input for every scheme at a size."""
+    for n in args.elements:
+        x = np.random.default_rng(0).laplace(size=n).astype(np.float32)
+        for scheme in args.schemes:
+            for bits in args.bits:
+                if core.supports(scheme, bits):
+                    yield n, x, scheme, bits
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--elements", type=int, nargs="+", default=[1 << 20, 1 << 24])
@@ -142,19 +153,13 @@ def main():
     print("| elements | scheme | bits | kernel | copy | encode | encode / copy | decode | "
           "decode / copy | decode 8 | decode 8 / copy |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for n in args.elements:
-        x = np.random.default_rng(0).laplace(size=n).astype(np.float32)
-        for scheme in args.schemes:
-            for bits in args.bits:
-                if not core.supports(scheme, bits):
-                    continue
-                for kernel, reference in kernels:
-                    copy = best_time(x.copy, args.repeats, clock)
-                    enc, dec, dec8 = measure(x, scheme, bits, reference, args.repeats, clock)
-                    print(f"| {n} | {scheme} | {bits} | {kernel} | {1e3 * copy:.1f} | "
-                          f"{1e3 * enc:.1f} | {enc / copy:.2f} | {1e3 * dec:.1f} | "
-                          f"{dec / copy:.2f} | {1e3 * dec8:.1f} | {dec8 / copy:.2f} |",
-                          flush=True)
+    for n, x, scheme, bits in configurations(args):
+        for kernel, reference in kernels:
+            copy = best_time(x.copy, args.repeats, clock)
+            enc, dec, dec8 = measure(x, scheme, bits, reference, args.repeats, clock)
+            print(f"| {n} | {scheme} | {bits} | {kernel} | {1e3 * copy:.1f} | "
+                  f"{1e3 * enc:.1f} | {enc / copy:.2f} | {1e3 * dec:.1f} | "
+                  f"{dec / copy:.2f} | {1e3 * dec8:.1f} | {dec8 / copy:.2f} |", flush=True)
     if args.no_frameworks:
         return
     import tensorflow as tf
@@ -168,18 +173,13 @@ def main():
     print("| elements | scheme | bits | encode: PyTorch | TF eager | TF tf.function | TF per "
           "tensor | decode: PyTorch | TF eager | TF tf.function | TF per tensor |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for n in args.elements:
-        x = np.random.default_rng(0).laplace(size=n).astype(np.float32)
-        for scheme in args.schemes:
-            for bits in args.bits:
-                if not core.supports(scheme, bits):
-                    continue
-                times = framework_times(x, scheme, bits, args.repeats, clock)
-                cells = []
-                for torch_s, *tf_s in (times[:4], times[4:]):
-                    cells += [f"{1e3 * torch_s:.2f}"] + [f"{1e3 * t:.2f} ({t / torch_s:.2f}x)"
-                                                         for t in tf_s]
-                print(f"| {n} | {scheme} | {bits} | {' | '.join(cells)} |", flush=True)
+    for n, x, scheme, bits in configurations(args):
+        times = framework_times(x, scheme, bits, args.repeats, clock)
+        cells = []
+        for torch_s, *tf_s in (times[:4], times[4:]):
+            cells += [f"{1e3 * torch_s:.2f}"] + [f"{1e3 * t:.2f} ({t / torch_s:.2f}x)"
+                                                 for t in tf_s]
+        print(f"| {n} | {scheme} | {bits} | {' | '.join(cells)} |", flush=True)
 
 if __name__ == "__main__":
     main()
