@@ -1,6 +1,7 @@
-"""Builds the codec's compiled loops (horovod_tnq/core/native.c) next to the package; metadata
-is in setup.cfg. The C file is plain C99 loaded with ctypes (horovod_tnq/core/native.py), so the
-build needs only a C compiler; without one the package still works on its numpy reference.
+"""Builds the codec's compiled loops (horovod_tnq/core/native.c) next to the package; everything
+else about the package is in pyproject.toml. The C file is plain C99 loaded with ctypes
+(horovod_tnq/core/native.py), so the build needs only a C compiler; without one the package
+still works on its numpy reference.
 """
 
 from setuptools import Extension, setup

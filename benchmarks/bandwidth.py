@@ -1,6 +1,6 @@
 """Training speed over a bandwidth-limited network: real horovodrun workers on emulated hosts.
 
-    python benchmarks/bandwidth.py [--rate-mbit 1000] [--workers 2 4] [--steps 30]
+    python -m benchmarks.bandwidth [--rate-mbit 1000] [--workers 2 4] [--steps 30]
                                    [--configs none fp16 tnq:bits=4 ...] [--profile tnq:bits=4]
 
 Builds an emulated network (benchmarks/emulated_network.py: one network namespace per host, each
@@ -24,11 +24,11 @@ import signal
 import sys
 import time
 
+from benchmarks.emulated_network import EmulatedNetwork, remove_stale_namespaces
+from benchmarks.jobs import (horovodrun_command, markdown_table, read_report, worker_env,
+                             write_csv)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from emulated_network import EmulatedNetwork, remove_stale_namespaces  # noqa: E402
-from jobs import (horovodrun_command, markdown_table, read_report, worker_env,  # noqa: E402
-                  write_csv)
 
 CONFIGS = ["none", "fp16", "tnq:bits=4", "tnq:bits=3", "tnq:bits=2", "qsgd:bits=4",
            "tnq:bits=4,fused=1"]

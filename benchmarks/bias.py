@@ -1,6 +1,6 @@
 """Bias of each scheme: does the error of the mean of many compressions of one gradient vanish?
 
-    python benchmarks/bias.py [--draws 64] [--elements 65536] [--bits 2 3 4 8]
+    python -m benchmarks.bias [--draws 64] [--elements 65536] [--bits 2 3 4 8]
 
 For an unbiased scheme, the mean of K independent compressions (different seeds) of the same
 gradient g has error NMSE(mean) ~ NMSE(one draw) / K, so K * NMSE(mean) / NMSE(one) ~ 1. A

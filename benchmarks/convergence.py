@@ -1,6 +1,6 @@
 """Convergence of the compression schemes at equal bits: loss curves and final accuracy.
 
-    python benchmarks/convergence.py [--task digits|char-lm] [--schemes tnq tnq-fit qsgd ...]
+    python -m benchmarks.convergence [--task digits|char-lm] [--schemes tnq tnq-fit qsgd ...]
                                      [--bits 2 4] [--steps 400] [--workers 2]
                                      [--extra-configs tnq:bits=2,error_feedback=1]
 
@@ -36,12 +36,11 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from jobs import (WORKER, horovodrun_command, markdown_table, parse_spec,  # noqa: E402
-                  read_report, worker_env, write_csv)
+from benchmarks.jobs import (ROOT, WORKER, horovodrun_command, markdown_table, parse_spec,
+                             read_report, worker_env, write_csv)
+from horovod_tnq import core
 
-from horovod_tnq import core  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 # the schemes of the quality benchmark's equal-bits comparison (dqsgd picks its own width and
 # dp-binomial adds privacy noise; add them with --schemes or --extra-configs)
@@ -53,7 +52,7 @@ BASELINES = ["none", "fp16"]
 TASKS = {
     "digits": dict(worker=WORKER, steps=400, batch_size=16, hidden="256,256", lr=0.05,
                    accuracy_range=(80, 100)),
-    "char-lm": dict(worker=os.path.join(HERE, "lm_worker.py"), steps=300, batch_size=32,
+    "char-lm": dict(worker="benchmarks.lm_worker", steps=300, batch_size=32,
                     hidden="256", lr=0.5, accuracy_range=None),
 }
 BASELINE_BYTES = {"none": 4, "fp16": 2}  # per parameter, what Horovod's own compressors hand it
@@ -96,7 +95,7 @@ def run_worker(worker, workers, worker_args, timeout=None):
     """jobs.run_local with another worker script: rank 0's report."""
     command = [worker if part == WORKER else part
                for part in horovodrun_command(workers, f"localhost:{workers}", worker_args)]
-    done = subprocess.run(command, cwd=os.path.dirname(HERE), env=worker_env(),
+    done = subprocess.run(command, cwd=ROOT, env=worker_env(),
                           capture_output=True, text=True, timeout=timeout)
     return read_report(done, " ".join(worker_args))
 

@@ -2,7 +2,7 @@
 measured in the same process (best of several runs, one thread), for the compiled kernel
 (native.c) and the numpy reference.
 
-    OMP_NUM_THREADS=1 python benchmarks/cpu_speed.py [--elements 1048576 16777216]
+    OMP_NUM_THREADS=1 python -m benchmarks.cpu_speed [--elements 1048576 16777216]
 
 "decode" is decode_sum of one rank's payload into a float32 gradient, "decode 8" of eight
 ranks' payloads (what each rank does in an 8-worker allgather exchange).

@@ -16,7 +16,7 @@ rank 0 prints one report line (JSON after jobs.REPORT_MARKER):
 - training loss per step (mean over ranks), test loss and accuracy at ``--eval-every`` steps and
   at the end.
 
-    horovodrun -np 2 -H localhost:2 --gloo python benchmarks/digits_worker.py \
+    horovodrun -np 2 -H localhost:2 --gloo python -m benchmarks.digits_worker \
         --compressor tnq:bits=4
 """
 
@@ -26,19 +26,15 @@ import io
 import json
 import os
 import pstats
-import sys
 import time
 
 import horovod.torch as hvd
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
-from digits import load_shard  # noqa: E402  (examples/ is not a package)
-from jobs import REPORT_MARKER, parse_spec  # noqa: E402
-
-import horovod_tnq.torch as tnq  # noqa: E402
-from horovod_tnq.torch import get_compressor  # noqa: E402
+import horovod_tnq.torch as tnq
+from benchmarks.jobs import REPORT_MARKER, parse_spec
+from examples.digits import load_shard
+from horovod_tnq.torch import get_compressor
 
 
 class TimedCompression:

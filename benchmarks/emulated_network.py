@@ -34,6 +34,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 PREFIX = "tnqbench-"
 SUBNET = "198.18.0"
 SSH_STAND_IN = os.path.join(HERE, "netns_ssh.py")
@@ -206,6 +207,7 @@ class EmulatedNetwork:
         for address, namespace, name in zip(self.addresses, self.hosts, self.hostnames):
             hosts_map[address] = hosts_map[name] = [namespace, name]
         env = dict(env, PATH=self._ssh_dir + os.pathsep + env.get("PATH", os.defpath),
+                   PYTHONPATH=ROOT,  # the ssh stand-in and the workers import benchmarks.*
                    TNQ_NETNS_HOSTS=json.dumps(hosts_map))
         process = subprocess.Popen(self.exec_prefix(0) + command, env=env, text=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,

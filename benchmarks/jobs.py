@@ -17,7 +17,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-WORKER = os.path.join(HERE, "digits_worker.py")
+WORKER = "benchmarks.digits_worker"  # run with python -m, from ROOT
 REPORT_MARKER = "BENCHMARK-REPORT "
 
 
@@ -49,7 +49,7 @@ def horovodrun_command(workers, hosts, worker_args, extra=()):
     ("host:slots,...")."""
     horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
     return [horovodrun, "-np", str(workers), "-H", hosts, "--gloo", "--disable-cache", *extra,
-            sys.executable, WORKER, *worker_args]
+            sys.executable, "-m", WORKER, *worker_args]
 
 
 def worker_env(extra=None):

@@ -13,24 +13,19 @@ reads, as digits_worker.py does: training loss per step (mean over ranks), test 
 next-character accuracy on the held-out text at ``--eval-every`` steps and at the end, the
 parameter count, and what the compressor handed to Horovod per step when it keeps such counts.
 
-    horovodrun -np 2 -H localhost:2 --gloo python benchmarks/lm_worker.py \
+    horovodrun -np 2 -H localhost:2 --gloo python -m benchmarks.lm_worker \
         --compressor tnq-rht:bits=2
 """
 
 import argparse
 import json
-import os
-import sys
 
 import horovod.torch as hvd
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from gradients import CharModel, stdlib_text  # noqa: E402
-from jobs import REPORT_MARKER, parse_spec  # noqa: E402
-
-from horovod_tnq.torch import get_compressor  # noqa: E402
+from benchmarks.gradients import CharModel, stdlib_text
+from benchmarks.jobs import REPORT_MARKER, parse_spec
+from horovod_tnq.torch import get_compressor
 
 
 def parse_args():

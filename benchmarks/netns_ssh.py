@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from emulated_network import host_command_prefix
+from benchmarks.emulated_network import host_command_prefix
 
 # ssh's options that take a value (OpenSSH 9); every other option is a flag
 VALUE_OPTIONS = set("BbcDEeFIiJLlmOoPpQRSWw")

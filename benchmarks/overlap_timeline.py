@@ -9,7 +9,7 @@ moving their data before backward ended, and what fraction of the time spent mov
 inside the backward pass. Writes overlap.csv and overlap.png (one step's timeline, both runs)
 to --out (default benchmarks/out).
 
-    python benchmarks/overlap_timeline.py [--steps 6] [--workers 2] [--out DIR]
+    python -m benchmarks.overlap_timeline [--steps 6] [--workers 2] [--out DIR]
 """
 
 import argparse

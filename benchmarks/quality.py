@@ -1,6 +1,6 @@
 """Quality benchmark: normalized MSE against bits actually sent, every scheme, every source.
 
-    python benchmarks/quality.py [--out benchmarks/out] [--seeds 3]
+    python -m benchmarks.quality [--out benchmarks/out] [--seeds 3]
 
 For each gradient source and layer (benchmarks/gradients.py) and each scheme at each supported
 bit width, compresses with the numpy core (the same bytes both frameworks send), decodes, and
@@ -20,14 +20,12 @@ quantizers (one code per element: the sparsifiers topk and tnq-sparse left out).
 import argparse
 import csv
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gradients import all_sources  # noqa: E402
 
-from horovod_tnq import core  # noqa: E402
+from benchmarks.gradients import all_sources
+from horovod_tnq import core
 
 BITS = (1, 2, 3, 4, 8)
 TNQ_FAMILY = ("tnq-rht", "tnq", "tnq-fit", "tnq-opt", "tnq-sparse")

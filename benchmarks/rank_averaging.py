@@ -1,6 +1,6 @@
 """Does the error of the averaged gradient fall with the number of ranks? Real horovodrun workers.
 
-    python benchmarks/rank_averaging.py [--ranks 2 4 8] [--schemes tnq-rht tnq] [--bits 2 3 4]
+    python -m benchmarks.rank_averaging [--ranks 2 4 8] [--schemes tnq-rht tnq] [--bits 2 3 4]
                                         [--exchanges allgather reduce-scatter]
                                         [--elements 262144] [--noise 0.1] [--csv PATH]
 
@@ -28,19 +28,18 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from jobs import markdown_table, worker_env, write_csv  # noqa: E402
+from benchmarks.jobs import markdown_table, worker_env, write_csv
 
-WORKER = os.path.join(HERE, "rank_averaging_worker.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = "benchmarks.rank_averaging_worker"  # run with python -m, from ROOT
 
 
 def launch(num_ranks, out_dir, worker_args=(), timeout=None):
     """Run the worker on ``num_ranks`` local Gloo ranks; return each rank's JSON report."""
     horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
     command = [horovodrun, "-np", str(num_ranks), "-H", f"localhost:{num_ranks}", "--gloo",
-               "--disable-cache", sys.executable, WORKER, str(out_dir), *worker_args]
-    done = subprocess.run(command, cwd=os.path.dirname(HERE), env=worker_env(),
+               "--disable-cache", sys.executable, "-m", WORKER, str(out_dir), *worker_args]
+    done = subprocess.run(command, cwd=ROOT, env=worker_env(),
                           capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"horovodrun -np {num_ranks} failed ({done.returncode}):\n"

@@ -1,6 +1,6 @@
 """Bytes each worker sends per step as the number of workers grows, per gradient exchange.
 
-    python benchmarks/scaling_bytes.py [--workers 2 3 4 6 8] [--configs none tnq:bits=4 ...]
+    python -m benchmarks.scaling_bytes [--workers 2 3 4 6 8] [--configs none tnq:bits=4 ...]
 
 For each worker count N and compressor spec, runs real horovodrun workers (digits_worker.py, an
 MLP of --hidden widths on digits) on N emulated hosts (benchmarks/emulated_network.py, links not
@@ -18,10 +18,10 @@ import os
 import signal
 import sys
 
+from benchmarks.emulated_network import EmulatedNetwork, remove_stale_namespaces
+from benchmarks.jobs import horovodrun_command, read_report, worker_env, write_csv
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from emulated_network import EmulatedNetwork, remove_stale_namespaces  # noqa: E402
-from jobs import horovodrun_command, read_report, worker_env, write_csv  # noqa: E402
 
 CONFIGS = ["none", "tnq:bits=4,exchange=allgather", "tnq:bits=4,exchange=reduce-scatter"]
 

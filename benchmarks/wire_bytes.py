@@ -6,7 +6,7 @@ counter from /proc/net/dev: TCP/IP headers, Horovod's own coordination messages 
 allreduce are all counted. Each configuration runs for two lengths; the difference divided by the
 difference in steps is the per-step traffic, free of start-up and parameter broadcast.
 
-    python benchmarks/wire_bytes.py            (needs root or user namespaces, for unshare -n)
+    python -m benchmarks.wire_bytes            (needs root or user namespaces, for unshare -n)
 """
 
 import argparse
@@ -15,9 +15,9 @@ import os
 import subprocess
 import sys
 
+from examples.run_demo import run_training
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "examples"))
-from run_demo import run_training  # noqa: E402  (examples/ is not a package)
 CONFIGS = [("none", None), ("fp16", None), ("tnq", 4), ("tnq", 3), ("tnq", 2)]
 QUICK = [("none", None), ("tnq", 4)]
 
@@ -57,7 +57,7 @@ def in_private_network(argv):
     """Re-run this script inside a new network namespace with only loopback, up."""
     script = "ip link set lo up && exec \"$@\""
     return subprocess.call(["unshare", "--net", "sh", "-c", script, "sh", sys.executable,
-                            os.path.abspath(__file__), "--inside"] + argv)
+                            "-m", "benchmarks.wire_bytes", "--inside"] + argv, cwd=ROOT)
 
 
 def main():

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from horovod_tnq.exchange import DEFAULT_SCHEME
+from horovod_tnq.protocol import DEFAULT_SCHEME
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

@@ -4,7 +4,7 @@
 ``horovod_tnq.tensorflow`` provide Horovod compressors built on it.
 """
 
-from .exchange import CompressorConfig
+from .protocol import CompressorConfig
 
 __version__ = "0.1.0"
 __all__ = ["CompressorConfig", "__version__"]

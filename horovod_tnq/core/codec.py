@@ -40,7 +40,7 @@ header and the non-finite exceptions, followed by the body their module lays out
 
 import struct
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -70,7 +70,7 @@ DTYPE_CODES = {"float16": 1, "bfloat16": 2, "float32": 3, "float64": 4}
 DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one object per scheme: compared by identity
 class Scheme:
     """How a tensor is quantized: per bucket, value = offset + scale * level, the levels a sorted
     table of at most 2**bits entries for unit scale, rounded stochastically (unbiased between
@@ -85,8 +85,13 @@ class Scheme:
     and ``options`` (registered by core/__init__.py from core/topk.py, dynamic.py, privacy.py):
     body: a module laying out the whole payload body after the header and the non-finite
     exceptions (check_bits, encode, size, decode, max_size); choose_bits: picks each payload's
-    bits (at most the configured ones) from the data; options: names of the CompressorConfig
-    fields the scheme reads, passed to encode.
+    bits (at most the configured ones) from the data; options: the scheme's own settings, name
+    -> default (users pass them to the compressor; encode receives them), checked by
+    ``check_options(bits, **options)``.
+
+    Error feedback (the protocol layer's): ``error_feedback_default`` is the decay a compressor
+    uses unless told otherwise (1.0 for schemes that leave entries out, whose mass would
+    otherwise be lost for good); ``refuses_error_feedback`` says why a scheme cannot have it.
 
     With ``rotation`` each bucket is rotated (rotation.py) before it is rounded to the nearest
     level of a table for unit RMS, and its scale is then EDEN's correction (encode_rotated).
@@ -104,7 +109,10 @@ class Scheme:
     rounding: str = "stochastic"
     body: object = None
     choose_bits: object = None
-    options: tuple = ()
+    options: dict = field(default_factory=dict)
+    check_options: object = None
+    error_feedback_default: float = 0.0
+    refuses_error_feedback: str = None
     rotation: bool = False  # buckets rotated first (rotation.py); nearest rounding, EDEN scale
 
     def levels_sent(self, bits):
@@ -298,7 +306,7 @@ def encode(values, *, scheme="tnq", bits, bucket_size, key, step=0, dtype_name=N
 
     ``values`` is float16/32/64 numpy data (frameworks hand bfloat16 over as float32 and name it
     in ``dtype_name``); ``key`` and ``step`` seed the stochastic rounding (see rng.py);
-    ``options`` holds the scheme's settings named in Scheme.options.
+    ``options`` holds the scheme's own settings (Scheme.options).
     The compiled kernel (native.py) does the element-wise work where it was built;
     ``reference=True`` runs the numpy reference instead (the same bytes).
     """
@@ -660,11 +668,11 @@ def decode_sum(buf, expect, factor=1.0, out_dtype=np.float64, reference=False, o
     offset = 0
     while offset < buf.size:
         sections = split(buf, offset)
-        for field in fields:
-            theirs, ours = getattr(sections.header, field), getattr(expect, field)
+        for name in fields:
+            theirs, ours = getattr(sections.header, name), getattr(expect, name)
             if theirs != ours:
                 raise PayloadError(
-                    f"payload {len(payloads)} has {field}={theirs} but this rank expects "
+                    f"payload {len(payloads)} has {name}={theirs} but this rank expects "
                     f"{ours}: all ranks must use the same compressor settings for the same "
                     "tensor")
         payloads.append(sections)

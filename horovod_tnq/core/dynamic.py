@@ -80,4 +80,6 @@ def choose_bits(flat, bucket_size, max_bits, *, min_bits=DEFAULT_MIN_BITS,
 
 
 SCHEME = Scheme("dqsgd", 21, qsgd_levels, "max_abs", "Yan, Huang, Lan, Song, DQ-SGD, "
-                "arXiv 2107.14575", choose_bits=choose_bits, options=("min_bits", "nmse_target"))
+                "arXiv 2107.14575", choose_bits=choose_bits,
+                options={"min_bits": DEFAULT_MIN_BITS, "nmse_target": DEFAULT_NMSE_TARGET},
+                check_options=check_options)

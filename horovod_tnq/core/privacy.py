@@ -279,4 +279,8 @@ def account(numels, steps, bits, dp_clip, dp_epsilon=DEFAULT_EPSILON, dp_delta=D
 SCHEME = Scheme("dp-binomial", 22, None, "", "binomial mechanism on quantized gradients: cpSGD "
                 "(Agarwal et al., NeurIPS 2018); Yan et al., arXiv 2304.13545",
                 body=sys.modules[__name__],
-                options=("dp_clip", "dp_epsilon", "dp_delta", "dp_sensitivity"))
+                options={"dp_clip": None, "dp_epsilon": DEFAULT_EPSILON, "dp_delta": DEFAULT_DELTA,
+                         "dp_sensitivity": None},
+                check_options=check_options,
+                refuses_error_feedback="the residual would carry the private gradient into "
+                "later releases, outside the privacy accounting")

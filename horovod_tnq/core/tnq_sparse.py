@@ -333,4 +333,4 @@ def max_size(numel, bits, **_options):
 SCHEME = Scheme("tnq-sparse", 23, None, "", "TNQ's objective with a sparsification term: the K "
                 "largest entries on truncated non-uniform levels fitted to their tail (this "
                 "project; Yan et al. arXiv 2402.01160, Ruan et al. arXiv 2210.13532)",
-                body=sys.modules[__name__])
+                body=sys.modules[__name__], error_feedback_default=1.0)

@@ -294,4 +294,5 @@ def max_size(numel, bits, **_options):
 
 
 SCHEME = Scheme("topk", 20, None, "", "Ruan, Yan, Xiao, Song, Xu, Adaptive Top-K in SGD, "
-                "arXiv 2210.13532", body=sys.modules[__name__])
+                "arXiv 2210.13532", body=sys.modules[__name__],
+                error_feedback_default=1.0)  # what it leaves out must come back later

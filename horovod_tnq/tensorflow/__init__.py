@@ -7,7 +7,7 @@
 
 from horovod.tensorflow.compression import Compression as _Compression
 
-from ..exchange import compressor_registry as _compressor_registry
+from ..protocol import compressor_registry as _compressor_registry
 from .compressor import TNQCompressor
 
 

@@ -1,16 +1,15 @@
 """Horovod Compressor for ``horovod.tensorflow`` (and ``horovod.tensorflow.keras``).
 
-Same protocol as the PyTorch compressor (horovod_tnq/exchange.py) and the same codec: the numpy
+Same protocol as the PyTorch compressor (horovod_tnq/protocol) and the same codec: the numpy
 core encodes and decodes, called directly on the tensors' buffers when eager and through
 ``tf.numpy_function`` inside graphs (tf.function, DistributedGradientTape, Keras), where it runs
 each time the graph runs. So both frameworks send the same bytes for the same input, seed,
 name and step. What advances with every exchange (each tensor's step, which seeds its random
-stream, and the error-feedback residuals) lives in Python, as in PyTorch, and is updated when the
-graph runs, not when it is traced.
+stream, and the error-feedback residuals) lives in the compressor's ``state``
+(protocol/state.py), as in PyTorch, and is updated when the graph runs, not when it is traced.
 """
 
 import re
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,10 +19,9 @@ import tensorflow as tf
 from horovod.tensorflow.compression import Compressor
 
 from .. import core
-from ..exchange import (EXCHANGE_CODES, PROBE_TOLERANCE, REDUCED, UNSUPPORTED_OP,
-                        CompressorBase, DefaultInstanceMethod, Pending, choose_exchange,
-                        chunk_bounds, horovod_call_site, part_bounds, part_names, probe_values,
-                        reduction_scale)
+from ..protocol import (EXCHANGE_CODES, PROBE_TOLERANCE, REDUCED, UNSUPPORTED_OP,
+                        CompressorBase, DefaultInstanceMethod, Pending, horovod_call_site, plan,
+                        probe_values, reduction_scale)
 
 # What the core reads: float64 stays, every other float goes as float32, which holds float16 and
 # bfloat16 exactly (numpy has no bfloat16), as in the PyTorch adapter.
@@ -110,9 +108,6 @@ class TNQCompressor(CompressorBase, Compressor):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._lock = threading.Lock()
-        self._steps = {}  # tensor name -> exchanges so far (eager calls and graph runs)
-        self._residuals = {}  # payload name -> error-feedback residual (numpy)
         # bytes handed to Horovod for each named tensor (compressed or not) at its last call,
         # without non-finite exceptions: in graphs this is known when the graph is traced
         self.bytes_by_tensor = {}
@@ -120,56 +115,6 @@ class TNQCompressor(CompressorBase, Compressor):
     def should_compress(self, tensor):
         numel = tensor.shape.num_elements()
         return tensor.dtype in _WORK and (numel is None or numel >= self.config.min_numel)
-
-    def _next_step(self, name):
-        with self._lock:
-            step = self._steps.get(name, 0)
-            self._steps[name] = step + 1
-        return step
-
-    def _steps_of(self, name):
-        return self._steps.get(name, 0)
-
-    def state_dict(self):
-        """Per-rank state to checkpoint with the model: error-feedback residuals and each
-        tensor's step count (which seeds its rounding), so a restored run continues exactly."""
-        with self._lock:
-            return {"config": self.config.__dict__.copy(), "namer": self._namer.state_dict(),
-                    "steps": dict(self._steps),
-                    "residuals": {name: r.copy() for name, r in self._residuals.items()},
-                    "released": dict(self._released)}
-
-    def load_state_dict(self, state):
-        self._check_checkpoint(state)
-        with self._lock:
-            self._steps = dict(state["steps"])
-            self._residuals = {name: np.array(r) for name, r in state["residuals"].items()}
-
-    def _payload(self, chunk, slot, key, step, dtype_name, shape):
-        """The payload of the flat float32/float64 ``chunk`` of a tensor of ``dtype_name`` and
-        ``shape``, its rounding drawn from (key, step). With error feedback (ECQ-SGD, Wu et al.,
-        ICML 2018), as in the PyTorch compressor: the chunk first gets the decayed error that
-        this rank's earlier quantizations of ``slot`` left behind, and keeps its new error."""
-        feedback = self.config.error_feedback
-        if feedback:
-            residual = self._residuals.get(slot)
-            if residual is not None:
-                if residual.shape != chunk.shape:
-                    raise ValueError(f"error-feedback residual for {slot!r} has shape "
-                                     f"{residual.shape}, the gradient {chunk.shape}")
-                chunk = chunk + feedback * residual
-        payload = core.encode(chunk, scheme=self.config.scheme, bits=self.config.bits,
-                              bucket_size=self.config.bucket_size, key=key, step=int(step),
-                              dtype_name=dtype_name, shape=shape,
-                              options=self.config.scheme_options())
-        if feedback:
-            with np.errstate(invalid="ignore"):  # inf - inf: zeroed below
-                error = chunk - core.decode(payload)[0].astype(chunk.dtype)
-            # a NaN or Inf gradient must not poison every later step through the residual
-            residual = np.where(np.isfinite(error), error, error.dtype.type(0))
-            with self._lock:  # state_dict() may be copying them
-                self._residuals[slot] = residual
-        return payload
 
     def _expect(self, numel, dtype_name, shape):
         """The header this rank expects of every payload of ``numel`` elements of a tensor of
@@ -196,28 +141,24 @@ class TNQCompressor(CompressorBase, Compressor):
             if name is not None and numel is not None:
                 self.bytes_by_tensor[name] = numel * tensor.dtype.size
             return tensor, None
-        base_name, collective_name, _ = self._namer.acquire(name)
+        base_name, collective_name = self.state.namer.acquire(name)
         collective_name = _op_name(collective_name)
         dtype_name = tensor.dtype.name
         if numel is None:  # the parts and chunks need the size: one payload, allgathered
-            kind, bounds = "allgather", [(0, None)]
+            kind, bounds, parts = "allgather", [(0, None)], [""]
         else:
-            kind = choose_exchange(self.config, numel, process_set.size())
-            if kind == "allgather":
-                bounds = part_bounds(numel, self.config.part_elements, self.config.bucket_size)
-            else:
-                bounds = chunk_bounds(numel, process_set.size(), self.config.bucket_size)
+            kind, bounds, parts = plan(self.config, numel, process_set.size())
             # at most this for schemes whose payload size depends on the data
             self.bytes_by_tensor[base_name] = sum(
                 core.encoded_size(stop - start, self.config.bits, self.config.bucket_size,
                                   dtype_name, scheme=self.config.scheme,
                                   options=self.config.scheme_options())
                 for start, stop in bounds)
-        parts = part_names(kind, bounds)
+        state = self.state
         if eager:
-            step = self._next_step(base_name)
+            step = state.next_step(base_name)
         else:  # drawn each time the graph runs; every payload of this tensor shares it
-            step = tf.numpy_function(lambda: np.int64(self._next_step(base_name)), [], tf.int64,
+            step = tf.numpy_function(lambda: np.int64(state.next_step(base_name)), [], tf.int64,
                                      stateful=True)
             step.set_shape([])
         values = host_values(tensor)
@@ -225,9 +166,9 @@ class TNQCompressor(CompressorBase, Compressor):
                 for (start, stop), part in zip(bounds, parts)]
 
         def encode(values, step, jobs):
-            self._note_release(base_name, values.size)
+            state.note_release(base_name, values.size)
             flat = values.reshape(-1)
-            return [self._payload(flat[start:stop], slot, key, step, dtype_name, values.shape)
+            return [state.encode(flat[start:stop], slot, key, step, dtype_name, values.shape)
                     for start, stop, slot, key in jobs]
 
         if kind == "allgather":  # one allgather per part: each goes once it is encoded
@@ -259,7 +200,7 @@ class TNQCompressor(CompressorBase, Compressor):
     def decompress(self, tensor, ctx):
         if ctx is None:
             return tensor
-        self._namer.release(ctx.base_name)
+        self.state.namer.release(ctx.base_name)
         size = ctx.process_set.size()
         if tf.executing_eagerly():
             scale = reduction_scale(np.asarray(tensor).tolist(), size, ctx.kind)
@@ -313,7 +254,7 @@ class TNQCompressor(CompressorBase, Compressor):
             start, stop = bounds[rank]
             chunk_sum = _decode_sum(received, self._expect(stop - start, dtype_name, shape), 1.0,
                                     work, size)
-            return self._payload(chunk_sum, slot, key, step, dtype_name, shape)
+            return self.state.encode(chunk_sum, slot, key, step, dtype_name, shape)
 
         reduced = numpy_call(reduce_own_chunk, [ctx.exchange, ctx.step], tf.uint8)
         reduced.set_shape([None])

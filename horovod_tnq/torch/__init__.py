@@ -14,7 +14,7 @@ or, with gradients fused into a few compressed buckets per step (faster; same si
 
 from horovod.torch.compression import Compression as _Compression
 
-from ..exchange import compressor_registry as _compressor_registry
+from ..protocol import compressor_registry as _compressor_registry
 from .compressor import TNQCompressor
 from .optimizer import DistributedOptimizer
 

@@ -1,7 +1,8 @@
 """Horovod Compressor that quantizes with the core and exchanges packed codes by allgather, or
 by alltoall + allgather (the reduce-scatter exchange).
 
-See horovod_tnq/exchange.py for the protocol that fits it into Horovod's allreduce interface.
+See horovod_tnq/protocol for the protocol that fits it into Horovod's allreduce interface, and
+the state (steps, error-feedback residuals) that this adapter keeps in ``self.state``.
 """
 
 import dataclasses
@@ -14,9 +15,8 @@ import torch
 from horovod.torch.compression import Compressor
 
 from .. import core
-from ..exchange import (REDUCED, CompressorBase, DefaultInstanceMethod, Pending,
-                        choose_exchange, chunk_bounds, horovod_call_site, new_stats, part_bounds,
-                        part_names, probe_values, reduction_scale)
+from ..protocol import (REDUCED, CompressorBase, DefaultInstanceMethod, Pending,
+                        horovod_call_site, plan, probe_values, reduction_scale)
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                 torch.float64: "float64"}
@@ -24,24 +24,18 @@ _SUPPORTED_DEVICES = ("cpu", "cuda")
 
 
 def host_values(tensor):
-    """A CPU tensor the numpy core can read: float64 stays, every other float becomes float32
+    """The flat numpy array the core reads: float64 stays, every other float becomes float32
     (numpy has no bfloat16; float32 holds float16 and bfloat16 exactly)."""
     work = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    return tensor.detach().to("cpu", work)
-
-
-def encode_values(values, config, key, step, dtype_name, shape):
-    """The payload (numpy uint8) of host ``values`` (float32 or float64 torch) of a tensor of
-    ``dtype_name`` and ``shape``."""
-    return core.encode(values.numpy(), scheme=config.scheme, bits=config.bits,
-                       bucket_size=config.bucket_size, key=key, step=step,
-                       dtype_name=dtype_name, shape=shape, options=config.scheme_options())
+    return tensor.detach().to("cpu", work).reshape(-1).numpy()
 
 
 def encode_tensor(tensor, config, key, step):
-    """The payload (numpy uint8) of one whole torch tensor."""
-    return encode_values(host_values(tensor), config, key, step, _DTYPE_NAMES[tensor.dtype],
-                         tensor.shape)
+    """The payload (numpy uint8) of one whole torch tensor, without error feedback."""
+    return core.encode(host_values(tensor), scheme=config.scheme, bits=config.bits,
+                       bucket_size=config.bucket_size, key=key, step=step,
+                       dtype_name=_DTYPE_NAMES[tensor.dtype], shape=tensor.shape,
+                       options=config.scheme_options())
 
 
 class TNQCompressor(CompressorBase, Compressor):
@@ -70,7 +64,7 @@ class TNQCompressor(CompressorBase, Compressor):
             (None) is 1.0 for "topk" and "tnq-sparse" and 0 otherwise. Checkpoint
             ``state_dict()`` with the model to resume exactly.
         exchange: "allgather", "reduce-scatter", or "auto" (the reduce-scatter from 3 ranks on,
-            for tensors of at least one bucket per rank): see horovod_tnq/exchange.py.
+            for tensors of at least one bucket per rank): see horovod_tnq/protocol/plan.py.
         part_elements: in the allgather exchange, tensors larger than this go as several
             payloads, so encoding, transfer and decoding overlap (0: one payload per tensor).
         min_bits, nmse_target: "dqsgd" only (core/dynamic.py).
@@ -80,10 +74,8 @@ class TNQCompressor(CompressorBase, Compressor):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._residuals = {}
         self._in_flight = []  # reduce-scatter contexts between compress() and decompress()
         self._in_flight_lock = threading.Lock()
-        self.stats = new_stats()
 
     def should_compress(self, tensor):
         return tensor.dtype in _DTYPE_NAMES and tensor.numel() >= self.config.min_numel
@@ -95,10 +87,9 @@ class TNQCompressor(CompressorBase, Compressor):
         if tensor.device.type not in _SUPPORTED_DEVICES:
             raise TypeError(f"TNQCompressor supports CPU and CUDA tensors, got device "
                             f"{tensor.device}")
-        self.stats["elements"] += tensor.numel()
         if not self.should_compress(tensor):
-            self.stats["passthrough_tensors"] += 1
-            self.stats["passthrough_bytes"] += tensor.numel() * tensor.element_size()
+            self.state.count(elements=tensor.numel(), passthrough_tensors=1,
+                             passthrough_bytes=tensor.numel() * tensor.element_size())
             return tensor, None
 
         name, process_set = horovod_call_site()
@@ -114,24 +105,20 @@ class TNQCompressor(CompressorBase, Compressor):
         DistributedOptimizer (optimizer.py) calls it directly, with its buckets' names.
         """
         process_set = process_set or hvd.global_process_set
-        base_name, collective_name, step = self._namer.acquire(name)
-        size, numel = process_set.size(), tensor.numel()
-        self._note_release(base_name, numel)
-        kind = choose_exchange(self.config, numel, size)
-        if kind == "allgather":
-            bounds = part_bounds(numel, self.config.part_elements, self.config.bucket_size)
-        else:
-            bounds = chunk_bounds(numel, size, self.config.bucket_size)
-        parts = part_names(kind, bounds)
-        values = host_values(tensor).reshape(-1)
-        self.stats["compressed_tensors"] += 1
-        self.stats[kind] += 1
+        state = self.state
+        base_name, collective_name = state.namer.acquire(name)
+        step = state.next_step(base_name)
+        numel = tensor.numel()
+        state.note_release(base_name, numel)
+        kind, bounds, parts = plan(self.config, numel, process_set.size())
+        values = host_values(tensor)
+        state.count(elements=numel, compressed_tensors=1, **{kind: 1})
         if kind == "allgather":
             # each part goes out as soon as it is encoded, so it travels while the next encodes
             handles, headers = [], []
             for payload, part in zip(self._encode(values, bounds, parts, base_name, step,
                                                   tensor), parts):
-                self.stats["payload_bytes"] += payload.size
+                state.count(payload_bytes=payload.size)
                 handles.append(hvd.allgather_async(torch.from_numpy(payload),
                                                    name=collective_name + part,
                                                    process_set=process_set))
@@ -139,7 +126,7 @@ class TNQCompressor(CompressorBase, Compressor):
             return Pending(handles, headers, base_name, tensor.shape, tensor.dtype, process_set,
                            tensor.device, kind, bounds, collective_name, step)
         payloads = list(self._encode(values, bounds, parts, base_name, step, tensor))
-        self.stats["payload_bytes"] += sum(p.size for p in payloads)
+        state.count(payload_bytes=sum(p.size for p in payloads))
         splits = torch.tensor([p.size for p in payloads], dtype=torch.int32)
         handle = hvd.alltoall_async(torch.from_numpy(np.concatenate(payloads)), splits=splits,
                                     name=collective_name, process_set=process_set)
@@ -152,42 +139,27 @@ class TNQCompressor(CompressorBase, Compressor):
 
     def _encode(self, values, bounds, parts, base_name, step, tensor):
         """One payload per (start, stop) chunk of the flat host ``values``, each made when it is
-        asked for (a generator), so its exchange can start before the next; with error feedback
-        (ECQ-SGD, Wu et al., ICML 2018) each chunk first gets the decayed error that this rank's
-        earlier quantizations of it left behind, and keeps its new error."""
+        asked for (a generator), so its exchange can start before the next (error feedback, if
+        on, in CompressorState.encode)."""
         for (start, stop), part in zip(bounds, parts):
-            key = core.stream_key(self.config.seed, hvd.rank(), base_name + part)
-            yield self._encode_chunk(values[start:stop], base_name + part, key, step,
-                                     _DTYPE_NAMES[tensor.dtype], tensor.shape)
+            slot = base_name + part
+            yield self.state.encode(values[start:stop], slot, self._key(slot), step,
+                                    _DTYPE_NAMES[tensor.dtype], tensor.shape)
 
-    def _encode_chunk(self, chunk, slot, key, step, dtype_name, shape):
-        feedback = self.config.error_feedback
-        if feedback:
-            residual = self._residuals.get(slot)
-            if residual is not None:
-                if residual.shape != chunk.shape:
-                    raise ValueError(f"error-feedback residual for {slot!r} has shape "
-                                     f"{tuple(residual.shape)}, the gradient "
-                                     f"{tuple(chunk.shape)}")
-                chunk = chunk + feedback * residual
-        payload = encode_values(chunk, self.config, key, step, dtype_name, shape)
-        if feedback:
-            decoded = torch.from_numpy(core.decode(payload)[0]).to(chunk.dtype)
-            error = chunk - decoded
-            # a NaN or Inf gradient must not poison every later step through the residual
-            self._residuals[slot] = torch.where(torch.isfinite(error), error, 0)
-        return payload
+    def _key(self, slot):
+        return core.stream_key(self.config.seed, hvd.rank(), slot)
 
     def state_dict(self):
-        """Per-rank state to checkpoint with the model: error-feedback residuals and each tensor's
-        step count (which seeds its rounding), so a restored run continues exactly."""
-        return {"config": self.config.__dict__.copy(), "namer": self._namer.state_dict(),
-                "residuals": {name: r.clone() for name, r in self._residuals.items()},
-                "released": dict(self._released)}
+        """CompressorState.state_dict() with the residuals as torch tensors, so a checkpoint
+        with the model loads with ``torch.load(weights_only=True)``."""
+        state = self.state.state_dict()
+        state["residuals"] = {slot: torch.from_numpy(r) for slot, r in state["residuals"].items()}
+        return state
 
     def load_state_dict(self, state):
-        self._check_checkpoint(state)
-        self._residuals = {name: r.clone() for name, r in state["residuals"].items()}
+        residuals = {slot: r.numpy() if torch.is_tensor(r) else r
+                     for slot, r in state["residuals"].items()}
+        self.state.load_state_dict(dict(state, residuals=residuals))
 
     @DefaultInstanceMethod
     def decompress(self, tensor, ctx):
@@ -227,7 +199,7 @@ class TNQCompressor(CompressorBase, Compressor):
 
     def _abandon(self, ctx):
         """ctx is done, or failed: release its name, and never wait on its collectives."""
-        self._namer.release(ctx.base_name)
+        self.state.namer.release(ctx.base_name)
         with self._in_flight_lock:
             if ctx in self._in_flight:
                 self._in_flight.remove(ctx)
@@ -249,11 +221,9 @@ class TNQCompressor(CompressorBase, Compressor):
             work = np.float64 if ctx.dtype == torch.float64 else np.float32
             chunk_sum = _decode_sum(received, ctx.header, 1.0, work, ctx.process_set.size())
             slot = ctx.base_name + REDUCED
-            reduced = self._encode_chunk(
-                torch.from_numpy(chunk_sum), slot, core.stream_key(self.config.seed, hvd.rank(),
-                                                                   slot),
-                ctx.step, _DTYPE_NAMES[ctx.dtype], ctx.shape)
-            self.stats["payload_bytes"] += reduced.size
+            reduced = self.state.encode(chunk_sum, slot, self._key(slot), ctx.step,
+                                        _DTYPE_NAMES[ctx.dtype], ctx.shape)
+            self.state.count(payload_bytes=reduced.size)
             ctx.second_round = hvd.allgather_async(torch.from_numpy(reduced),
                                                    name=ctx.collective_name + REDUCED,
                                                    process_set=ctx.process_set)

@@ -128,7 +128,7 @@ def test_bucket_size_must_be_a_power_of_two():
     for bad in (4, 500, 1 << 17):
         with pytest.raises(ValueError, match="power of two"):
             core.encode(x, scheme="tnq-rht", bits=3, bucket_size=bad, key=0)
-    from horovod_tnq.exchange import CompressorConfig
+    from horovod_tnq.protocol import CompressorConfig
     with pytest.raises(ValueError, match="power of two"):
         CompressorConfig(scheme="tnq-rht", bucket_size=500)
 

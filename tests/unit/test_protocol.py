@@ -1,12 +1,12 @@
 """Choosing the exchange and splitting a tensor into the chunks the reduce-scatter's owners
-reduce (framework-free parts of horovod_tnq/exchange.py)."""
+reduce (horovod_tnq/protocol/plan.py and probe.py)."""
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from horovod_tnq import CompressorConfig
-from horovod_tnq.exchange import choose_exchange, chunk_bounds, part_bounds
+from horovod_tnq.protocol import choose_exchange, chunk_bounds, part_bounds
 
 
 @given(numel=st.integers(0, 10_000), size=st.integers(1, 16), bucket_size=st.integers(1, 600))

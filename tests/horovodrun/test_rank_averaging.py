@@ -12,18 +12,15 @@ so the limits below (0.6 and 0.45) pass independent errors with a margin of abou
 rotation shared across ranks (test_limits_fail_a_shared_rotation checks that with the core).
 """
 
-import os
-import sys
 
 import numpy as np
 import pytest
-from horovodrun import ROOT, same_on_all_ranks
+from launch import same_on_all_ranks
 
 from horovod_tnq import core
 
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import rank_averaging  # noqa: E402
-from rank_averaging_worker import rank_gradients  # noqa: E402
+from benchmarks import rank_averaging
+from benchmarks.rank_averaging_worker import rank_gradients
 
 ELEMENTS = 1 << 15
 BITS = 3

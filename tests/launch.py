@@ -6,13 +6,15 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKERS = os.path.join(ROOT, "tests", "horovodrun", "workers")
 
 
 def run_workers(script, num_proc, out_dir, timeout=600, extra_env=None, args=()):
-    """Run tests/workers/<script> under horovodrun with Gloo; return each rank's JSON report."""
+    """Run tests/horovodrun/workers/<script> under horovodrun with Gloo; return each rank's
+    JSON report."""
     horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
     command = [horovodrun, "-np", str(num_proc), "-H", f"localhost:{num_proc}", "--gloo",
-               sys.executable, os.path.join(ROOT, "tests", "workers", script), str(out_dir),
+               sys.executable, os.path.join(WORKERS, script), str(out_dir),
                *args]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2",
                **(extra_env or {}))

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from horovodrun import ROOT
+from launch import ROOT
 
 
 def test_ruff_finds_nothing():

@@ -3,7 +3,7 @@
 import numpy as np
 
 from horovod_tnq import CompressorConfig, core
-from horovod_tnq.exchange import choose_exchange, chunk_bounds
+from horovod_tnq.protocol import choose_exchange, chunk_bounds
 
 
 def quantizer_bound(x, bits, bucket_size):

@@ -17,16 +17,15 @@ import subprocess
 import sys
 
 import pytest
-from horovodrun import ROOT
+from launch import ROOT
 
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import quality  # noqa: E402
+from benchmarks import quality
 
 
 
 def test_quality_benchmark(tmp_path):
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "quality.py"),
-                           "--out", str(tmp_path), "--seeds", "1"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "benchmarks.quality",
+                           "--out", str(tmp_path), "--seeds", "1"], capture_output=True, cwd=ROOT,
                           text=True, timeout=900,
                           env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -5,7 +5,7 @@ import pytest
 
 from horovod_tnq import core
 
-from horovodrun import run_workers, same_on_all_ranks
+from launch import run_workers, same_on_all_ranks
 
 pytestmark = pytest.mark.horovodrun
 

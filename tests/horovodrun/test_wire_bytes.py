@@ -1,21 +1,20 @@
 """Bytes that cross the (loopback) network with real horovodrun workers: TNQ 4-bit vs none."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from horovodrun import ROOT
+from launch import ROOT
 
 pytestmark = pytest.mark.horovodrun
 
 
 def test_tnq_4bit_sends_at_most_a_fifth_of_uncompressed(tmp_path):
     out = tmp_path / "wire.json"
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "wire_bytes.py"),
-                           "--quick", "--json", str(out)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "benchmarks.wire_bytes",
+                           "--quick", "--json", str(out)], capture_output=True, text=True, cwd=ROOT,
                           timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = {row["compression"]: row for row in json.loads(out.read_text())}

@@ -13,12 +13,11 @@ import sys
 
 import pytest
 
-from horovodrun import ROOT
+from launch import ROOT
 
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from emulated_network import ETC_NETNS, EmulatedNetwork, namespace_names  # noqa: E402
-from jobs import parse_spec  # noqa: E402
-from netns_ssh import split_ssh_arguments  # noqa: E402
+from benchmarks.emulated_network import ETC_NETNS, EmulatedNetwork, namespace_names
+from benchmarks.jobs import parse_spec
+from benchmarks.netns_ssh import split_ssh_arguments
 
 
 def ours(names):
@@ -65,7 +64,7 @@ def test_compressor_specs():
 
 
 def run_benchmark(script, *args):
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -74,7 +73,7 @@ def run_benchmark(script, *args):
 
 @pytest.mark.horovodrun
 def test_bandwidth_benchmark_two_steps(tmp_path):
-    out = run_benchmark("bandwidth.py", "--workers", "2", "--steps", "2", "--warmup", "1",
+    out = run_benchmark("bandwidth", "--workers", "2", "--steps", "2", "--warmup", "1",
                         "--configs", "none", "tnq:bits=4", "--hidden", "512,512",
                         "--rate-mbit", "200", "--out", str(tmp_path))
     with open(tmp_path / "bandwidth.csv") as f:
@@ -101,7 +100,7 @@ def test_bandwidth_benchmark_two_steps(tmp_path):
 
 @pytest.mark.horovodrun
 def test_convergence_benchmark_short_run(tmp_path):
-    out = run_benchmark("convergence.py", "--baselines", "none", "--schemes", "tnq", "--bits", "2",
+    out = run_benchmark("convergence", "--baselines", "none", "--schemes", "tnq", "--bits", "2",
                         "--steps", "20", "--eval-every", "10", "--out", str(tmp_path))
     with open(tmp_path / "convergence.csv") as f:
         rows = list(csv.DictReader(f))
@@ -115,7 +114,7 @@ def test_convergence_benchmark_short_run(tmp_path):
 
 @pytest.mark.horovodrun
 def test_convergence_benchmark_char_lm_two_steps(tmp_path):
-    out = run_benchmark("convergence.py", "--task", "char-lm", "--baselines", "none",
+    out = run_benchmark("convergence", "--task", "char-lm", "--baselines", "none",
                         "--schemes", "tnq-rht", "--bits", "2", "--steps", "2", "--eval-every",
                         "1", "--hidden", "64", "--out", str(tmp_path))
     with open(tmp_path / "convergence_char_lm.csv") as f:
@@ -138,7 +137,7 @@ def test_convergence_benchmark_char_lm_two_steps(tmp_path):
 @pytest.mark.horovodrun
 def test_scaling_bytes_benchmark_two_and_three_workers(tmp_path):
     allgather, scalable = "tnq:bits=4,exchange=allgather", "tnq:bits=4,exchange=reduce-scatter"
-    out = run_benchmark("scaling_bytes.py", "--workers", "2", "3", "--configs", "none",
+    out = run_benchmark("scaling_bytes", "--workers", "2", "3", "--configs", "none",
                         allgather, scalable, "--steps", "2", "--out", str(tmp_path))
     with open(tmp_path / "scaling_bytes.csv") as f:
         ratio = {(int(row["workers"]), row["compressor"]): float(row["vs_fp32_gradient"])
@@ -156,7 +155,7 @@ def test_scaling_bytes_benchmark_two_and_three_workers(tmp_path):
 
 @pytest.mark.horovodrun
 def test_overlap_timeline_sees_transfers_inside_backward(tmp_path):
-    out = run_benchmark("overlap_timeline.py", "--steps", "4", "--out", str(tmp_path))
+    out = run_benchmark("overlap_timeline", "--steps", "4", "--out", str(tmp_path))
     with open(tmp_path / "overlap.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted({(row["compression"], int(row["step"])) for row in rows}) == [

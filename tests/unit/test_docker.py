@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from horovodrun import ROOT
+from launch import ROOT
 
 DOCKERFILE = os.path.join(ROOT, "docker", "Dockerfile")
 

@@ -16,7 +16,7 @@ import torch
 
 import bounds
 from horovod_tnq import core
-from horovod_tnq.exchange import choose_exchange
+from horovod_tnq.protocol import choose_exchange
 from horovod_tnq.torch import DistributedOptimizer, TNQCompressor, get_compressor
 
 OUT_DIR = sys.argv[1]

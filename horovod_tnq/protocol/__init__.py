@@ -1,0 +1,35 @@
+"""The exchange protocol both framework adapters use, with no framework imports.
+
+Stock Horovod hands ``compress(tensor)`` to an *allreduce*, but packed codes cannot be summed.
+So each compressor, inside the stock interface:
+
+1. names the tensor's collectives from the name Horovod gives the allreduce (naming.py), so
+   every rank pairs the same tensors, and picks its exchange and payloads (plan.py);
+2. encodes each payload (state.py: error feedback, the step that seeds the random stream) and
+   starts its allgather, or the alltoall of the reduce-scatter;
+3. returns a three-element *probe* instead of the gradient, which Horovod allreduces with the
+   caller's op and scale factors (probe.py);
+4. in ``decompress(probe, ctx)`` waits for the exchange, decodes and sums every rank's payload,
+   and scales the sum by what the probe reveals.
+
+settings.py holds what all ranks must share, state.py what each rank carries from step to step
+(checkpointable), base.py what the compressors share. The adapters (horovod_tnq.torch,
+horovod_tnq.tensorflow) add only tensor conversion and Horovod calls.
+"""
+
+from .base import CompressorBase, DefaultInstanceMethod, compressor_registry
+from .naming import CollectiveNamer, horovod_call_site
+from .plan import (REDUCED, WHOLE, Pending, choose_exchange, chunk_bounds, part_bounds,
+                   part_names, plan)
+from .probe import (EXCHANGE_CODES, PROBE_TOLERANCE, UNSUPPORTED_OP, probe_values,
+                    reduction_scale)
+from .settings import DEFAULT_SCHEME, EXCHANGES, CompressorConfig, scheme_option_names
+from .state import CompressorState, new_stats
+
+__all__ = [
+    "DEFAULT_SCHEME", "EXCHANGES", "EXCHANGE_CODES", "PROBE_TOLERANCE", "REDUCED",
+    "UNSUPPORTED_OP", "WHOLE", "CollectiveNamer", "CompressorBase", "CompressorConfig",
+    "CompressorState", "DefaultInstanceMethod", "Pending", "choose_exchange", "chunk_bounds",
+    "compressor_registry", "horovod_call_site", "new_stats", "part_bounds", "part_names", "plan",
+    "probe_values", "reduction_scale", "scheme_option_names",
+]

@@ -1,0 +1,107 @@
+"""What the framework compressors share beyond the wire: construction, the default instance,
+the state, and each framework's ``get_compressor`` (no framework imports)."""
+
+import threading
+
+from ..core import SCHEMES
+from .settings import CompressorConfig
+from .state import CompressorState
+
+HOROVOD_COMPRESSORS = ("none", "fp16")
+
+
+def compressor_registry(quantizer_class, horovod_compression):
+    """Each framework's get_compressor(): "none" and "fp16" are Horovod's own compressors
+    (``horovod_compression``), any name in core.SCHEMES is ``quantizer_class(scheme=name,
+    **options)``."""
+
+    def get_compressor(name, **options):
+        """A Horovod compressor by name: any scheme of horovod_tnq.core.SCHEMES, or Horovod's own
+        "none" / "fp16".
+
+        TNQ: "tnq-rht" (the default TNQCompressor: a random Hadamard rotation, then the levels
+        and threshold that are optimal for the Gaussian it makes), "tnq" (the paper's closed
+        form for a Laplace model), "tnq-fit" (threshold fitted per bucket), "tnq-opt" (level
+        table fitted to each tensor), "tnq-sparse" (the largest entries on fitted non-uniform
+        levels). Baselines: "tnq-uniform" (truncated uniform, arXiv 2402.01798), "qsgd",
+        "qsgdinf" (Alistarh et al.), "nuqsgd" (Ramezani-Kebrya et al.), "maxmin" (CGX, Bagua
+        ByteGrad), "orq" (2+ bits) and "bingrad" (1 bit) (Xu, Huo, Huang, arXiv 2002.11082),
+        "terngrad" (2 bits, Wen et al.), "sign" (1 bit). Adaptive: "topk" (adaptive Top-K),
+        "dqsgd" (width chosen per step), "dp-binomial" (differential privacy). ``options`` go
+        to TNQCompressor (bits, bucket_size, min_numel, seed, error_feedback, exchange,
+        part_elements and the scheme's own settings, e.g. dp_clip)."""
+        if name in HOROVOD_COMPRESSORS:
+            if options:
+                raise ValueError(f"Horovod's {name!r} compressor takes no options, got "
+                                 f"{options}")
+            return getattr(horovod_compression, name)
+        if name not in SCHEMES:
+            raise ValueError(f"unknown compressor {name!r}; known: "
+                             f"{sorted(HOROVOD_COMPRESSORS + tuple(SCHEMES))}")
+        return quantizer_class(scheme=name, **options)
+
+    return get_compressor
+
+
+class DefaultInstanceMethod:
+    """Lets a compressor class itself be passed as ``compression=TNQCompressor``, as with
+    Horovod's own compressors: accessed on the class, the method binds to one lazily made
+    default instance (``owner.default_instance()``)."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def __get__(self, instance, owner):
+        if instance is None:
+            instance = owner.default_instance()
+        return self.function.__get__(instance, owner)
+
+
+class DefaultInstanceProperty(DefaultInstanceMethod):
+    """A read-only property that, accessed on the class, reads the default instance's."""
+
+    def __get__(self, instance, owner):
+        return self.function(owner.default_instance() if instance is None else instance)
+
+
+class CompressorBase:
+    """What the framework compressors share: validated settings (``config``), the per-rank
+    ``state`` (state.py), the default instance, repr, and checkpointing.
+
+    The constructor takes CompressorConfig's arguments."""
+
+    _defaults_lock = threading.Lock()
+
+    def __init__(self, *args, **settings):
+        self.config = CompressorConfig(*args, **settings)
+        self.state = CompressorState(self.config)
+
+    @classmethod
+    def default_instance(cls):
+        with cls._defaults_lock:
+            if cls.__dict__.get("_default") is None:
+                cls._default = cls()
+            return cls._default
+
+    def __repr__(self):
+        settings = {k: v for k, v in self.config.__dict__.items() if k != "options"}
+        settings.update(self.config.scheme_options())
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in settings.items())})"
+
+    @DefaultInstanceProperty
+    def stats(self):
+        """What this rank handed to Horovod so far (state.new_stats lists the counters)."""
+        return self.state.stats
+
+    def state_dict(self):
+        """Per-rank state to checkpoint with the model: each tensor's step count (which seeds its
+        rounding), error-feedback residuals and privacy accounting, so a restored run continues
+        exactly. Residuals are numpy arrays (torch tensors in the PyTorch adapter)."""
+        return self.state.state_dict()
+
+    def load_state_dict(self, state):
+        self.state.load_state_dict(state)
+
+    def privacy_spent(self):
+        """See CompressorState.privacy_spent."""
+        return self.state.privacy_spent()

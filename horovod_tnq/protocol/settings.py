@@ -1,0 +1,113 @@
+"""The settings every rank of a job must share, validated once (no framework imports)."""
+
+from dataclasses import dataclass
+
+from ..core import SCHEMES, check_scheme_bits, get_scheme, rotation
+
+# The scheme a TNQCompressor uses unless told otherwise: TNQ's truncation and level placement
+# applied after a random rotation, where the gradient's distribution is known (core/rotation.py).
+# It is unbiased and 3-60x more accurate than the paper's closed form "tnq" at equal bits
+# (benchmarks/quality.py), and its errors average away across ranks (rank_averaging.py).
+DEFAULT_SCHEME = "tnq-rht"
+
+# How the codes travel (see plan.choose_exchange):
+# "allgather": every rank's payload goes to every rank, which decodes and sums them all.
+# "reduce-scatter": each rank quantizes one chunk of the tensor per owner rank and an alltoall
+#   delivers them; each owner decodes and sums its chunk, quantizes the sum again, and an
+#   allgather returns the reduced chunks. Per-rank traffic stays ~2 payloads whatever the number
+#   of ranks, like a ring allreduce, at the price of a second quantization and a second round.
+EXCHANGES = ("auto", "allgather", "reduce-scatter")
+
+
+def scheme_option_names():
+    """Every option some registered scheme reads (core Scheme.options), sorted."""
+    return sorted({name for scheme in SCHEMES.values() for name in scheme.options})
+
+
+@dataclass(frozen=True, init=False)
+class CompressorConfig:
+    """Settings shared by the framework compressors; every rank must use the same ones.
+
+    The general settings are fields; a scheme's own settings (e.g. dqsgd's ``min_bits``,
+    dp-binomial's ``dp_clip``) are keyword arguments checked by that scheme (core
+    Scheme.options / check_options) and kept, with the scheme's defaults filled in, in
+    ``options`` as sorted (name, value) pairs (``scheme_options()`` gives them as a dict).
+    """
+
+    bits: int = 4
+    scheme: str = DEFAULT_SCHEME
+    bucket_size: int = 512
+    min_numel: int = 1024
+    seed: int = 0
+    error_feedback: float = None  # None: the scheme's default (Scheme.error_feedback_default)
+    exchange: str = "auto"
+    part_elements: int = 1 << 21  # allgather: larger tensors go as several payloads (0: never)
+    options: tuple = ()
+
+    def __init__(self, bits=4, scheme=DEFAULT_SCHEME, bucket_size=512, min_numel=1024, seed=0,
+                 error_feedback=None, exchange="auto", part_elements=1 << 21, **scheme_options):
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r}; known: {sorted(SCHEMES)}")
+        check_scheme_bits(scheme, bits)
+        spec = get_scheme(scheme)
+        options = _scheme_options(spec, scheme_options)
+        if spec.check_options is not None:
+            spec.check_options(bits, **options)
+        if error_feedback is None:
+            error_feedback = spec.error_feedback_default
+        values = dict(bits=bits, scheme=scheme, bucket_size=bucket_size, min_numel=min_numel,
+                      seed=seed, error_feedback=error_feedback, exchange=exchange,
+                      part_elements=part_elements, options=tuple(sorted(options.items())))
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        self._check(spec)
+
+    def _check(self, spec):
+        for field in ("bucket_size", "min_numel", "seed", "part_elements"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{field} must be a non-negative int, got {value!r}")
+        feedback = self.error_feedback
+        if isinstance(feedback, bool) or not isinstance(feedback, (int, float)) or \
+                not 0.0 <= feedback <= 1.0:
+            raise ValueError(f"error_feedback must be a decay factor in [0, 1] (0: off), got "
+                             f"{feedback!r}")
+        if feedback and spec.refuses_error_feedback:
+            raise ValueError(f"error_feedback cannot be used with {spec.name}: "
+                             f"{spec.refuses_error_feedback}")
+        if not 1 <= self.bucket_size < 2**32:
+            raise ValueError(f"bucket_size must be in [1, 2**32), got {self.bucket_size}")
+        if spec.rotation:
+            rotation.check_bucket_size(self.bucket_size)
+        if self.exchange not in EXCHANGES:
+            raise ValueError(f"exchange must be one of {EXCHANGES}, got {self.exchange!r}")
+        if self.exchange == "reduce-scatter" and spec.body is not None:
+            # A scheme with its own payload body would be applied again to the owners' sums:
+            # Top-K of a sum of sparse chunks, or a second private release of dp-binomial's
+            # noisy codes outside its accounting.
+            raise ValueError(f"scheme {self.scheme!r} runs with exchange='allgather' only")
+
+    def scheme_options(self):
+        """The scheme's own settings (passed to core.encode), defaults included."""
+        return dict(self.options)
+
+    def bits_per_element(self):
+        """Codes plus per-bucket parameters, ignoring what each tensor's payload adds once (its
+        32-byte header and, for schemes that fit them, 2**bits float32 levels); level-table
+        schemes only (core.encoded_size covers the others)."""
+        return self.bits + 32.0 * get_scheme(self.scheme).bucket_params / self.bucket_size
+
+
+def _scheme_options(spec, given):
+    """The scheme's defaults updated with ``given``; an option no scheme has is a TypeError, one
+    of another scheme a ValueError naming who reads it."""
+    known = scheme_option_names()
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise TypeError(f"unknown compressor option(s) {unknown}; scheme options: {known}")
+    for name in given:
+        if name not in spec.options:
+            users = [s.name for s in SCHEMES.values() if name in s.options]
+            raise ValueError(f"{name} applies to scheme {' / '.join(users)} only, not to "
+                             f"{spec.name!r}")
+    return {**spec.options, **given}

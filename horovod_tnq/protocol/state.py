@@ -1,0 +1,142 @@
+"""Everything a compressor carries from one step to the next, in one picklable object.
+
+Modelled on PyTorch's ``PowerSGDState`` (torch/distributed/algorithms/ddp_comm_hooks): the
+per-rank state is explicit, documented and checkpointable, and the framework adapters keep none
+of their own. Per rank it holds
+
+1. each tensor's **step**: how many times it has been exchanged. With the seed, rank and the
+   payload's name it keys the counter-based random stream (core/rng.py), so every step draws
+   fresh noise and a resumed run draws exactly what the uninterrupted one would have;
+2. the **error-feedback residuals** (ECQ-SGD, Wu et al., ICML 2018), one per payload name: what
+   this rank's earlier quantizations of that part left out, decayed and added to its next
+   gradient before quantizing (``encode``);
+3. the **privacy accounting** of dp-binomial: the elements each tensor releases per step
+   (core/privacy.py composes them over the steps);
+4. **stats**: what was handed to Horovod, for reporting bytes on the wire;
+5. the collective namer (naming.py), whose counter of unnamed tensors is saved too.
+
+``state_dict()`` / ``load_state_dict()`` carry 1-3 and the settings they were made with, as
+numpy arrays and plain Python values; ``reset()`` forgets them all (e.g. when an elastic job's
+membership changes).
+"""
+
+import threading
+
+import numpy as np
+
+from .. import core
+from .naming import CollectiveNamer
+from .settings import CompressorConfig
+
+
+def new_stats():
+    """Counters a compressor keeps: what it handed to Horovod, to report bytes on the wire."""
+    return {"compressed_tensors": 0, "passthrough_tensors": 0, "payload_bytes": 0,
+            "passthrough_bytes": 0, "elements": 0, "allgather": 0, "reduce-scatter": 0}
+
+
+class CompressorState:
+    """The per-rank state of one compressor; see the module docstring."""
+
+    def __init__(self, config):
+        if not isinstance(config, CompressorConfig):
+            raise TypeError(f"config must be a CompressorConfig, got {type(config).__name__}")
+        self.config = config
+        self._lock = threading.Lock()  # compress() runs on Horovod's and the caller's threads
+        self.namer = CollectiveNamer()
+        self.steps = {}  # tensor name -> exchanges so far
+        self.residuals = {}  # payload name -> error-feedback residual (numpy float32/64)
+        self.released = {}  # tensor name -> elements per release (dp-binomial)
+        self.stats = new_stats()
+
+    def next_step(self, name):
+        """This exchange's step of tensor ``name`` (0, 1, 2, ...)."""
+        with self._lock:
+            step = self.steps.get(name, 0)
+            self.steps[name] = step + 1
+        return step
+
+    def count(self, **increments):
+        with self._lock:
+            for key, value in increments.items():
+                self.stats[key] += value
+
+    def note_release(self, name, numel):
+        if self.config.scheme == "dp-binomial":
+            with self._lock:
+                self.released[name] = int(numel)
+
+    def encode(self, chunk, slot, key, step, dtype_name, shape):
+        """The payload of ``chunk`` (flat numpy float32/float64), a part of a tensor of
+        ``dtype_name`` and ``shape`` named ``slot``, its rounding drawn from (key, step).
+
+        With error feedback the chunk first gets the decayed error that this rank's earlier
+        quantizations of ``slot`` left behind, and keeps its new error."""
+        config = self.config
+        feedback = config.error_feedback
+        if feedback:
+            residual = self.residuals.get(slot)
+            if residual is not None:
+                if residual.shape != chunk.shape:
+                    raise ValueError(f"error-feedback residual for {slot!r} has shape "
+                                     f"{residual.shape}, the gradient {chunk.shape}")
+                chunk = chunk + chunk.dtype.type(feedback) * residual
+        payload = core.encode(chunk, scheme=config.scheme, bits=config.bits,
+                              bucket_size=config.bucket_size, key=key, step=int(step),
+                              dtype_name=dtype_name, shape=shape,
+                              options=config.scheme_options())
+        if feedback:
+            with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: zeroed below
+                error = chunk - core.decode(payload)[0].astype(chunk.dtype)
+            # a NaN or Inf gradient must not poison every later step through the residual
+            residual = np.where(np.isfinite(error), error, error.dtype.type(0))
+            with self._lock:  # state_dict() may be copying them
+                self.residuals[slot] = residual
+        return payload
+
+    def privacy_spent(self):
+        """The (epsilon, delta) this rank's dp-binomial payloads have spent so far, per step and
+        composed over the steps (core/privacy.py documents the accounting)."""
+        if self.config.scheme != "dp-binomial":
+            raise ValueError(f"privacy_spent() needs scheme 'dp-binomial', this compressor uses "
+                             f"{self.config.scheme!r}")
+        with self._lock:
+            steps = max((self.steps.get(name, 0) for name in self.released), default=0)
+            released = list(self.released.values())
+        return core.privacy.account(released, steps, self.config.bits,
+                                    **self.config.scheme_options())
+
+    def state_dict(self):
+        """Settings, steps, residuals (numpy copies) and privacy accounting of this rank."""
+        with self._lock:
+            return {"config": self.config.__dict__.copy(), "steps": dict(self.steps),
+                    "anonymous": self.namer.anonymous,
+                    "residuals": {slot: r.copy() for slot, r in self.residuals.items()},
+                    "released": dict(self.released)}
+
+    def load_state_dict(self, state):
+        """Restore what state_dict() returned; the settings must be this compressor's."""
+        if state["config"] != self.config.__dict__:
+            raise ValueError(f"checkpoint was saved with compressor settings {state['config']}, "
+                             f"this compressor has {self.config.__dict__}")
+        with self._lock:
+            self.steps = {str(name): int(step) for name, step in state["steps"].items()}
+            self.namer.anonymous = int(state["anonymous"])
+            self.residuals = {slot: np.array(r) for slot, r in state["residuals"].items()}
+            self.released = {str(name): int(n) for name, n in state["released"].items()}
+
+    def reset(self):
+        """Forget steps, residuals, accounting and stats, as a new compressor would have them."""
+        with self._lock:
+            self.namer = CollectiveNamer()
+            self.steps, self.residuals, self.released = {}, {}, {}
+            self.stats = new_stats()
+
+    def __getstate__(self):  # picklable, like PowerSGDState: the lock is made anew
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
