@@ -50,7 +50,8 @@ from .levels import (binary_levels, check_bits, gaussian_levels, maxmin_levels, 
                      orq_levels, qsgd_levels, sign_levels, ternary_levels, tnq_levels,
                      uniform_levels)
 from .packing import pack_bits, packed_size, unpack_bits
-from .quantize import LANES, bucket_statistic, fit_scales, lane_sums, stochastic_round
+from .quantize import (LANES, bucket_statistic, fit_scales, lane_sums, per_element,
+                       stochastic_round)
 from .rng import key_words, uniform_noise
 
 FORMAT_VERSION = 3
@@ -65,6 +66,11 @@ ROTATION = struct.Struct("<QIi")  # the sender's stream key, step, power-of-two 
 SAFE_NORMS = {np.dtype(np.float32): (2.0 ** -100, 2.0 ** 100),
               np.dtype(np.float64): (2.0 ** -450, 2.0 ** 450)}  # squares stay normal
 MAX_EXPONENT = 1100  # |e| a payload may carry
+
+# Buckets hold at most this many elements. Work arrays are padded to whole buckets, so a larger
+# bucket on a small tensor would allocate up to the bucket's size (16 GiB for 2**32 - 1); 2**24
+# is far beyond where a bucket stops paying (its one float costs 32 / 2**24 bits per element).
+MAX_BUCKET_SIZE = 1 << 24
 
 DTYPE_CODES = {"float16": 1, "bfloat16": 2, "float32": 3, "float64": 4}
 DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
@@ -319,8 +325,9 @@ def encode(values, *, scheme="tnq", bits, bucket_size, key, step=0, dtype_name=N
     dtype_name = dtype_name or values.dtype.name
     if dtype_name not in DTYPE_CODES:
         raise TypeError(f"unsupported dtype {dtype_name}; supported: {sorted(DTYPE_CODES)}")
-    if not isinstance(bucket_size, (int, np.integer)) or not 1 <= bucket_size < 2**32:
-        raise ValueError(f"bucket_size must be an int in [1, 2**32), got {bucket_size!r}")
+    if not isinstance(bucket_size, (int, np.integer)) or not 1 <= bucket_size <= MAX_BUCKET_SIZE:
+        raise ValueError(f"bucket_size must be an int in [1, {MAX_BUCKET_SIZE}], got "
+                         f"{bucket_size!r}")
     if scheme.rotation:
         rotation.check_bucket_size(bucket_size)
     work = np.float64 if dtype_name == "float64" else np.float32
@@ -379,8 +386,8 @@ def encode(values, *, scheme="tnq", bits, bucket_size, key, step=0, dtype_name=N
                              offsets=offsets, nearest=nearest, out=out[at:])
         return out
     if offsets is not None:
-        finite = finite - np.repeat(offsets, bucket_size)[:n]
-    normalised = (finite / np.repeat(divisor, bucket_size)[:n]).astype(np.float32)
+        finite = finite - per_element(offsets, bucket_size, n)
+    normalised = (finite / per_element(divisor, bucket_size, n)).astype(np.float32)
     if nearest:
         noise = np.full(n, 0.5, dtype=np.float32)  # rounds up exactly when p > 1/2
     else:
@@ -509,7 +516,7 @@ def read_header(buf, offset=0):
         raise PayloadError(f"invalid bits {bits} in payload")
     if dtype_code not in DTYPE_NAMES:
         raise PayloadError(f"invalid dtype code {dtype_code} in payload")
-    if bucket < 1 or n_exc > numel:
+    if not 1 <= bucket <= MAX_BUCKET_SIZE or n_exc > numel:
         raise PayloadError(f"invalid payload header (bucket size {bucket}, {n_exc} exceptions "
                            f"for {numel} elements)")
     try:
@@ -608,9 +615,9 @@ def _values(sections):
         if sections.rotation is not None:
             return _rotated_values(sections, codes)
         values = sections.table[codes]
-        values *= np.repeat(sections.scales, header.bucket_size)[: header.num_codes]
+        values *= per_element(sections.scales, header.bucket_size, header.num_codes)
         if sections.offsets is not None:
-            values += np.repeat(sections.offsets, header.bucket_size)[: header.numel]
+            values += per_element(sections.offsets, header.bucket_size, header.numel)
     values[sections.exception_indices] = sections.exception_values
     return values
 
@@ -622,7 +629,7 @@ def _rotated_values(sections, codes):
     header = sections.header
     work = header.scale_dtype.type
     values = sections.table.astype(work)[codes]
-    values *= np.repeat(sections.scales.astype(work), header.bucket_size)
+    values *= per_element(sections.scales.astype(work), header.bucket_size, header.num_codes)
     key, step, exponent = sections.rotation
     values = rotation.unrotate(values.reshape(-1, header.bucket_size), key, step)
     values = np.ldexp(values[: header.numel].astype(np.float64), exponent)

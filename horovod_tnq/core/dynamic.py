@@ -32,7 +32,7 @@ import numpy as np
 
 from .codec import Scheme
 from .levels import qsgd_levels
-from .quantize import bucket_statistic
+from .quantize import bucket_statistic, per_element
 
 DEFAULT_MIN_BITS = 2
 DEFAULT_NMSE_TARGET = 0.1
@@ -54,7 +54,7 @@ def expected_nmse(flat, bucket_size, bits_range):
     values = np.abs(flat).astype(np.float64)
     norm2 = float(np.sum(values * values))
     scales = bucket_statistic(flat, bucket_size, "max_abs")
-    scale = np.repeat(scales, bucket_size)[: values.size]
+    scale = per_element(scales, bucket_size, values.size)
     unit = values / np.where(scale > 0, scale, 1.0)
     weight = scale * scale
     result = []

@@ -41,7 +41,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from .levels import maxmin_levels, tnq_levels
-from .quantize import (bucket_min_max, bucket_statistic, expected_error, fit_scales)
+from .quantize import bucket_min_max, bucket_statistic, expected_error, fit_scales, per_element
 
 # A level table is fitted on at most this many values (every k-th element of a larger tensor):
 # a table has at most 2**bits levels, and 64k values place 16 of them as well as millions do.
@@ -54,10 +54,6 @@ class BucketFit(NamedTuple):
     table: np.ndarray               # float32 levels for unit scale, strictly ascending
     scales: np.ndarray              # float64, one per bucket (negative: the bucket is mirrored)
     offsets: Optional[np.ndarray]   # float64, one per bucket, or None (offset 0)
-
-
-def _per_element(per_bucket, bucket_size, n):
-    return np.repeat(per_bucket, bucket_size)[:n]
 
 
 def maxmin_fit(flat, bucket_size, bits):
@@ -121,7 +117,7 @@ def normalised_sample(flat, bucket_size, scales):
     FIT_SAMPLE elements, leaving out buckets whose scale is 0 (they decode to 0 anyway)."""
     n = flat.size
     stride = max(1, -(-n // FIT_SAMPLE))
-    element_scales = _per_element(scales, bucket_size, n)[::stride]
+    element_scales = per_element(scales, bucket_size, n)[::stride]
     keep = element_scales != 0
     sample = flat[::stride].astype(np.float64)[keep]
     element_scales = element_scales[keep]
@@ -301,7 +297,7 @@ def tnq_opt_fit(flat, bucket_size, bits):
         else:
             table = fit_level_table(values, weights, table, truncate=True)
         signs = bucket_orientation(flat, bucket_size, scales, table)
-        oriented = flat * _per_element(signs, bucket_size, n)
+        oriented = flat * per_element(signs, bucket_size, n)
         scales = fit_scales(oriented, bucket_size, table, scales, octaves=False,
                             extra=untruncated_scales(_bucket_rows(oriented, bucket_size), table,
                                                      scales))

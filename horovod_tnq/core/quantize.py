@@ -70,6 +70,16 @@ def lane_sums(rows):
     return total
 
 
+def per_element(per_bucket, bucket_size, n):
+    """Each bucket's value repeated over its elements: ``n`` values, the last bucket short when
+    n is not a multiple of bucket_size (np.repeat(per_bucket, bucket_size)[:n] without
+    allocating the padding)."""
+    counts = np.full(per_bucket.size, bucket_size, dtype=np.int64)
+    if counts.size:
+        counts[-1] = n - bucket_size * (counts.size - 1)
+    return np.repeat(per_bucket, counts)
+
+
 def bucket_min_max(flat, bucket_size):
     """(min, max) of each bucket, float64 (MaxMin's two parameters). The last bucket is padded
     with its own last element, so padding never widens its range."""

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from ..core import SCHEMES, check_scheme_bits, get_scheme, rotation
+from ..core.codec import MAX_BUCKET_SIZE
 
 # The scheme a TNQCompressor uses unless told otherwise: TNQ's truncation and level placement
 # applied after a random rotation, where the gradient's distribution is known (core/rotation.py).
@@ -75,8 +76,9 @@ class CompressorConfig:
         if feedback and spec.refuses_error_feedback:
             raise ValueError(f"error_feedback cannot be used with {spec.name}: "
                              f"{spec.refuses_error_feedback}")
-        if not 1 <= self.bucket_size < 2**32:
-            raise ValueError(f"bucket_size must be in [1, 2**32), got {self.bucket_size}")
+        if not 1 <= self.bucket_size <= MAX_BUCKET_SIZE:
+            raise ValueError(f"bucket_size must be in [1, {MAX_BUCKET_SIZE}], got "
+                             f"{self.bucket_size}")
         if spec.rotation:
             rotation.check_bucket_size(self.bucket_size)
         if self.exchange not in EXCHANGES:

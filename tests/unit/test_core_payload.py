@@ -118,3 +118,26 @@ def test_ranks_with_different_schemes_fail_loudly():
     theirs = core.encode(x, scheme="tnq-opt", bits=3, bucket_size=256, key=0)
     with pytest.raises(core.PayloadError, match="scheme_id"):
         core.decode_sum(np.concatenate([mine, theirs]), core.read_header(mine))
+
+
+def test_a_bucket_size_beyond_the_limit_is_refused_by_encoder_and_decoder():
+    from horovod_tnq.core.codec import MAX_BUCKET_SIZE
+    with pytest.raises(ValueError, match="bucket_size must be an int"):
+        core.encode(np.ones(64, np.float32), bits=4, bucket_size=MAX_BUCKET_SIZE + 1, key=1)
+    payload = core.encode(np.ones(64, np.float32), scheme="tnq", bits=4, bucket_size=64, key=1)
+    payload[16:20] = np.frombuffer(np.uint32(2**32 - 1).tobytes(), np.uint8)  # bucket size field
+    with pytest.raises(core.PayloadError, match="bucket size 4294967295"):
+        core.decode(payload)
+
+
+def test_one_large_bucket_on_a_small_tensor_allocates_the_tensor_only():
+    from horovod_tnq.core.codec import MAX_BUCKET_SIZE
+    import tracemalloc
+    values = np.linspace(-1, 1, 1000).astype(np.float32)
+    payload = core.encode(values, scheme="tnq", bits=4, bucket_size=MAX_BUCKET_SIZE, key=1,
+                          reference=True)
+    tracemalloc.start()
+    decoded, _, _ = core.decode(payload)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert decoded.shape == (1000,) and peak < 1 << 20  # bytes: not a bucket's worth
