@@ -301,3 +301,17 @@ def test_imports_without_triton():
         [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))] +
         sys.path))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU every test above runs compiled")
+def test_kernels_compile_for_cuda_without_fma():
+    """The interpreter does not enforce the compiler's rules; compile every kernel for sm_90
+    ahead of time (no GPU needed) and check its PTX: IEEE division and square root, no fused
+    multiply-add (gpu/aot.py)."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "horovod_tnq.core.gpu.aot", "90"], env=env,
+                            capture_output=True, text=True, timeout=300,
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+                                os.path.abspath(__file__)))))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(": ok") == 11, result.stdout

@@ -87,7 +87,7 @@ def _launch(kernel, grid, tensor, *args, **kwargs):
     import torch
     if tensor.device.type == "cuda":
         with torch.cuda.device(tensor.device):
-            kernel[grid](*args, enable_fp_fusion=False, **kwargs)
+            kernel[grid](*args, enable_fp_fusion=False, enable_reflect_ftz=False, **kwargs)
     else:
         kernel[grid](*args, enable_fp_fusion=False, **kwargs)
 

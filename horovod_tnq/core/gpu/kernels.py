@@ -97,9 +97,8 @@ def _lane_total(part, LW: tl.constexpr):
 def _hadamard(x, ROWS: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr):
     """rotation.hadamard of each row of x ((ROWS, B), B = 2**LOG2B): stage h pairs elements i
     and i + h into (x[i] + x[i + h], x[i] - x[i + h]), h = 1, 2, 4, ..., all in registers."""
-    for s in tl.static_range(LOG2B):
-        H: tl.constexpr = 1 << s
-        y = tl.permute(tl.reshape(x, (ROWS, B // (2 * H), 2, H)), (0, 1, 3, 2))
+    for s in tl.static_range(LOG2B):  # h = 2**s (a constexpr may not be reassigned in a loop)
+        y = tl.permute(tl.reshape(x, (ROWS, B >> (s + 1), 2, 1 << s)), (0, 1, 3, 2))
         a, b = tl.split(y)
         y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
         x = tl.reshape(y, (ROWS, B))
@@ -114,9 +113,9 @@ def _round(v, noise, table_ptr, BITS: tl.constexpr):
     v = tl.minimum(tl.maximum(v, tl.load(table_ptr)), tl.load(table_ptr + (SIZE - 1)))
     # the last level <= v (searchsorted(side="right") - 1): a binary search on 2**BITS levels
     cell = tl.zeros(v.shape, tl.int32)
-    for s in tl.static_range(BITS):
-        STEP: tl.constexpr = SIZE >> (s + 1)
-        cell = tl.where(tl.load(table_ptr + (cell + STEP)) <= v, cell + STEP, cell)
+    for s in tl.static_range(BITS):  # steps SIZE / 2, SIZE / 4, ..., 1
+        cell = tl.where(tl.load(table_ptr + (cell + (SIZE >> (s + 1)))) <= v,
+                        cell + (SIZE >> (s + 1)), cell)
     cell = tl.minimum(cell, SIZE - 2)
     lo = tl.load(table_ptr + cell)
     hi = tl.load(table_ptr + (cell + 1))
