@@ -97,10 +97,16 @@ class CompressorBase:
         """Per-rank state to checkpoint with the model: each tensor's step count (which seeds its
         rounding), error-feedback residuals and privacy accounting, so a restored run continues
         exactly. Residuals are numpy arrays (torch tensors in the PyTorch adapter)."""
-        return self.state.state_dict()
+        return self.state.state_dict(rank=self._rank())
 
     def load_state_dict(self, state):
-        self.state.load_state_dict(state)
+        """Restore a state_dict() of this rank (CompressorState.load_state_dict says what is
+        refused)."""
+        self.state.load_state_dict(state, rank=self._rank())
+
+    def _rank(self):
+        """This process's Horovod rank (the adapters ask Horovod), or None before hvd.init()."""
+        return None
 
     def privacy_spent(self):
         """See CompressorState.privacy_spent."""

@@ -90,3 +90,4 @@ class Pending:
     collective_name: str = ""
     step: int = 0
     second_round: Any = None  # reduce-scatter: the allgather of the reduced chunks
+    codec: Any = None  # the adapter's codec that encoded it, and decodes what arrives

@@ -106,19 +106,33 @@ class CompressorState:
         return core.privacy.account(released, steps, self.config.bits,
                                     **self.config.scheme_options())
 
-    def state_dict(self):
-        """Settings, steps, residuals (numpy copies) and privacy accounting of this rank."""
+    def state_dict(self, rank=None):
+        """Settings, steps, residuals (numpy copies) and privacy accounting of this rank
+        (``rank``, recorded so that another rank's residuals are not loaded by mistake)."""
         with self._lock:
-            return {"config": self.config.__dict__.copy(), "steps": dict(self.steps),
+            return {"config": self.config.__dict__.copy(), "rank": rank,
+                    "steps": dict(self.steps),
                     "anonymous": self.namer.anonymous,
                     "residuals": {slot: r.copy() for slot, r in self.residuals.items()},
                     "released": dict(self.released)}
 
-    def load_state_dict(self, state):
-        """Restore what state_dict() returned; the settings must be this compressor's."""
+    def load_state_dict(self, state, rank=None):
+        """Restore what state_dict() returned on this ``rank``; the settings must be this
+        compressor's. Steps are the same on every rank, so any rank's state restores them;
+        residuals are one rank's own errors: another rank's are refused, as are non-finite
+        ones (they would make the model NaN at the next step)."""
         if state["config"] != self.config.__dict__:
             raise ValueError(f"checkpoint was saved with compressor settings {state['config']}, "
                              f"this compressor has {self.config.__dict__}")
+        saved_rank = state.get("rank")
+        if state["residuals"] and None not in (rank, saved_rank) and saved_rank != rank:
+            raise ValueError(f"compressor state of rank {saved_rank} loaded on rank {rank}: its "
+                             "error-feedback residuals are that rank's own; save and load one "
+                             "compressor state per rank")
+        for slot, residual in state["residuals"].items():
+            if not np.all(np.isfinite(residual)):
+                raise ValueError(f"checkpoint's error-feedback residual for {slot!r} is not "
+                                 "finite: a corrupted checkpoint")
         with self._lock:
             self.steps = {str(name): int(step) for name, step in state["steps"].items()}
             self.namer.anonymous = int(state["anonymous"])

@@ -125,6 +125,9 @@ class TNQCompressor(CompressorBase, Compressor):
     def _key(self, slot):
         return core.stream_key(self.config.seed, hvd.rank(), slot)
 
+    def _rank(self):
+        return hvd.rank() if hvd.is_initialized() else None
+
     @DefaultInstanceMethod
     @tf.autograph.experimental.do_not_convert  # plain Python control flow, traced as written
     def compress(self, tensor):

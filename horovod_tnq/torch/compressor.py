@@ -2,7 +2,9 @@
 by alltoall + allgather (the reduce-scatter exchange).
 
 See horovod_tnq/protocol for the protocol that fits it into Horovod's allreduce interface, and
-the state (steps, error-feedback residuals) that this adapter keeps in ``self.state``.
+the state (steps, error-feedback residuals) that this adapter keeps in ``self.state``. The
+codec runs where the tensor's data is best handled (``HostCodec``: the core on the host,
+``DeviceCodec``: the GPU kernels on the tensor's device); the exchange is written once for both.
 """
 
 import dataclasses
@@ -10,7 +12,6 @@ import threading
 import time
 
 import horovod.torch as hvd
-import numpy as np
 import torch
 from horovod.torch.compression import Compressor
 
@@ -21,6 +22,9 @@ from ..protocol import (REDUCED, CompressorBase, DefaultInstanceMethod, Pending,
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                 torch.float64: "float64"}
 _SUPPORTED_DEVICES = ("cpu", "cuda")
+# Tests set this to run the GPU kernels' path on CPU tensors under Triton's interpreter, so
+# that the device path is exercised with real horovodrun workers on machines without a GPU.
+KERNELS_FOR_CPU_TENSORS = False
 
 
 def host_values(tensor):
@@ -36,6 +40,82 @@ def encode_tensor(tensor, config, key, step):
                        bucket_size=config.bucket_size, key=key, step=step,
                        dtype_name=_DTYPE_NAMES[tensor.dtype], shape=tensor.shape,
                        options=config.scheme_options())
+
+
+def sum_dtype(dtype):
+    """What payloads of a ``dtype`` tensor are summed into: float32 results are rounded once,
+    in the decoder; the others go through float64, on either codec, so both give equal bits."""
+    return torch.float32 if dtype == torch.float32 else torch.float64
+
+
+class HostCodec:
+    """The core on the host (numpy views of CPU tensors); error feedback in the state."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, compressor):
+        self.compressor = compressor
+
+    def values(self, tensor):
+        """``tensor`` flat, as this codec encodes it (a CPU tensor sharing host_values)."""
+        return torch.from_numpy(host_values(tensor))
+
+    def encode(self, values, slot, step, dtype, shape):
+        """The payload (uint8 tensor) of flat ``values`` (from values(), or a sum of decoded
+        chunks) named ``slot``, a part of a tensor of ``dtype`` and ``shape``."""
+        payload = self.compressor.state.encode(values.numpy(), slot, self.compressor.key(slot),
+                                               step, _DTYPE_NAMES[dtype], shape)
+        return torch.from_numpy(payload)
+
+    def header(self, payload, numel, dtype, shape):
+        return core.read_header(payload.numpy())
+
+    def decode_sum(self, received, expect, factor, out):
+        """``factor`` times the sum of the payloads in ``received`` into ``out`` (a contiguous
+        float32/float64 CPU tensor); the number of payloads."""
+        _, count = core.decode_sum(received.numpy(), expect, factor, out.numpy().dtype,
+                                   out=out.numpy())
+        return count
+
+    def for_horovod(self, payload):
+        return payload
+
+    def received(self, tensor):
+        return tensor
+
+
+class DeviceCodec(HostCodec):
+    """The GPU kernels (core/gpu) on the tensor's device: the float data never leaves it. Only
+    the packed payloads reach Horovod, on the device where Horovod has NCCL, else through host
+    memory; headers are built on the host (a few bytes)."""
+
+    def __init__(self, compressor, device):
+        super().__init__(compressor)
+        self.device = device
+
+    def values(self, tensor):
+        return tensor.detach().reshape(-1)
+
+    def encode(self, values, slot, step, dtype, shape):
+        config = self.compressor.config
+        return _gpu().encode(values, scheme=config.scheme, bits=config.bits,
+                             bucket_size=config.bucket_size, key=self.compressor.key(slot),
+                             step=step, dtype_name=_DTYPE_NAMES[dtype], shape=shape)
+
+    def header(self, payload, numel, dtype, shape):
+        config = self.compressor.config
+        return core.PayloadHeader.describe(config.scheme, config.bits, _DTYPE_NAMES[dtype],
+                                           numel, config.bucket_size, shape)
+
+    def decode_sum(self, received, expect, factor, out):
+        _, count = _gpu().decode_sum(received, expect, factor, out_dtype=out.dtype, out=out)
+        return count
+
+    def for_horovod(self, payload):
+        return payload if payload.is_cuda and hvd.nccl_built() else payload.cpu()
+
+    def received(self, tensor):
+        return tensor.to(self.device)
 
 
 class TNQCompressor(CompressorBase, Compressor):
@@ -70,6 +150,11 @@ class TNQCompressor(CompressorBase, Compressor):
         min_bits, nmse_target: "dqsgd" only (core/dynamic.py).
         dp_clip, dp_epsilon, dp_delta, dp_sensitivity: "dp-binomial" only (core/privacy.py);
             ``privacy_spent()`` reports what a run has spent.
+
+    CUDA gradients of "tnq-rht" and "tnq" without error feedback are encoded and decoded on
+    their device by the GPU kernels (core/gpu); only packed payloads reach Horovod, on the
+    device where Horovod has NCCL, else through host memory. Everything else is encoded by the
+    core on the host. Both make the same bytes, so ranks can mix them.
     """
 
     def __init__(self, *args, **kwargs):
@@ -111,55 +196,66 @@ class TNQCompressor(CompressorBase, Compressor):
         numel = tensor.numel()
         state.note_release(base_name, numel)
         kind, bounds, parts = plan(self.config, numel, process_set.size())
-        values = host_values(tensor)
         state.count(elements=numel, compressed_tensors=1, **{kind: 1})
+        codec = self.codec_for(tensor)
+        values = codec.values(tensor)
+        pending = Pending(None, None, base_name, tensor.shape, tensor.dtype, process_set,
+                          tensor.device, kind, bounds, collective_name, step, codec=codec)
         if kind == "allgather":
             # each part goes out as soon as it is encoded, so it travels while the next encodes
-            handles, headers = [], []
-            for payload, part in zip(self._encode(values, bounds, parts, base_name, step,
-                                                  tensor), parts):
-                state.count(payload_bytes=payload.size)
-                handles.append(hvd.allgather_async(torch.from_numpy(payload),
-                                                   name=collective_name + part,
-                                                   process_set=process_set))
-                headers.append(core.read_header(payload))
-            return Pending(handles, headers, base_name, tensor.shape, tensor.dtype, process_set,
-                           tensor.device, kind, bounds, collective_name, step)
-        payloads = list(self._encode(values, bounds, parts, base_name, step, tensor))
-        state.count(payload_bytes=sum(p.size for p in payloads))
-        splits = torch.tensor([p.size for p in payloads], dtype=torch.int32)
-        handle = hvd.alltoall_async(torch.from_numpy(np.concatenate(payloads)), splits=splits,
-                                    name=collective_name, process_set=process_set)
-        pending = Pending(handle, core.read_header(payloads[process_set.rank()]), base_name,
-                          tensor.shape, tensor.dtype, process_set, tensor.device, kind, bounds,
-                          collective_name, step)
+            pending.exchange, pending.header = [], []
+            for (begin, stop), part in zip(bounds, parts):
+                payload = codec.encode(values[begin:stop], base_name + part, step, tensor.dtype,
+                                       tensor.shape)
+                state.count(payload_bytes=payload.numel())
+                pending.exchange.append(hvd.allgather_async(
+                    codec.for_horovod(payload), name=collective_name + part,
+                    process_set=process_set))
+                pending.header.append(codec.header(payload, stop - begin, tensor.dtype,
+                                                   tensor.shape))
+            return pending
+        payloads = [codec.encode(values[begin:stop], base_name + part, step, tensor.dtype,
+                                 tensor.shape) for (begin, stop), part in zip(bounds, parts)]
+        splits = torch.tensor([p.numel() for p in payloads], dtype=torch.int32)
+        state.count(payload_bytes=int(splits.sum()))
+        pending.exchange = hvd.alltoall_async(codec.for_horovod(torch.cat(payloads)),
+                                              splits=splits, name=collective_name,
+                                              process_set=process_set)
+        begin, stop = bounds[process_set.rank()]
+        pending.header = codec.header(payloads[process_set.rank()], stop - begin, tensor.dtype,
+                                      tensor.shape)
         with self._in_flight_lock:
             self._in_flight.append(pending)
         return pending
 
-    def _encode(self, values, bounds, parts, base_name, step, tensor):
-        """One payload per (start, stop) chunk of the flat host ``values``, each made when it is
-        asked for (a generator), so its exchange can start before the next (error feedback, if
-        on, in CompressorState.encode)."""
-        for (start, stop), part in zip(bounds, parts):
-            slot = base_name + part
-            yield self.state.encode(values[start:stop], slot, self._key(slot), step,
-                                    _DTYPE_NAMES[tensor.dtype], tensor.shape)
-
-    def _key(self, slot):
+    def key(self, slot):
+        """The random stream's key of payload ``slot`` on this rank."""
         return core.stream_key(self.config.seed, hvd.rank(), slot)
+
+    def codec_for(self, tensor):
+        """Where ``tensor``'s payloads are made and decoded: on its device by the GPU kernels
+        (core/gpu) for CUDA tensors of the schemes they have, without error feedback (whose
+        residuals the state keeps on the host); by the core on the host otherwise."""
+        if (tensor.is_cuda or KERNELS_FOR_CPU_TENSORS) and not self.config.error_feedback:
+            gpu = _gpu()
+            if gpu.available() and self.config.scheme in gpu.SCHEMES:
+                return DeviceCodec(self, tensor.device)
+        return HostCodec(self)
 
     def state_dict(self):
         """CompressorState.state_dict() with the residuals as torch tensors, so a checkpoint
         with the model loads with ``torch.load(weights_only=True)``."""
-        state = self.state.state_dict()
+        state = super().state_dict()
         state["residuals"] = {slot: torch.from_numpy(r) for slot, r in state["residuals"].items()}
         return state
 
     def load_state_dict(self, state):
         residuals = {slot: r.numpy() if torch.is_tensor(r) else r
                      for slot, r in state["residuals"].items()}
-        self.state.load_state_dict(dict(state, residuals=residuals))
+        super().load_state_dict(dict(state, residuals=residuals))
+
+    def _rank(self):
+        return hvd.rank() if hvd.is_initialized() else None
 
     @DefaultInstanceMethod
     def decompress(self, tensor, ctx):
@@ -177,25 +273,22 @@ class TNQCompressor(CompressorBase, Compressor):
         contribution, multiply by ``scale``: the reduced tensor, in the original dtype, shape
         and device.
 
-        ``out``: a tensor to decode into where it can be (a contiguous float32 or float64 CPU
-        tensor of the result's dtype and size; otherwise it is ignored); then the result is a
-        view of it. The fused optimizer passes the flat gradient it sent: start() is done with
-        it, and a fresh result of that size would cost page faults on every step. If decoding
-        fails (a PayloadError), ``out`` may hold part of the result.
+        ``out``: a tensor to decode into where it can be (a contiguous tensor of the result's
+        dtype and size on the codec's device, float32 or float64; otherwise it is ignored); then
+        the result is a view of it. The fused optimizer passes the flat gradient it sent:
+        start() is done with it, and a fresh result of that size would cost page faults on
+        every step. If decoding fails (a PayloadError), ``out`` may hold part of the result.
         """
         try:
-            # float32 results are rounded once, in the decoder; others go through float64
-            out_dtype = np.float32 if ctx.dtype == torch.float32 else np.float64
             total = _decode_target(out, ctx)
             if ctx.kind == "allgather":
-                total = _decode_parts(ctx, scale, out_dtype, total)
+                _decode_parts(ctx, scale, total)
             else:
                 self._start_second_rounds()
-                total = self._decode_reduced_chunks(ctx, scale, out_dtype, total)
+                self._decode_reduced_chunks(ctx, scale, total)
         finally:
             self._abandon(ctx)
-        result = torch.from_numpy(total).to(ctx.dtype).reshape(ctx.shape)
-        return result.to(ctx.device)
+        return total.to(ctx.dtype).reshape(ctx.shape).to(ctx.device)
 
     def _abandon(self, ctx):
         """ctx is done, or failed: release its name, and never wait on its collectives."""
@@ -217,42 +310,50 @@ class TNQCompressor(CompressorBase, Compressor):
         with self._in_flight_lock:
             waiting = [ctx for ctx in self._in_flight if ctx.second_round is None]
         for ctx in waiting:
-            received = wait(ctx.exchange)[0].numpy()
-            work = np.float64 if ctx.dtype == torch.float64 else np.float32
-            chunk_sum = _decode_sum(received, ctx.header, 1.0, work, ctx.process_set.size())
-            slot = ctx.base_name + REDUCED
-            reduced = self.state.encode(chunk_sum, slot, self._key(slot), ctx.step,
-                                        _DTYPE_NAMES[ctx.dtype], ctx.shape)
-            self.state.count(payload_bytes=reduced.size)
-            ctx.second_round = hvd.allgather_async(torch.from_numpy(reduced),
+            codec = ctx.codec
+            received = codec.received(wait(ctx.exchange)[0])
+            chunk_sum = torch.empty(ctx.header.numel, device=codec.device,
+                                    dtype=torch.float64 if ctx.dtype == torch.float64
+                                    else torch.float32)
+            _check_count(codec.decode_sum(received, ctx.header, 1.0, chunk_sum),
+                         ctx.process_set.size())
+            reduced = codec.encode(chunk_sum, ctx.base_name + REDUCED, ctx.step, ctx.dtype,
+                                   ctx.shape)
+            self.state.count(payload_bytes=reduced.numel())
+            ctx.second_round = hvd.allgather_async(codec.for_horovod(reduced),
                                                    name=ctx.collective_name + REDUCED,
                                                    process_set=ctx.process_set)
 
-    def _decode_reduced_chunks(self, ctx, scale, out_dtype, total):
-        """Wait for the reduced chunks of ``ctx`` and decode them into place in ``total`` (None:
-        a new array), times ``scale``."""
-        gathered = wait(ctx.second_round).numpy()
-        if total is None:
-            total = np.empty(ctx.bounds[-1][1], dtype=out_dtype)
+    def _decode_reduced_chunks(self, ctx, scale, total):
+        """Wait for the reduced chunks of ``ctx`` and decode them into place in ``total``,
+        times ``scale``. Their lengths are read from their headers (on the host: a few bytes)."""
+        gathered = ctx.codec.received(wait(ctx.second_round))
+        heads = gathered.cpu().numpy()  # (a view of it on the host codec)
         offset = 0
         for owner, (start, stop) in enumerate(ctx.bounds):
-            if offset >= gathered.size:
+            if offset >= heads.size:
                 raise core.PayloadError(f"received {owner} reduced chunks from "
                                         f"{len(ctx.bounds)} ranks")
-            end = core.codec.split(gathered, offset).end
+            end = core.codec.split(heads, offset).end
             expect = dataclasses.replace(ctx.header, numel=stop - start, num_exceptions=0)
-            _decode_sum(gathered[offset:end], expect, scale, out_dtype, 1, out=total[start:stop])
+            _check_count(ctx.codec.decode_sum(gathered[offset:end], expect, scale,
+                                              total[start:stop]), 1)
             offset = end
-        if offset != gathered.size:
-            raise core.PayloadError(f"received {gathered.size} bytes of reduced chunks, "
+        if offset != heads.size:
+            raise core.PayloadError(f"received {heads.size} bytes of reduced chunks, "
                                     f"expected {offset}")
-        return total
 
 
 # Horovod's synchronize() polls without pause, so a waiting training thread keeps its core busy
 # (measured: 100% of a core for the whole wait), a core that the kernel's network stack and the
 # other processes need exactly then; a short sleep between polls costs at most that much latency.
 POLL_INTERVAL_S = 2e-4
+
+
+def _gpu():
+    """core.gpu, imported when the first tensor that may use it comes: it imports Triton."""
+    from ..core import gpu
+    return gpu
 
 
 def wait(handle):
@@ -263,29 +364,25 @@ def wait(handle):
 
 
 def _decode_target(out, ctx):
-    """``out`` as the numpy array to decode into, or None where it cannot take the result
-    (numpy has no bfloat16, so only float32 and float64 tensors can)."""
-    if out is None or out.dtype != ctx.dtype or out.dtype not in (torch.float32, torch.float64) \
-            or out.device.type != "cpu" or out.is_sparse or out.requires_grad or \
-            not out.is_contiguous() or out.numel() != ctx.bounds[-1][1]:
-        return None
-    return out.detach().numpy().reshape(-1)  # finish() decodes float32 and float64 as such
+    """The flat tensor to sum into: ``out`` where it can take the result (see finish()), else a
+    new one on the codec's device."""
+    work, numel = sum_dtype(ctx.dtype), ctx.bounds[-1][1]
+    if out is None or out.dtype != work or out.dtype != ctx.dtype or \
+            out.device != ctx.codec.device or out.is_sparse or out.requires_grad or \
+            not out.is_contiguous() or out.numel() != numel:
+        return torch.empty(numel, dtype=work, device=ctx.codec.device)
+    return out.detach().reshape(-1)
 
 
-def _decode_parts(ctx, scale, out_dtype, total):
+def _decode_parts(ctx, scale, total):
     """Each part of an allgathered tensor decoded as soon as it arrives (while later parts are
-    still on the wire), into its place in ``total`` (None: a new array)."""
+    still on the wire), into its place in ``total``."""
     size = ctx.process_set.size()
-    if total is None:
-        total = np.empty(ctx.bounds[-1][1], dtype=out_dtype)
     for (start, stop), handle, header in zip(ctx.bounds, ctx.exchange, ctx.header):
-        _decode_sum(wait(handle).numpy(), header, scale, out_dtype, size,
-                    out=total[start:stop])
-    return total
+        _check_count(ctx.codec.decode_sum(ctx.codec.received(wait(handle)), header, scale,
+                                          total[start:stop]), size)
 
 
-def _decode_sum(buffer, header, scale, out_dtype, expected_count, out=None):
-    total, count = core.decode_sum(buffer, header, scale, out_dtype, out=out)
-    if count != expected_count:
-        raise core.PayloadError(f"received {count} payloads, expected {expected_count}")
-    return total
+def _check_count(count, expected):
+    if count != expected:
+        raise core.PayloadError(f"received {count} payloads, expected {expected}")

@@ -116,3 +116,28 @@ def test_a_scheme_with_options_is_one_registry_entry(toy_scheme):
     payload = CompressorState(config).encode(chunk(0), "w", key=1, step=0,
                                              dtype_name="float32", shape=(4096,))
     assert core.read_header(payload).scheme_id == 250
+
+
+def feedback_state(rank):
+    state = CompressorState(CompressorConfig(error_feedback=1.0))
+    state.encode(chunk(rank), "w", key=rank, step=state.next_step("w"), dtype_name="float32",
+                 shape=(4096,))
+    return state.state_dict(rank=rank)
+
+
+def test_another_ranks_residuals_are_refused_but_its_steps_are_not():
+    with pytest.raises(ValueError, match="state of rank 0 loaded on rank 1"):
+        CompressorState(CompressorConfig(error_feedback=1.0)).load_state_dict(
+            feedback_state(0), rank=1)
+    plain = CompressorState(CompressorConfig())
+    plain.next_step("w")
+    restored = CompressorState(CompressorConfig())
+    restored.load_state_dict(plain.state_dict(rank=0), rank=1)  # no residuals: same everywhere
+    assert restored.steps == {"w": 1}
+
+
+def test_non_finite_residuals_in_a_checkpoint_are_refused():
+    saved = feedback_state(0)
+    saved["residuals"]["w"][7] = np.nan
+    with pytest.raises(ValueError, match="residual for 'w' is not finite"):
+        CompressorState(CompressorConfig(error_feedback=1.0)).load_state_dict(saved, rank=0)
