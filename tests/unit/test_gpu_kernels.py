@@ -119,6 +119,17 @@ def test_rht_encode_matches_core(bits, bucket, n, dtype, host_calls):
     assert host_calls["encode"] == 0
 
 
+def test_rht_persistent_programs_loop_over_tiles(monkeypatch, host_calls):
+    """Large tensors give each encode program several tiles in turn (its scratch slot reused):
+    small tiles and three programs do the same here."""
+    monkeypatch.setattr(gpu_codec, "RHT_TILE", 64)
+    monkeypatch.setattr(gpu_codec, "_max_programs", lambda device, tiles: min(tiles, 3))
+    for bucket, n, dtype in ((16, 500, torch.float32), (64, 700, torch.float64)):
+        check_encode(gradient(n, bucket, dtype), scheme="tnq-rht", bits=3, bucket_size=bucket,
+                     key=KEY, step=1)
+    assert host_calls["encode"] == 0
+
+
 def test_rht_covers_every_bit_width():
     assert {case[0] for case in RHT_CASES} == set(supported_bits("tnq-rht"))
 
