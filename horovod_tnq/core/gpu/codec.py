@@ -111,6 +111,19 @@ def _device_bytes(data, device):
     return torch.from_numpy(np.frombuffer(bytes(data), dtype=np.uint8).copy()).to(device)
 
 
+_TABLES = {}
+
+
+def _table(device, scheme_id, bits, dtype):
+    """The scheme's level table on the device, kept: one upload per (device, table, dtype)."""
+    import torch
+    key = (str(device), scheme_id, bits, dtype)
+    if key not in _TABLES:
+        levels = core.level_table(scheme_id, bits)
+        _TABLES[key] = torch.tensor(levels.tolist(), dtype=dtype).to(device)
+    return _TABLES[key]
+
+
 def _max_programs(device, tiles):
     import torch
     if device.type != "cuda":
@@ -126,6 +139,13 @@ def _rows(most, buckets, least=1):
     while rows < min(most, buckets):
         rows *= 2
     return max(rows, least, 1)
+
+
+def _warps(tile):
+    """Warps for a tnq-rht tile held in registers: about 16 elements a thread up to 4096, then
+    more threads for the buckets above (past 16384 elements a tile spills registers: such
+    buckets run, slower)."""
+    return 4 if tile < 4096 else 8 if tile <= 4096 else 16 if tile <= 16384 else 32
 
 
 # ---- encode ----
@@ -200,7 +220,7 @@ def _encode_rotated(kernels, flat, header, key, step):
     at = len(prefix)
     scales = out[at: at + nb * itemsize].view(work)
     codes = out[at + nb * itemsize:]
-    table = torch.from_numpy(core.level_table(header.scheme_id, bits)).to(device)
+    table = _table(device, header.scheme_id, bits, torch.float32)
     rows = _rows(RHT_TILE // bucket, nb, 32 // bucket)
     tiles = -(-nb // rows)
     programs = _max_programs(device, tiles)
@@ -211,7 +231,7 @@ def _encode_rotated(kernels, flat, header, key, step):
     _launch(kernels.rht_encode_kernel, (programs,), flat, flat, n, nb, tiles, scratch, table,
             scales, codes, norms, counts, key_lo, step_word, math.sqrt(bucket), B=bucket,
             LOG2B=bucket.bit_length() - 1, ROWS=rows, BITS=bits, WORK_F64=work_f64,
-            num_warps=8 if rows * bucket >= 4096 else 4)
+            num_warps=_warps(rows * bucket))
     # codec.encode_rotated's conditions for the exponent path, and non-finite elements
     low, high = core.SAFE_NORMS[np.dtype(np.float64 if work_f64 else np.float32)]
     largest = norms.max()
@@ -238,7 +258,7 @@ def _encode_tnq(kernels, flat, header, key, step):
     scales = out[at: at + nb * itemsize].view(work)
     codes = out[at + nb * itemsize:]
     codes_size = packed_size(n, bits)
-    table = torch.from_numpy(core.level_table(header.scheme_id, bits)).to(device)
+    table = _table(device, header.scheme_id, bits, torch.float32)
     divisors = scales if fused else torch.empty(nb, dtype=work, device=device)  # unused if fused
     counts = torch.empty(nb, dtype=torch.int32, device=device)
     key_lo, step_word = _stream_words(key, step)
@@ -343,11 +363,10 @@ def decode_sum(payloads, expect, factor=1.0, out_dtype=None, out=None):
     scales = scales.view(sent)
     codes_offset = at + nb * itemsize
     codes_size = plain.section_sizes()[4]
-    levels = core.level_table(plain.scheme_id, bits)
     out_f64 = out_dtype == torch.float64
     if plain.rotated:
         work = torch.float64 if plain.dtype_name == "float64" else torch.float32
-        table = torch.from_numpy(levels).to(device=device, dtype=work)
+        table = _table(device, plain.scheme_id, bits, work)
         keys = torch.tensor([_stream_words(key, step) for key, step in turns],
                             dtype=torch.int64).to(device)
         bucket = plain.bucket_size
@@ -356,9 +375,9 @@ def decode_sum(payloads, expect, factor=1.0, out_dtype=None, out=None):
                 codes_size, scales, keys, table, result, float(factor), n, nb, count, B=bucket,
                 LOG2B=bucket.bit_length() - 1, ROWS=rows, BITS=bits,
                 WORK_F64=work == torch.float64, OUT_F64=out_f64,
-                num_warps=8 if rows * bucket >= 2048 else 4)
+                num_warps=_warps(2 * rows * bucket))
     else:
-        table = torch.from_numpy(levels.astype(np.float64)).to(device)
+        table = _table(device, plain.scheme_id, bits, torch.float64)
         bucket = plain.bucket_size if nb > 1 else n
         _launch(kernels.tnq_decode_kernel, (-(-n // TNQ_BLOCK),), buf, buf, size, codes_offset,
                 codes_size, scales.to(torch.float64), table, result, float(factor), n, bucket,
