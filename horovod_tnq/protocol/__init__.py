@@ -21,15 +21,15 @@ from .base import CompressorBase, DefaultInstanceMethod, compressor_registry
 from .naming import CollectiveNamer, horovod_call_site
 from .plan import (REDUCED, WHOLE, Pending, choose_exchange, chunk_bounds, part_bounds,
                    part_names, plan)
-from .probe import (EXCHANGE_CODES, PROBE_TOLERANCE, UNSUPPORTED_OP, probe_values,
+from .probe import (MISMATCH, PROBE_TOLERANCE, UNSUPPORTED_OP, plan_code, probe_values,
                     reduction_scale)
 from .settings import DEFAULT_SCHEME, EXCHANGES, CompressorConfig, scheme_option_names
 from .state import CompressorState, new_stats
 
 __all__ = [
-    "DEFAULT_SCHEME", "EXCHANGES", "EXCHANGE_CODES", "PROBE_TOLERANCE", "REDUCED",
+    "DEFAULT_SCHEME", "EXCHANGES", "MISMATCH", "PROBE_TOLERANCE", "REDUCED",
     "UNSUPPORTED_OP", "WHOLE", "CollectiveNamer", "CompressorBase", "CompressorConfig",
     "CompressorState", "DefaultInstanceMethod", "Pending", "choose_exchange", "chunk_bounds",
     "compressor_registry", "horovod_call_site", "new_stats", "part_bounds", "part_names", "plan",
-    "probe_values", "reduction_scale", "scheme_option_names",
+    "plan_code", "probe_values", "reduction_scale", "scheme_option_names",
 ]

@@ -10,42 +10,56 @@ applies them to an uncompressed tensor.
 """
 
 
-# The probe's third element: which exchange this rank started for the tensor.
-EXCHANGE_CODES = {"allgather": 1.0, "reduce-scatter": 2.0}
+import zlib
+
+# The probe's last two elements: a code c for how this rank cuts and sends the tensor, and c**2.
+# Codes are small integers, so their sums are exact in float32.
+PLAN_CODES = 16
 
 
-def probe_values(rank, kind="allgather"):
-    """What each rank contributes to the probe allreduce."""
-    return [1.0, float(rank + 1), EXCHANGE_CODES[kind]]
+def plan_code(kind, bounds):
+    """The code of a tensor's exchange ``kind`` and payload ``bounds`` (plan.plan): ranks whose
+    settings cut or send it differently (exchange, part_elements, bucket_size) get different
+    codes, except for a 1-in-16 collision."""
+    layout = repr((kind, [tuple(bound) for bound in bounds])).encode()
+    return 1 + zlib.crc32(layout) % PLAN_CODES
+
+
+def probe_values(rank, code):
+    """What each rank contributes to the probe allreduce (``code``: plan_code)."""
+    return [1.0, float(rank + 1), float(code), float(code * code)]
 
 
 UNSUPPORTED_OP = "horovod_tnq compressors support op=Average and op=Sum only"
 PROBE_TOLERANCE = 1e-3
+MISMATCH = ("ranks cut or send this tensor differently (exchange, part_elements or "
+            "bucket_size differ): all ranks must use the same compressor settings")
 
 
-def reduction_scale(probe, size, kind="allgather"):
+def reduction_scale(probe, size, code):
     """Factor to multiply the *sum* of decoded payloads by, from the allreduced probe.
 
-    Horovod returns postscale * reduce(prescale * probe). With probe = [1, rank + 1, c]:
-    op=Sum gives k * [N, N (N + 1) / 2, N c] and op=Average k * [1, (N + 1) / 2, c], with k the
-    product of the scale factors. Both have ratio (N + 1) / 2, and probe[0] / N is k / N for
-    Average and k for Sum: exactly the factor Horovod would apply to the summed gradients. Min,
-    Max, Product and Adasum give other ratios (for N > 1) and are refused.
+    Horovod returns postscale * reduce(prescale * probe). With probe = [1, rank + 1, c, c**2]:
+    op=Sum gives k * [N, N (N + 1) / 2, ...] and op=Average k * [1, (N + 1) / 2, ...], with k
+    the product of the scale factors. Both have ratio (N + 1) / 2, and probe[0] / N is k / N
+    for Average and k for Sum: exactly the factor Horovod would apply to the summed gradients.
+    Min, Max, Product and Adasum give other ratios (for N > 1) and are refused.
 
-    The third element checks that every rank started the same exchange (c its code): ranks
-    configured differently could otherwise wait forever, one in an allgather and another in an
-    alltoall, which Horovod sees as two unrelated collectives. The probe's allreduce completes
-    either way, so this raises on every rank before any waits for its exchange.
+    The last two elements check that every rank planned the same exchange and payloads (c,
+    plan_code): ranks configured differently could otherwise wait forever, one in an allgather
+    and another in an alltoall, or in allgathers of parts the others never send, which Horovod
+    sees as unrelated collectives. The mean of c must be this rank's c and the spread
+    mean(c**2) - mean(c)**2 zero (a rank off by one among N moves it by about 1/N). The
+    probe's allreduce completes either way, so this raises on every rank before any waits.
     """
-    first, second, third = (float(value) for value in probe)
+    first, second, third, fourth = (float(value) for value in probe)
     expected_ratio = (size + 1) / 2.0
     if size > 1 and (first == 0 or
                      abs(second / first - expected_ratio) > PROBE_TOLERANCE * expected_ratio):
         raise ValueError(f"{UNSUPPORTED_OP} (the allreduced probe {[first, second]} matches "
                          f"neither for {size} ranks)")
-    code = EXCHANGE_CODES[kind]
-    if abs(third / first - code) > PROBE_TOLERANCE * code:
-        raise ValueError(f"ranks started different exchanges for this tensor (this rank: {kind}; "
-                         f"mean exchange code {third / first:.3f} across ranks, "
-                         f"{EXCHANGE_CODES}): all ranks must use the same compressor settings")
+    mean, spread = third / first, fourth / first - (third / first) ** 2
+    if abs(mean - code) > PROBE_TOLERANCE * code or spread > PROBE_TOLERANCE * code:
+        raise ValueError(f"{MISMATCH} (this rank's plan code {code}, mean across ranks "
+                         f"{mean:.4f}, spread {spread:.4f})")
     return first / size

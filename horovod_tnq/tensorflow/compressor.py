@@ -19,9 +19,8 @@ import tensorflow as tf
 from horovod.tensorflow.compression import Compressor
 
 from .. import core
-from ..protocol import (EXCHANGE_CODES, PROBE_TOLERANCE, REDUCED, UNSUPPORTED_OP,
-                        CompressorBase, DefaultInstanceMethod, Pending, horovod_call_site, plan,
-                        probe_values, reduction_scale)
+from ..protocol import (REDUCED, CompressorBase, DefaultInstanceMethod, Pending,
+                        horovod_call_site, plan, plan_code, probe_values, reduction_scale)
 
 # What the core reads: float64 stays, every other float goes as float32, which holds float16 and
 # bfloat16 exactly (numpy has no bfloat16), as in the PyTorch adapter.
@@ -111,6 +110,7 @@ class TNQCompressor(CompressorBase, Compressor):
         # bytes handed to Horovod for each named tensor (compressed or not) at its last call,
         # without non-finite exceptions: in graphs this is known when the graph is traced
         self.bytes_by_tensor = {}
+        self._plans_checked = set()  # tensors whose exchange plan all ranks share (eager)
 
     def should_compress(self, tensor):
         numel = tensor.shape.num_elements()
@@ -124,6 +124,18 @@ class TNQCompressor(CompressorBase, Compressor):
 
     def _key(self, slot):
         return core.stream_key(self.config.seed, hvd.rank(), slot)
+
+    def _check_plan(self, kind, bounds, collective_name, process_set):
+        """Eager collectives block until every rank has started them, so ranks that would send
+        a tensor differently would wait forever in the exchange, before the probe could tell
+        them. So, the first time each tensor is sent eagerly, its probe goes first, alone
+        (one small allreduce per tensor and process; graphs check the probe after the
+        exchange, whose ops do not block the Python thread)."""
+        code = plan_code(kind, bounds)
+        probe = hvd.allreduce(tf.constant(probe_values(process_set.rank(), code), tf.float32),
+                              op=hvd.Sum, name=_op_name(collective_name + ".plan"),
+                              process_set=process_set)
+        reduction_scale(probe.numpy().tolist(), process_set.size(), code)
 
     def _rank(self):
         return hvd.rank() if hvd.is_initialized() else None
@@ -159,6 +171,13 @@ class TNQCompressor(CompressorBase, Compressor):
                 for start, stop in bounds)
         state = self.state
         if eager:
+            if base_name not in self._plans_checked:
+                try:
+                    self._check_plan(kind, bounds, collective_name, process_set)
+                except Exception:
+                    state.namer.release(base_name)
+                    raise
+                self._plans_checked.add(base_name)
             step = state.next_step(base_name)
         else:  # drawn each time the graph runs; every payload of this tensor shares it
             step = tf.numpy_function(lambda: np.int64(state.next_step(base_name)), [], tf.int64,
@@ -196,7 +215,8 @@ class TNQCompressor(CompressorBase, Compressor):
                                                                               tf.int64)
         pending = _Pending(exchange, None, base_name, tensor.shape, tensor.dtype, process_set,
                            None, kind, bounds, collective_name, step, runtime_shape=runtime_shape)
-        return tf.constant(probe_values(process_set.rank(), kind), tf.float32), pending
+        probe = probe_values(process_set.rank(), plan_code(kind, bounds))
+        return tf.constant(probe, tf.float32), pending
 
     @DefaultInstanceMethod
     @tf.autograph.experimental.do_not_convert
@@ -205,15 +225,19 @@ class TNQCompressor(CompressorBase, Compressor):
             return tensor
         self.state.namer.release(ctx.base_name)
         size = ctx.process_set.size()
+        code = plan_code(ctx.kind, ctx.bounds)
         if tf.executing_eagerly():
-            scale = reduction_scale(np.asarray(tensor).tolist(), size, ctx.kind)
+            scale = reduction_scale(np.asarray(tensor).tolist(), size, code)
             total = self._reduce(ctx, scale)
         else:
             # No check may fail before both collectives have completed on this rank: a rank
             # that aborted its graph early would leave the others waiting in Horovod forever.
             received = ctx.exchange if ctx.kind == "allgather" else [ctx.exchange]
             with tf.control_dependencies([*received, tensor]):
-                scale = _graph_reduction_scale(tensor, size, ctx.kind)
+                scale = numpy_call(lambda probe: np.array(reduction_scale(probe.tolist(), size,
+                                                                          code)),
+                                   [tensor], tf.float64)
+                scale.set_shape([])
                 total = self._reduce(ctx, scale)
             total.set_shape(ctx.shape)
         return tf.cast(total, ctx.dtype)
@@ -297,24 +321,3 @@ def _decode_sum(buffer, expect, scale, out_dtype, expected_count, out=None):
 def _op_name(name):
     """TF op names allow a restricted alphabet; the name is also Horovod's collective name."""
     return re.sub(r"[^A-Za-z0-9_.\-/]", "_", name)
-
-
-def _graph_reduction_scale(probe, size, kind):
-    """exchange.reduction_scale as graph ops (the probe's value is known only at run time)."""
-    probe = tf.cast(probe, tf.float64)
-    checks = []
-    if size > 1:
-        expected = (size + 1) / 2.0
-        ok = tf.logical_and(
-            tf.not_equal(probe[0], 0.0),
-            tf.abs(probe[1] / probe[0] - expected) <= PROBE_TOLERANCE * expected)
-        checks.append(tf.debugging.Assert(ok, [f"{UNSUPPORTED_OP} (allreduced probe:", probe,
-                                               ")"]))
-    code = EXCHANGE_CODES[kind]
-    with tf.control_dependencies(checks):
-        same = tf.abs(probe[2] / probe[0] - code) <= PROBE_TOLERANCE * code
-        checks.append(tf.debugging.Assert(same, [
-            f"ranks started different exchanges for this tensor (this rank: {kind}); all ranks "
-            "must use the same compressor settings. Allreduced probe:", probe]))
-    with tf.control_dependencies(checks):
-        return tf.identity(probe[0] / size)

@@ -17,7 +17,7 @@ from horovod.torch.compression import Compressor
 
 from .. import core
 from ..protocol import (REDUCED, CompressorBase, DefaultInstanceMethod, Pending,
-                        horovod_call_site, plan, probe_values, reduction_scale)
+                        horovod_call_site, plan, plan_code, probe_values, reduction_scale)
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                 torch.float64: "float64"}
@@ -179,7 +179,8 @@ class TNQCompressor(CompressorBase, Compressor):
 
         name, process_set = horovod_call_site()
         pending = self.start(tensor, name, process_set)
-        probe = torch.tensor(probe_values(pending.process_set.rank(), pending.kind),
+        probe = torch.tensor(probe_values(pending.process_set.rank(),
+                                          plan_code(pending.kind, pending.bounds)),
                              dtype=torch.float32)
         return probe, pending
 
@@ -262,7 +263,8 @@ class TNQCompressor(CompressorBase, Compressor):
         if ctx is None:
             return tensor
         try:
-            scale = reduction_scale(tensor.tolist(), ctx.process_set.size(), ctx.kind)
+            scale = reduction_scale(tensor.tolist(), ctx.process_set.size(),
+                                    plan_code(ctx.kind, ctx.bounds))
         except Exception:
             self._abandon(ctx)
             raise

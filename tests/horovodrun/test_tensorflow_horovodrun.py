@@ -62,6 +62,13 @@ def test_ranks_with_different_bits_fail_loudly_without_hanging(checks, mode, err
         assert f"has bits={7 - expects} but this rank expects {expects}" in entry["message"]
 
 
+@pytest.mark.parametrize("case", ["mixed_exchanges_eager", "mixed_parts_eager"])
+def test_ranks_sending_a_tensor_differently_fail_loudly_without_hanging(checks, case):
+    for report in checks:
+        assert report[case]["raised"] == "ValueError"
+        assert "cut or send this tensor differently" in report[case]["message"]
+
+
 def test_unsupported_op_is_refused_in_graphs(checks):
     for report in checks:
         assert report["op_max_graph"]["raised"] == "InvalidArgumentError"

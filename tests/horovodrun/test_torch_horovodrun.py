@@ -184,10 +184,11 @@ def test_auto_takes_the_reduce_scatter_from_three_ranks(checks):
         assert report["average"]["exchange"] == expected
 
 
-def test_ranks_starting_different_exchanges_fail_loudly_without_hanging(checks):
+@pytest.mark.parametrize("case", ["mixed_exchanges", "mixed_parts"])
+def test_ranks_sending_a_tensor_differently_fail_loudly_without_hanging(checks, case):
     for report in checks:
-        assert report["mixed_exchanges"]["raised"] == "ValueError"
-        assert "different exchanges" in report["mixed_exchanges"]["message"]
+        assert report[case]["raised"] == "ValueError"
+        assert "cut or send this tensor differently" in report[case]["message"]
 
 
 def test_reduce_scatter_survives_ranks_decompressing_in_different_orders(checks):

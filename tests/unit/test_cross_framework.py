@@ -15,6 +15,7 @@ import tensorflow as tf
 import torch
 
 import horovod_tnq.tensorflow.compressor as tf_adapter
+from horovod_tnq.protocol import plan_code, probe_values
 import horovod_tnq.torch.compressor as torch_adapter
 
 WORLD_RANK = 5  # keys the random stream; the process set's own rank is 0
@@ -67,6 +68,14 @@ class FakeHorovod:
     def alltoall(self, tensor, splits, name, process_set):
         return self._record(tensor, name), splits
 
+    Sum = "Sum"
+
+    def allreduce(self, tensor, op, name, process_set):  # the eager first-use plan check
+        return tensor  # the sum over one rank
+
+    def is_initialized(self):
+        return True
+
 
 @pytest.fixture
 def fakes(monkeypatch):
@@ -85,7 +94,7 @@ def run_torch(values, dtype, settings, name, steps):
             probe, ctx = compressor.compress(tensor)
         else:  # what compress() does for the allreduce named ``name``
             ctx = compressor.start(tensor, name)
-            probe = torch.tensor([1.0, 1.0, 1.0 if ctx.kind == "allgather" else 2.0])
+            probe = torch.tensor(probe_values(0, plan_code(ctx.kind, ctx.bounds)))
         results.append(compressor.decompress(probe, ctx).to(torch.float64).numpy())
     return results
 

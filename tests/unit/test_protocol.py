@@ -1,12 +1,14 @@
 """Choosing the exchange and splitting a tensor into the chunks the reduce-scatter's owners
 reduce (horovod_tnq/protocol/plan.py and probe.py)."""
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from horovod_tnq import CompressorConfig
-from horovod_tnq.protocol import choose_exchange, chunk_bounds, part_bounds
+from horovod_tnq.protocol import (choose_exchange, chunk_bounds, part_bounds, plan_code,
+                                  probe_values, reduction_scale)
 
 
 @given(numel=st.integers(0, 10_000), size=st.integers(1, 16), bucket_size=st.integers(1, 600))
@@ -56,3 +58,27 @@ def test_parts_tile_the_tensor_in_whole_buckets(numel, part_elements, bucket_siz
         assert all(start % bucket_size == 0 for start, _ in bounds)
         widest = max(stop - start for start, stop in bounds)
         assert widest <= max(part_elements, bucket_size)
+
+
+def allreduced(probes, average=True, scale=1.0):
+    """What Horovod's allreduce of each rank's probe returns (Average or Sum, times scale)."""
+    total = np.sum(np.asarray(probes, dtype=np.float32), axis=0, dtype=np.float32)
+    return (total / (len(probes) if average else 1) * np.float32(scale)).tolist()
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_probe_gives_horovods_factor_when_ranks_agree(average):
+    code = plan_code("allgather", [(0, 4096), (4096, 5000)])
+    probes = [probe_values(rank, code) for rank in range(8)]
+    scale = reduction_scale(allreduced(probes, average, 0.5), 8, code)
+    assert scale == pytest.approx(0.5 / 8 if average else 0.5)
+
+
+def test_probe_catches_one_rank_that_cuts_the_tensor_differently():
+    ours = plan_code("allgather", part_bounds(60000, 8192, 512))
+    theirs = plan_code("allgather", part_bounds(60000, 0, 512))
+    assert ours != theirs
+    for size in (2, 3, 8, 64):
+        probes = [probe_values(r, theirs if r == size - 1 else ours) for r in range(size)]
+        with pytest.raises(ValueError, match="cut or send this tensor differently"):
+            reduction_scale(allreduced(probes), size, ours)

@@ -101,6 +101,13 @@ def main():
         lambda: hvd.allreduce(mine, name="mismatch.eager", compression=mismatched))
     report["mismatched_bits_graph"] = expect_error(tf.function(
         lambda: hvd.allreduce(mine, name="mismatch.graph", compression=mismatched)))
+    # eager collectives block: without the first-use plan check, these would wait forever
+    report["mixed_exchanges_eager"] = expect_error(lambda: hvd.allreduce(
+        mine, name="mixed.exchange", compression=TNQCompressor(
+            bits=3, exchange="allgather" if rank == 0 else "reduce-scatter")))
+    report["mixed_parts_eager"] = expect_error(lambda: hvd.allreduce(
+        mine, name="mixed.parts", compression=TNQCompressor(
+            bits=3, exchange="allgather", part_elements=8192 if rank == 0 else 0)))
     report["op_max_graph"] = expect_error(tf.function(
         lambda: hvd.allreduce(mine, name="max.graph", op=hvd.Max, compression=compressor)))
 

@@ -107,6 +107,11 @@ def exchanges(inputs, rank):
     report["mixed_exchanges"] = expect_error(lambda: hvd.allreduce(
         inputs[rank], name="exchange.mixed", compression=TNQCompressor(
             bits=3, exchange="allgather" if rank == 0 else "reduce-scatter")))
+    # rank 0 sends the tensor in parts, the others whole: allgathers of names the others never
+    # start; the probe tells every rank before any of them waits
+    report["mixed_parts"] = expect_error(lambda: hvd.allreduce(
+        inputs[rank], name="exchange.parts_mixed", compression=TNQCompressor(
+            bits=3, exchange="allgather", part_elements=8192 if rank == 0 else 0)))
     report["out_of_order"] = [dict(error_report(results[i], data, False, bits=3,
                                                 exchange="reduce-scatter"),
                                    digest=digest(results[i]))
