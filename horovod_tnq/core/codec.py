@@ -366,7 +366,11 @@ def encode(values, *, scheme="tnq", bits, bucket_size, key, step=0, dtype_name=N
     else:
         fit = fit_buckets(scheme, finite, bucket_size, bits)
     params = [fit.scales] + ([fit.offsets] if header.bucket_params == 2 else [])
-    params = np.stack(params).astype(header.scale_dtype)
+    # A bucket statistic beyond the scale's float range (an L2 norm of values near float32's
+    # largest) is stored as the largest finite scale: the bucket's values still fit under it,
+    # where an infinite scale would decode as inf * 0 = NaN.
+    limit = np.finfo(header.scale_dtype).max
+    params = np.clip(np.stack(params), -limit, limit).astype(header.scale_dtype)
     # Normalise by the parameters as stored, so the decoder's offset + scale * level is exactly
     # what the encoder rounded towards. Buckets with scale 0 decode to their offset.
     divisor = np.where(params[0] != 0, params[0], 1).astype(work)
@@ -496,7 +500,9 @@ def _lane_rows(flat, bucket):
     return padded
 
 
-def read_header(buf, offset=0):
+def read_header(buf, offset=0, max_numel=None):
+    """The validated PayloadHeader of the payload at ``offset``; one that declares more than
+    ``max_numel`` elements is refused before anything of that size is allocated."""
     buf = memoryview(np.ascontiguousarray(buf, dtype=np.uint8)).cast("B")
     if len(buf) - offset < HEADER.size:
         raise PayloadError(f"truncated payload: {len(buf) - offset} bytes left at offset "
@@ -519,6 +525,9 @@ def read_header(buf, offset=0):
     if not 1 <= bucket <= MAX_BUCKET_SIZE or n_exc > numel:
         raise PayloadError(f"invalid payload header (bucket size {bucket}, {n_exc} exceptions "
                            f"for {numel} elements)")
+    if max_numel is not None and numel > max_numel:
+        raise PayloadError(f"payload declares {numel} elements, more than the {max_numel} "
+                           "this rank expects: corrupted, or ranks disagree on the tensor")
     try:
         check_scheme_bits(scheme.name, bits)
         if scheme.rotation:
@@ -558,9 +567,10 @@ class Sections:
     rotation: tuple = None  # rotating schemes: the sender's (key, step, exponent)
 
 
-def split(buf, offset=0):
-    """The validated Sections of the payload at ``offset`` of a uint8 buffer."""
-    header = read_header(buf, offset)
+def split(buf, offset=0, max_numel=None):
+    """The validated Sections of the payload at ``offset`` of a uint8 buffer (see read_header
+    for ``max_numel``)."""
+    header = read_header(buf, offset, max_numel)
     at = offset + HEADER.size
     turn = None
     if header.rotated:
@@ -637,18 +647,24 @@ def _rotated_values(sections, codes):
     return values
 
 
-def decode(buf, offset=0):
+# decode() and iter_payloads() read payloads without a header to compare with, and the sparse
+# schemes' payloads (Top-K) do not bound their element count by their length: a payload that
+# declares more elements than this is refused unless the caller allows more.
+MAX_DECODE_NUMEL = 1 << 28
+
+
+def decode(buf, offset=0, max_numel=MAX_DECODE_NUMEL):
     """(values as float64 numpy, header, offset just past this payload)."""
-    sections = split(np.ascontiguousarray(buf, dtype=np.uint8).reshape(-1), offset)
+    sections = split(np.ascontiguousarray(buf, dtype=np.uint8).reshape(-1), offset, max_numel)
     return _values(sections), sections.header, sections.end
 
 
-def iter_payloads(buf):
+def iter_payloads(buf, max_numel=MAX_DECODE_NUMEL):
     """Yield (values, header) for each payload of a concatenation, in order."""
     buf = np.ascontiguousarray(buf, dtype=np.uint8).reshape(-1)
     offset = 0
     while offset < buf.size:
-        values, header, offset = decode(buf, offset)
+        values, header, offset = decode(buf, offset, max_numel)
         yield values, header
 
 
@@ -674,7 +690,7 @@ def decode_sum(buf, expect, factor=1.0, out_dtype=np.float64, reference=False, o
     payloads = []
     offset = 0
     while offset < buf.size:
-        sections = split(buf, offset)
+        sections = split(buf, offset, max_numel=expect.numel)
         for name in fields:
             theirs, ours = getattr(sections.header, name), getattr(expect, name)
             if theirs != ours:

@@ -207,7 +207,13 @@ def _end_level(ys, cum_w, cum_wy, below, current):
     j = lo + int(first_index(cell - 2.0 * clipped >= 0, n - 1 - lo))  # the last slope is >= 0
     # the zero lies in (ys[j-1], ys[j]]: there ys[lo..j-1] are in the cell, ys[j..] clipped
     cell = (cum_wy[j] - cum_wy[lo]) - below * (cum_w[j] - cum_w[lo])
-    level = (2.0 * (cum_wy[n] - cum_wy[j]) - cell) / (2.0 * (cum_w[n] - cum_w[j]))
+    clipped_mass = cum_w[n] - cum_w[j]
+    # Weights spanning many orders of magnitude (buckets of 1e-9 beside buckets of 1) can leave
+    # no mass above ys[j] in float64 (0 / 0); the top value itself is then the level.
+    level = (2.0 * (cum_wy[n] - cum_wy[j]) - cell) / (2.0 * clipped_mass) \
+        if clipped_mass > 0 else ys[j]
+    if not np.isfinite(level):
+        level = ys[j]
     gap_start = ys[j - 1] if j > lo else below
     level = np.float32(min(max(level, gap_start), ys[j]))
     return max(level, np.nextafter(np.float32(below), np.float32(np.inf)))

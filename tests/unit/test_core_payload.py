@@ -141,3 +141,14 @@ def test_one_large_bucket_on_a_small_tensor_allocates_the_tensor_only():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert decoded.shape == (1000,) and peak < 1 << 20  # bytes: not a bucket's worth
+
+
+@pytest.mark.parametrize("scheme", ["qsgd", "nuqsgd"])
+@pytest.mark.parametrize("reference", [True, False])
+def test_norms_beyond_float32_decode_finite(scheme, reference):
+    # |x| ~ 1.5e37 over 512-element buckets: the L2 norm exceeds float32's largest value
+    x = (np.random.default_rng(0).standard_normal(4096) * 1.5e37).astype(np.float32)
+    payload = core.encode(x, scheme=scheme, bits=4, bucket_size=512, key=1, reference=reference)
+    decoded = core.decode(payload)[0]
+    assert np.all(np.isfinite(decoded))
+    assert np.sum((decoded - x) ** 2) < 2 * np.sum(x.astype(np.float64) ** 2)

@@ -234,3 +234,17 @@ def test_fitted_scales_are_never_worse_and_close_to_a_fine_grid_search(source):
     grid = closed[None, :] * 2.0 ** np.linspace(-2, 7, 400)[:, None]
     best = np.min([expected_error(rows, g, table) for g in grid], axis=0)
     assert fitted_error.sum() <= 1.02 * best.sum()
+
+
+@pytest.mark.parametrize("bucket_size", [32, 64])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_tnq_opt_decodes_its_own_payloads_on_spiky_gradients(bucket_size, bits):
+    # buckets of ~1e-9 beside buckets holding a 1.0: weights 18 orders of magnitude apart
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(2000) * 1e-9).astype(np.float32)
+    x[::97] = 1.0
+    for reference in (True, False):
+        payload = core.encode(x, scheme="tnq-opt", bits=bits, bucket_size=bucket_size, key=1,
+                              reference=reference)
+        decoded = core.decode(payload)[0]
+        assert np.all(np.isfinite(decoded)) and abs(decoded[0] - 1.0) < 0.5
