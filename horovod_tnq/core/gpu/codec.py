@@ -16,6 +16,7 @@ both still agree):
 
 import math
 import os
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -43,6 +44,12 @@ _import_error = None
 def _load():
     global _kernels_module, _import_error
     if _kernels_module is None and _import_error is None:
+        if "tensorflow" in sys.modules and "triton" not in sys.modules:
+            # TensorFlow and Triton each carry LLVM; loading Triton after TensorFlow aborts the
+            # process ("inconsistency in registered CommandLine options"). The other order works.
+            _import_error = ImportError("Triton cannot be loaded after TensorFlow in one "
+                                        "process; import triton (or torch's GPU path) first")
+            return None
         try:
             import torch  # noqa: F401
             from . import kernels
