@@ -108,6 +108,13 @@ class CompressorBase:
         """This process's Horovod rank (the adapters ask Horovod), or None before hvd.init()."""
         return None
 
+    def reset(self):
+        """Forget the per-rank state (names in flight, steps, residuals, accounting), as a new
+        compressor would start. Elastic Horovod: register it as a reset callback of the elastic
+        state, so that every rank, newcomers included, names and counts alike after workers join
+        or leave (docs/design.md#elastic-horovod)."""
+        self.state.reset()
+
     def privacy_spent(self):
         """See CompressorState.privacy_spent."""
         return self.state.privacy_spent()

@@ -125,6 +125,10 @@ class TNQCompressor(CompressorBase, Compressor):
     def _key(self, slot):
         return core.stream_key(self.config.seed, hvd.rank(), slot)
 
+    def reset(self):
+        super().reset()
+        self._plans_checked = set()
+
     def _check_plan(self, kind, bounds, collective_name, process_set):
         """Eager collectives block until every rank has started them, so ranks that would send
         a tensor differently would wait forever in the exchange, before the probe could tell

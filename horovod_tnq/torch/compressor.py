@@ -229,6 +229,11 @@ class TNQCompressor(CompressorBase, Compressor):
             self._in_flight.append(pending)
         return pending
 
+    def reset(self):
+        super().reset()
+        with self._in_flight_lock:
+            self._in_flight = []
+
     def key(self, slot):
         """The random stream's key of payload ``slot`` on this rank."""
         return core.stream_key(self.config.seed, hvd.rank(), slot)

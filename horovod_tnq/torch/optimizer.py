@@ -13,9 +13,13 @@ gradients, up to ``bucket_elements`` each, one dtype per bucket); when the last 
 bucket is ready, a hook flattens the bucket and starts its exchange with the compressor
 (TNQCompressor.start), so communication overlaps the rest of backward as with stock Horovod.
 step() waits for every bucket (TNQCompressor.finish), writes the reduced gradients back and
-steps. No probe is needed: the optimizer knows its op. Ranks check once, when the optimizer is
-built, that they agree on the compressor settings and the bucket layout, so a mismatch is an
-error on every rank instead of collectives that never pair up.
+steps. No probe is needed: the optimizer knows its op. Ranks check at the first step, and
+again after reset(), that they agree on the compressor settings and the bucket layout, so a
+mismatch is an error on every rank instead of collectives that never pair up.
+
+Elastic Horovod: register ``optimizer.reset`` as a reset callback of the elastic state; after a
+worker joins or leaves it re-reads the world size for Average, resets the compressor's state
+(names, steps, residuals) and checks the ranks again, together with the newcomers.
 """
 
 import contextlib
@@ -37,7 +41,7 @@ class _FusedDistributedOptimizer(torch.optim.Optimizer):
         super(self.__class__, self).__init__(params)
         self._compression = compression
         self._passes = backward_passes_per_step
-        self._scale = 1.0 / process_set.size() if op == hvd.Average else 1.0
+        self._op = op
         self._sparse_as_dense = sparse_as_dense
         self._process_set = process_set
         parameters = [p for group in self.param_groups for p in group["params"]
@@ -47,25 +51,39 @@ class _FusedDistributedOptimizer(torch.optim.Optimizer):
         self._bucket_of = {p: index for index, bucket in enumerate(self._buckets)
                            for p in bucket}
         self._names = [",".join(names.get(p, "?") for p in bucket) for bucket in self._buckets]
-        self._check_ranks_agree()
-        self._reset()
+        self._agreed = False  # the ranks' check runs at the first synchronize()
+        self._clear_step()
         self._synchronized = False
         self._should_synchronize = True
         for p in parameters:
             p.register_post_accumulate_grad_hook(self._gradient_ready)
 
-    def _reset(self):
+    @property
+    def _scale(self):
+        """What the sum of the ranks' gradients is multiplied by (the world may change size)."""
+        return 1.0 / self._process_set.size() if self._op == hvd.Average else 1.0
+
+    def reset(self):
+        """After an elastic reset (workers joined or left): forget the step in progress, reset
+        the compressor's state, and check the ranks again at the next step."""
+        self._compression.reset()
+        self._clear_step()
+        self._agreed = False
+        self._synchronized = False
+
+    def _clear_step(self):
         self._delay = {p: self._passes for p in self._bucket_of}
         self._waiting = [len(bucket) for bucket in self._buckets]
         self._handles = {}
 
     def _check_ranks_agree(self):
-        """One allgather at construction: every rank must have the same compressor settings and
-        bucket layout, or the buckets' collectives would never pair up."""
+        """One allgather before the first step's buckets are waited on: every rank must have
+        the same compressor settings and bucket layout, or the buckets' collectives would never
+        pair up (this collective pairs up whatever they hold)."""
         layout = [(str(p.dtype), tuple(p.shape)) for bucket in self._buckets for p in bucket]
         digest = zlib.crc32(repr((sorted(self._compression.config.__dict__.items()),
                                   [len(b) for b in self._buckets], layout,
-                                  self._scale)).encode())
+                                  str(self._op))).encode())
         digests = hvd.allgather(torch.tensor([digest], dtype=torch.int64),
                                 name="horovod_tnq.fused.layout",
                                 process_set=self._process_set).tolist()
@@ -108,6 +126,9 @@ class _FusedDistributedOptimizer(torch.optim.Optimizer):
     def synchronize(self):
         """Wait for every bucket's reduced gradients and write them into ``p.grad``; buckets
         whose gradients did not all arrive are sent now, missing gradients as zeros."""
+        if not self._agreed:
+            self._check_ranks_agree()
+            self._agreed = True
         for index in range(len(self._buckets)):
             if index not in self._handles:
                 self._launch(index)
@@ -132,7 +153,7 @@ class _FusedDistributedOptimizer(torch.optim.Optimizer):
                 else:
                     p.grad.copy_(reduced)
                 offset += p.numel()
-        self._reset()
+        self._clear_step()
         self._synchronized = True
 
     @contextlib.contextmanager

@@ -149,9 +149,12 @@ def fused_edge_cases(steps=5):
         head(torch.relu(trunk(x))).square().mean().backward()
         opt.step()
         digests.append(parameters_digest(model))
-    try:
-        tnq.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
-                                 compression=TNQCompressor(bits=2 + hvd.rank() % 2))
+    other = torch.nn.Linear(32, 64)  # a model of its own: its hooks feed only this optimizer
+    try:  # the ranks' check runs at the first step
+        mismatched = tnq.DistributedOptimizer(torch.optim.SGD(other.parameters(), lr=0.1),
+                                              compression=TNQCompressor(bits=2 + hvd.rank() % 2))
+        other(torch.randn(16, 32, generator=generator)).square().mean().backward()
+        mismatched.step()
         mismatch = {"raised": None}
     except ValueError as error:
         mismatch = {"raised": "ValueError", "message": str(error)}
