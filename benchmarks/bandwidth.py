@@ -16,6 +16,12 @@ communication wait, bytes each host's NIC sent per step, and test accuracy and l
 run. Writes bandwidth.csv and bandwidth.png to --out and prints a markdown table. Needs root.
 A compressor spec is a get_compressor name with options (see jobs.py), so a new scheme or exchange
 is benchmarked by naming it in --configs.
+
+The option ``framework=tf`` runs a spec on the TensorFlow worker (benchmarks/digits_worker_tf.py:
+the same model, data and steps through ``hvd.DistributedGradientTape`` in a tf.function), e.g.
+``--configs none fp16 none:framework=tf tnq-rht:bits=4,framework=tf``. Each row's "vs none" and
+"vs fp16" are against the none and fp16 rows of its own framework (and worker count); phases the
+TF worker cannot split (compute, wait; encode and decode of Horovod's own compressors) are empty.
 """
 
 import argparse
@@ -25,8 +31,8 @@ import sys
 import time
 
 from benchmarks.emulated_network import EmulatedNetwork, remove_stale_namespaces
-from benchmarks.jobs import (horovodrun_command, markdown_table, read_report, worker_env,
-                             write_csv)
+from benchmarks.jobs import (WORKERS, horovodrun_command, markdown_table, parse_spec,
+                             read_report, worker_env, write_csv)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -35,7 +41,7 @@ CONFIGS = ["none", "fp16", "tnq:bits=4", "tnq:bits=3", "tnq:bits=2", "qsgd:bits=
 PHASES = {"compute_s": "compute", "encode_s": "encode", "decode_s": "decode",
           "comm_wait_s": "wait (network, peers, CPU)"}
 COLUMNS = [
-    ("workers", "workers", "d"), ("gradients", "label", "s"),
+    ("workers", "workers", "d"), ("framework", "framework", "s"), ("gradients", "label", "s"),
     ("samples/s", "samples_per_s", ".1f"), ("vs none", "vs_none", ".2f"),
     ("vs fp16", "vs_fp16", ".2f"), ("s/step", "step_s", ".3f"),
     ("compute", "compute_s", ".3f"), ("encode", "encode_s", ".3f"),
@@ -55,7 +61,19 @@ REUSE_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30),
                       "MALLOC_TRIM_THRESHOLD_": str(1 << 31)}
 
 
+def split_framework(spec):
+    """(framework, the spec without its "framework" option): the option picks the worker, the
+    rest names the compressor in the table."""
+    framework = parse_spec(spec)[1].get("framework", "torch")
+    if framework not in WORKERS:
+        raise ValueError(f"spec {spec!r}: framework must be one of {sorted(WORKERS)}")
+    name, _, rest = spec.partition(":")
+    kept = [item for item in rest.split(",") if item and item.partition("=")[0] != "framework"]
+    return framework, name + (":" + ",".join(kept) if kept else "")
+
+
 def run_config(network, workers, spec, args, profile=False, replay=False):
+    framework, label = split_framework(spec)
     worker_args = ["--compressor", spec, "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--batch-size", str(args.batch_size), "--hidden",
                    args.hidden, "--lr", str(args.lr), "--seed", str(args.seed)]
@@ -71,7 +89,8 @@ def run_config(network, workers, spec, args, profile=False, replay=False):
         name = f"{workers}w-{spec.replace(':', '-').replace(',', '-').replace('=', '')}" + \
             ("-codec-free" if replay else "") + ".json"
         extra += ["--timeline-filename", os.path.join(os.path.abspath(args.timeline), name)]
-    command = horovodrun_command(workers, network.hosts_argument(workers), worker_args, extra)
+    command = horovodrun_command(workers, network.hosts_argument(workers), worker_args, extra,
+                                 worker=WORKERS[framework])
     load = os.getloadavg()[0]
     start = time.perf_counter()
     env = worker_env(REUSE_FREED_MEMORY if args.reuse_freed_memory else None)
@@ -79,16 +98,17 @@ def run_config(network, workers, spec, args, profile=False, replay=False):
     report = read_report(done, f"{workers} workers, {spec}")
     report["job_s"] = time.perf_counter() - start
     report["load_before"] = load
-    report["label"] = spec + (" (codec free)" if replay else "")
+    report["framework"] = framework
+    report["label"] = label + (" (codec free)" if replay else "")
     return report
 
 
 def median_runs(runs):
-    """Per (workers, spec), the run with the median samples/s (the lower middle one of an even
-    count), so that its time split stays one run's."""
+    """Per (workers, framework, spec), the run with the median samples/s (the lower middle one
+    of an even count), so that its time split stays one run's."""
     groups = {}
     for run in runs:
-        groups.setdefault((run["workers"], run["label"]), []).append(run)
+        groups.setdefault((run["workers"], run["framework"], run["label"]), []).append(run)
     rows = []
     for group in groups.values():
         group.sort(key=lambda run: run["samples_per_s"])
@@ -99,12 +119,20 @@ def median_runs(runs):
 
 
 def add_ratios(rows):
-    for workers in {row["workers"] for row in rows}:
-        group = [row for row in rows if row["workers"] == workers]
+    """vs_none and vs_fp16: samples/s against the none and fp16 rows of the same worker count and
+    framework, so a TF row compares with TF's own uncompressed run."""
+    for workers, framework in {(row["workers"], row["framework"]) for row in rows}:
+        group = [row for row in rows
+                 if row["workers"] == workers and row["framework"] == framework]
         base = {row["label"]: row["samples_per_s"] for row in group}
         for row in group:
             for name in ("none", "fp16"):
                 row[f"vs_{name}"] = row["samples_per_s"] / base[name] if name in base else None
+
+
+def shown(row):
+    """A row's name in the plot, which has no framework column."""
+    return row["label"] if row["framework"] == "torch" else f"{row['label']} [{row['framework']}]"
 
 
 def plot(rows, path, title):
@@ -114,10 +142,10 @@ def plot(rows, path, title):
 
     worker_counts = sorted({row["workers"] for row in rows})
     fig, axes = plt.subplots(1, 1 + len(worker_counts), figsize=(5 + 5 * len(worker_counts), 4.5))
-    specs = list(dict.fromkeys(row["label"] for row in rows))
+    specs = list(dict.fromkeys(shown(row) for row in rows))
     width = 0.8 / len(worker_counts)
     for i, workers in enumerate(worker_counts):
-        by_spec = {row["label"]: row for row in rows if row["workers"] == workers}
+        by_spec = {shown(row): row for row in rows if row["workers"] == workers}
         xs = [j + i * width for j, spec in enumerate(specs) if spec in by_spec]
         axes[0].bar(xs, [by_spec[s]["samples_per_s"] for s in specs if s in by_spec],
                     width, label=f"{workers} workers")
@@ -125,9 +153,14 @@ def plot(rows, path, title):
         bottom = [0.0] * len(by_spec)
         labels = [s for s in specs if s in by_spec]
         for phase in PHASES:
-            values = [by_spec[s][phase] for s in labels]
+            values = [by_spec[s][phase] or 0.0 for s in labels]  # None: not measured
             ax.bar(labels, values, bottom=bottom, label=PHASES[phase])
             bottom = [b + v for b, v in zip(bottom, values)]
+        # the rest of the steps whose worker could not split them (TF), so every bar is a step
+        rest = [by_spec[s]["step_s"] - b if None in (by_spec[s][p] for p in PHASES) else 0.0
+                for s, b in zip(labels, bottom)]
+        if any(rest):
+            ax.bar(labels, rest, bottom=bottom, label="not split (TF graph)", color="lightgray")
         ax.set_title(f"seconds per step, {workers} workers")
         ax.tick_params(axis="x", rotation=45)
         ax.legend(fontsize=8, loc="upper left")
@@ -204,7 +237,7 @@ def main():
                                link_goodput_mbit=goodput, pinned=args.pin_cores,
                                reuse_freed_memory=args.reuse_freed_memory)
                     runs.append(row)
-                    print(f"  {workers} workers, {row['label']}: {row['samples_per_s']:.1f} "
+                    print(f"  {workers} workers, {shown(row)}: {row['samples_per_s']:.1f} "
                           f"samples/s, {row['step_s']:.3f} s/step, "
                           f"{row['tx_bytes_per_step'] / 1e6:.2f} MB sent/step/host, test accuracy "
                           f"{100 * row['test_accuracy']:.2f}% (job {row['job_s']:.0f} s, load "
@@ -223,7 +256,8 @@ def main():
     title = (f"{rows[0]['parameters'] / 1e6:.1f}M-parameter MLP on digits, {shaping}, "
              f"{args.steps} timed steps")
     plot(rows, os.path.join(args.out, "bandwidth.png"), title)
-    print(f"\n{title}, batch {args.batch_size} per worker\n")
+    print(f"\n{title}, batch {args.batch_size} per worker; vs none and vs fp16 against the row of "
+          f"the same framework\n")
     print(markdown_table(rows, COLUMNS))
     for workers, spec, text in profiles:
         print(f"\nprofile of rank 0, {workers} workers, {spec} (timed steps, by own time):\n")

@@ -18,6 +18,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WORKER = "benchmarks.digits_worker"  # run with python -m, from ROOT
+# the digits worker of each framework; a spec's "framework" option picks one (default torch)
+WORKERS = {"torch": WORKER, "tf": "benchmarks.digits_worker_tf"}
 REPORT_MARKER = "BENCHMARK-REPORT "
 
 
@@ -44,12 +46,12 @@ def _number_or_text(text):
     return text
 
 
-def horovodrun_command(workers, hosts, worker_args, extra=()):
-    """The horovodrun command line (Gloo) running the benchmark worker on ``hosts``
-    ("host:slots,...")."""
+def horovodrun_command(workers, hosts, worker_args, extra=(), worker=WORKER):
+    """The horovodrun command line (Gloo) running the benchmark ``worker`` (a module) on
+    ``hosts`` ("host:slots,...")."""
     horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
     return [horovodrun, "-np", str(workers), "-H", hosts, "--gloo", "--disable-cache", *extra,
-            sys.executable, "-m", WORKER, *worker_args]
+            sys.executable, "-m", worker, *worker_args]
 
 
 def worker_env(extra=None):

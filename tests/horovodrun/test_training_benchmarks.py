@@ -7,6 +7,7 @@ bandwidth benchmark cannot run here.
 
 import ast
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 
 from launch import ROOT
 
+from benchmarks.bandwidth import split_framework
 from benchmarks.emulated_network import ETC_NETNS, EmulatedNetwork, namespace_names
 from benchmarks.jobs import parse_spec
 from benchmarks.netns_ssh import split_ssh_arguments
@@ -61,6 +63,13 @@ def test_compressor_specs():
         ("tnq", {"bits": 4, "exchange": "alltoall", "error_feedback": 0.5})
     with pytest.raises(ValueError, match="key=value"):
         parse_spec("tnq:bits")
+    # bandwidth.py: the framework option picks the worker and leaves the table's label
+    assert split_framework("none") == ("torch", "none")
+    assert split_framework("none:framework=tf") == ("tf", "none")
+    assert split_framework("tnq-rht:bits=4,framework=tf,exchange=allgather") == \
+        ("tf", "tnq-rht:bits=4,exchange=allgather")
+    with pytest.raises(ValueError, match="framework"):
+        split_framework("none:framework=jax")
 
 
 def run_benchmark(script, *args):
@@ -73,29 +82,49 @@ def run_benchmark(script, *args):
 
 @pytest.mark.horovodrun
 def test_bandwidth_benchmark_two_steps(tmp_path):
+    tf_none, tf_tnq = "none:framework=tf", "tnq-rht:bits=4,framework=tf"
     out = run_benchmark("bandwidth", "--workers", "2", "--steps", "2", "--warmup", "1",
-                        "--configs", "none", "tnq:bits=4", "--hidden", "512,512",
-                        "--rate-mbit", "200", "--out", str(tmp_path))
+                        "--configs", "none", "tnq:bits=4", tf_none, tf_tnq,
+                        "--hidden", "512,512", "--rate-mbit", "200", "--out", str(tmp_path))
     with open(tmp_path / "bandwidth.csv") as f:
         rows = {row["compressor"]: row for row in csv.DictReader(f)}
-    assert set(rows) == {"none", "tnq:bits=4"}
+    assert set(rows) == {"none", "tnq:bits=4", tf_none, tf_tnq}
     assert (tmp_path / "bandwidth.png").stat().st_size > 10_000
-    none, tnq = rows["none"], rows["tnq:bits=4"]
-    gradient_bytes = 4 * int(none["parameters"])
-    # a 2-rank ring allreduce sends each rank's whole gradient once; TNQ 4-bit about 1/7 of it
-    assert 1.0 <= float(none["tx_bytes_per_step"]) / gradient_bytes <= 1.3
-    assert float(tnq["tx_bytes_per_step"]) / gradient_bytes <= 0.25
-    for row in rows.values():
-        parts = sum(float(row[key]) for key in ("compute_s", "encode_s", "decode_s",
-                                                "comm_wait_s"))
+    gradient_bytes = 4 * int(rows["none"]["parameters"])
+    assert int(rows[tf_none]["parameters"]) == int(rows["none"]["parameters"])  # same model
+    for none, tnq in (("none", "tnq:bits=4"), (tf_none, tf_tnq)):
+        none, tnq = rows[none], rows[tnq]
+        # a 2-rank ring allreduce sends each rank's whole gradient once; TNQ 4-bit about 1/7
+        assert 1.0 <= float(none["tx_bytes_per_step"]) / gradient_bytes <= 1.3
+        assert float(tnq["tx_bytes_per_step"]) / gradient_bytes <= 0.25
+        assert 0 < float(tnq["compressor_bytes_per_step"]) / gradient_bytes <= 0.15
+        # each framework's ratios are against its own uncompressed run
+        assert float(none["vs_none"]) == 1.0
+        assert math.isclose(float(tnq["vs_none"]),
+                            float(tnq["samples_per_s"]) / float(none["samples_per_s"]))
+    phases = ("compute_s", "encode_s", "decode_s", "comm_wait_s")
+    for spec, row in rows.items():
+        assert row["framework"] == ("tf" if "framework=tf" in spec else "torch")
+        if row["framework"] == "torch":
+            parts = sum(float(row[key]) for key in phases)
+        else:  # one graph call: only the codec's callbacks are timed, and only for TNQ
+            assert row["compute_s"] == row["comm_wait_s"] == ""
+            if spec == tf_none:
+                assert row["encode_s"] == row["decode_s"] == ""
+                parts = float(row["step_s"])
+            else:
+                assert float(row["encode_s"]) > 0 and float(row["decode_s"]) > 0
+                parts = float(row["encode_s"]) + float(row["decode_s"])
         assert 0 < parts <= 1.05 * float(row["step_s"])
         assert 0 <= float(row["test_accuracy"]) <= 1
+        assert 0 < float(row["train_loss"]) < 3 and 0 < float(row["test_loss"]) < 3
         # each emulated host's worker on a core of its own, where the machine has two
         cores = ast.literal_eval(row["core_by_rank"])
         assert len(set(cores)) == min(2, len(os.sched_getaffinity(0)))
         # every rank, the remote host's included, got the malloc setting (--reuse-freed-memory)
         assert ast.literal_eval(row["malloc_mmap_threshold_by_rank"]) == [str(1 << 30)] * 2
-    assert "| 2 | tnq:bits=4 |" in out
+    assert "| 2 | torch | tnq:bits=4 |" in out
+    assert "| 2 | tf | tnq-rht:bits=4 |" in out
 
 
 @pytest.mark.horovodrun
