@@ -526,8 +526,9 @@ def read_header(buf, offset=0, max_numel=None):
         raise PayloadError(f"invalid payload header (bucket size {bucket}, {n_exc} exceptions "
                            f"for {numel} elements)")
     if max_numel is not None and numel > max_numel:
-        raise PayloadError(f"payload declares {numel} elements, more than the {max_numel} "
-                           "this rank expects: corrupted, or ranks disagree on the tensor")
+        raise PayloadError(f"payload declares numel={numel}, more than the {max_numel} "
+                           "elements this rank expects: corrupted, or ranks disagree on the "
+                           "tensor")
     try:
         check_scheme_bits(scheme.name, bits)
         if scheme.rotation:
@@ -668,6 +669,36 @@ def iter_payloads(buf, max_numel=MAX_DECODE_NUMEL):
         yield values, header
 
 
+def value_bound(header, scale_max, level_max, exponent=0, offset_max=0.0):
+    """The largest |value| a payload of ``header`` with these largest |scale|, |level|, offset
+    and exponent can decode to (an inverse rotation can gather a whole bucket into one)."""
+    spread = header.bucket_size * 2.0 ** exponent if header.rotated else 1.0
+    return scale_max * level_max * spread + offset_max
+
+
+def sum_may_overshoot(bounds, factor, out_dtype):
+    """Whether a float32 sum of payloads whose values are bounded by ``bounds`` could round
+    beyond float32's range. Quantization error can carry a sum of values near the largest
+    float32 (finite uncompressed) past it, where rounding would make it infinite; decoders hold
+    such sums at the largest finite value instead. This cheap bound rules it out for all but
+    tensors near that range, so the common case pays no pass over the result."""
+    if np.dtype(out_dtype) != np.float32:
+        return False  # float64 sums do not overflow from float32 inputs
+    return not sum(bounds) * abs(factor) < float(np.finfo(np.float32).max) / 2
+
+
+def _may_overshoot(payloads, factor, out_dtype):
+    if any(sections.table is None for sections in payloads):
+        return np.dtype(out_dtype) == np.float32  # own bodies: bounded by their own codes
+    return sum_may_overshoot(
+        [value_bound(p.header, float(np.max(np.abs(p.scales), initial=0.0)),
+                     float(np.max(np.abs(p.table))),
+                     p.rotation[2] if p.rotation is not None else 0,
+                     float(np.max(np.abs(p.offsets), initial=0.0))
+                     if p.offsets is not None else 0.0) for p in payloads],
+        factor, out_dtype)
+
+
 MATCHING_FIELDS = ("scheme_id", "bits", "dtype_code", "numel", "bucket_size", "shape_tag",
                    "bucket_params", "num_levels")
 
@@ -712,11 +743,18 @@ def decode_sum(buf, expect, factor=1.0, out_dtype=np.float64, reference=False, o
                                 out)
         for sections, count in zip(payloads, invalid):
             _check_codes(count, sections.header, sections.table)
+        if _may_overshoot(payloads, factor, out_dtype):  # no exceptions here: every inf is one
+            overshoot = np.isinf(total)
+            total[overshoot] = np.copysign(np.finfo(out_dtype).max, total[overshoot])
         return total, len(payloads)
     total = _values(payloads[0])
     for sections in payloads[1:]:
         total += _values(sections)
     total *= factor
+    if _may_overshoot(payloads, factor, out_dtype):
+        limit = np.finfo(out_dtype).max
+        finite = np.isfinite(total)
+        total[finite] = np.clip(total[finite], -limit, limit)
     if out is None:
         return total.astype(out_dtype, copy=False), len(payloads)
     if out.dtype != out_dtype or out.shape != total.shape:

@@ -93,6 +93,7 @@ def _from_numpy(array):
 @dataclass(eq=False)
 class _Pending(Pending):
     runtime_shape: Any = None  # the tensor's shape as a tensor, where its static shape is partial
+    source: Any = None  # the tensor compress() was given (see _without_gradient)
 
 
 class TNQCompressor(CompressorBase, Compressor):
@@ -159,6 +160,9 @@ class TNQCompressor(CompressorBase, Compressor):
         if not self.should_compress(tensor):
             if name is not None and numel is not None:
                 self.bytes_by_tensor[name] = numel * tensor.dtype.size
+            if eager and numel is not None:  # (in graphs Horovod's own op sends it, uncounted)
+                self.state.count(elements=numel, passthrough_tensors=1,
+                                 passthrough_bytes=numel * tensor.dtype.size)
             return tensor, None
         base_name, collective_name = self.state.namer.acquire(name)
         collective_name = _op_name(collective_name)
@@ -194,8 +198,13 @@ class TNQCompressor(CompressorBase, Compressor):
         def encode(values, step, jobs):
             state.note_release(base_name, values.size)
             flat = values.reshape(-1)
-            return [state.encode(flat[start:stop], slot, key, step, dtype_name, values.shape)
-                    for start, stop, slot, key in jobs]
+            payloads = [state.encode(flat[start:stop], slot, key, step, dtype_name, values.shape)
+                        for start, stop, slot, key in jobs]
+            # counted when the graph runs (a tensor's first part counts the tensor)
+            counts = dict(compressed_tensors=1, elements=values.size, **{kind: 1}) \
+                if jobs[0][0] == 0 else {}
+            state.count(payload_bytes=sum(p.size for p in payloads), **counts)
+            return payloads
 
         if kind == "allgather":  # one allgather per part: each goes once it is encoded
             exchange = []
@@ -218,7 +227,8 @@ class TNQCompressor(CompressorBase, Compressor):
         runtime_shape = None if tensor.shape.is_fully_defined() else tf.shape(tensor,
                                                                               tf.int64)
         pending = _Pending(exchange, None, base_name, tensor.shape, tensor.dtype, process_set,
-                           None, kind, bounds, collective_name, step, runtime_shape=runtime_shape)
+                           None, kind, bounds, collective_name, step, runtime_shape=runtime_shape,
+                           source=tensor)
         probe = probe_values(process_set.rank(), plan_code(kind, bounds))
         return tf.constant(probe, tf.float32), pending
 
@@ -244,7 +254,7 @@ class TNQCompressor(CompressorBase, Compressor):
                 scale.set_shape([])
                 total = self._reduce(ctx, scale)
             total.set_shape(ctx.shape)
-        return tf.cast(total, ctx.dtype)
+        return _without_gradient(tf.cast(total, ctx.dtype), ctx.source)
 
     def _reduce(self, ctx, scale):
         """``scale`` times the sum over ranks of the tensor of ``ctx``, in its shape, float32
@@ -285,7 +295,9 @@ class TNQCompressor(CompressorBase, Compressor):
             start, stop = bounds[rank]
             chunk_sum = _decode_sum(received, self._expect(stop - start, dtype_name, shape), 1.0,
                                     work, size)
-            return self.state.encode(chunk_sum, slot, key, step, dtype_name, shape)
+            payload = self.state.encode(chunk_sum, slot, key, step, dtype_name, shape)
+            self.state.count(payload_bytes=payload.size)
+            return payload
 
         reduced = numpy_call(reduce_own_chunk, [ctx.exchange, ctx.step], tf.uint8)
         reduced.set_shape([None])
@@ -325,3 +337,21 @@ def _decode_sum(buffer, expect, scale, out_dtype, expected_count, out=None):
 def _op_name(name):
     """TF op names allow a restricted alphabet; the name is also Horovod's collective name."""
     return re.sub(r"[^A-Za-z0-9_.\-/]", "_", name)
+
+
+NO_GRADIENT = ("gradients do not flow through an allreduce compressed by TNQCompressor (the "
+               "reduced tensor comes from decoded payloads): compress gradients, not tensors "
+               "you differentiate through")
+
+
+def _without_gradient(result, source):
+    """``result``, tied to ``source`` by a gradient that raises: a tape that differentiates
+    through a compressed allreduce gets a clear error, where TF would silently return None
+    (there is no path through the decoder), and PyTorch raises as well."""
+    @tf.custom_gradient
+    def reduced(tensor):
+        def gradient(upstream):
+            raise ValueError(NO_GRADIENT)
+        return tf.identity(result), gradient
+
+    return reduced(source)

@@ -69,6 +69,12 @@ def test_ranks_sending_a_tensor_differently_fail_loudly_without_hanging(checks, 
         assert "cut or send this tensor differently" in report[case]["message"]
 
 
+def test_differentiating_through_a_compressed_allreduce_raises(checks):
+    for report in checks:  # TF would return None without a word
+        assert report["gradient_through"]["raised"] == "ValueError"
+        assert "gradients do not flow" in report["gradient_through"]["message"]
+
+
 def test_unsupported_op_is_refused_in_graphs(checks):
     for report in checks:
         assert report["op_max_graph"]["raised"] == "InvalidArgumentError"

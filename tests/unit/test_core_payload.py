@@ -152,3 +152,24 @@ def test_norms_beyond_float32_decode_finite(scheme, reference):
     decoded = core.decode(payload)[0]
     assert np.all(np.isfinite(decoded))
     assert np.sum((decoded - x) ** 2) < 2 * np.sum(x.astype(np.float64) ** 2)
+
+
+@pytest.mark.parametrize("scheme", ["tnq-rht", "tnq", "qsgd"])
+@pytest.mark.parametrize("reference", [True, False])
+def test_a_finite_sum_near_float32s_limit_stays_finite(scheme, reference):
+    # 1.7e38 + 1.7e38 is finite in float32; quantization error must not round it to inf
+    x = np.full(4096, 1.7e38, np.float32)
+    payloads = [core.encode(x, scheme=scheme, bits=4, bucket_size=512, key=rank,
+                            reference=reference) for rank in range(2)]
+    total, _ = core.decode_sum(np.concatenate(payloads), core.read_header(payloads[0]), 1.0,
+                               np.float32, reference=reference)
+    assert np.all(np.isfinite(total)) and np.median(total) > 2.5e38
+
+
+def test_true_infinities_still_reach_the_sum():
+    x = np.full(4096, 1.7e38, np.float32)
+    x[5] = np.inf
+    payloads = [core.encode(x, bits=4, bucket_size=512, key=rank) for rank in range(2)]
+    total, _ = core.decode_sum(np.concatenate(payloads), core.read_header(payloads[0]), 1.0,
+                               np.float32)
+    assert total[5] == np.inf and np.isfinite(np.delete(total, 5)).all()

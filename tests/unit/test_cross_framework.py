@@ -96,7 +96,7 @@ def run_torch(values, dtype, settings, name, steps):
             ctx = compressor.start(tensor, name)
             probe = torch.tensor(probe_values(0, plan_code(ctx.kind, ctx.bounds)))
         results.append(compressor.decompress(probe, ctx).to(torch.float64).numpy())
-    return results
+    return results, compressor.stats
 
 
 def run_tf(values, dtype, settings, graph, steps):
@@ -115,7 +115,7 @@ def run_tf(values, dtype, settings, graph, steps):
     tensor = tf.cast(tf.constant(values), getattr(tf, dtype))
     results = [reduce(tensor) for _ in range(steps)]
     assert all(r.dtype == tensor.dtype and r.shape == tensor.shape for r in results)
-    return [tf.cast(r, tf.float64).numpy() for r in results]
+    return [tf.cast(r, tf.float64).numpy() for r in results], compressor.stats
 
 
 def check_same(fakes, values, dtype, settings, graph):
@@ -123,8 +123,9 @@ def check_same(fakes, values, dtype, settings, graph):
     steps = 2 if graph else 1
     # the values both frameworks see (bfloat16 and float16 rounded once, by torch)
     values = torch.from_numpy(values).to(TORCH_DTYPES[dtype]).to(torch.float64).numpy()
-    ours = run_tf(values, dtype, settings, graph, steps)
-    theirs = run_torch(values, dtype, settings, "x:0" if graph else None, steps)
+    ours, our_stats = run_tf(values, dtype, settings, graph, steps)
+    theirs, their_stats = run_torch(values, dtype, settings, "x:0" if graph else None, steps)
+    assert our_stats == their_stats and our_stats["payload_bytes"] > 0
     sent = [fakes[f].sent for f in ("tf", "torch")]
     assert len(sent[0]) == len(sent[1]) >= steps
     for (tf_name, tf_bytes), (torch_name, torch_bytes) in zip(*sent):

@@ -389,6 +389,15 @@ def decode_sum(payloads, expect, factor=1.0, out_dtype=None, out=None):
         _launch(kernels.tnq_decode_kernel, (-(-n // TNQ_BLOCK),), buf, buf, size, codes_offset,
                 codes_size, scales.to(torch.float64), table, result, float(factor), n, bucket,
                 nb, count, BLOCK=TNQ_BLOCK, BITS=bits, OUT_F64=out_f64, num_warps=8)
+    if not out_f64 and nb:
+        # as core.codec.decode_sum: a finite sum that rounding would overflow is held at the
+        # largest float32 (these payloads have no exceptions, so every inf is such a sum)
+        levels = core.level_table(plain.scheme_id, bits)
+        bound = core.value_bound(plain, float(scales.abs().max()), float(np.abs(levels).max()))
+        if core.sum_may_overshoot([bound] * count, factor, np.float32):
+            largest = torch.finfo(torch.float32).max
+            result.copy_(torch.where(torch.isinf(result), torch.copysign(
+                torch.full_like(result, largest), result), result))
     return (result if out is None else out), count
 
 

@@ -108,6 +108,13 @@ def main():
     report["mixed_parts_eager"] = expect_error(lambda: hvd.allreduce(
         mine, name="mixed.parts", compression=TNQCompressor(
             bits=3, exchange="allgather", part_elements=8192 if rank == 0 else 0)))
+    def differentiate_through():
+        x = tf.Variable(inputs[rank])
+        with tf.GradientTape() as tape:
+            y = tf.reduce_sum(hvd.allreduce(x * 2.0, name="through", compression=compressor))
+        return tape.gradient(y, x)
+
+    report["gradient_through"] = expect_error(differentiate_through)
     report["op_max_graph"] = expect_error(tf.function(
         lambda: hvd.allreduce(mine, name="max.graph", op=hvd.Max, compression=compressor)))
 
