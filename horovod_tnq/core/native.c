@@ -553,6 +553,23 @@ int tnq_set_vector_path(int avx512) {
 #endif
 }
 
+/* The SSE control register's flush-to-zero (bit 15) and denormals-are-zero (bit 6) flags.
+ * TensorFlow sets both on its executor threads, where tf.numpy_function runs the codec, which
+ * then read subnormal gradients as zeros (uncompressed TF keeps them). tnq_keep_denormals clears
+ * them and returns the previous register, which tnq_restore_csr puts back. */
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+unsigned tnq_keep_denormals(void) {
+    unsigned csr = _mm_getcsr();
+    _mm_setcsr(csr & ~0x8040u);
+    return csr;
+}
+void tnq_restore_csr(unsigned csr) { _mm_setcsr(csr); }
+#else
+unsigned tnq_keep_denormals(void) { return 0; }
+void tnq_restore_csr(unsigned csr) { (void)csr; }
+#endif
+
 /* Codes for count normalised float32 values v, noise drawn for elements first..first+count-1. */
 INLINE void round_block(const float *v, int64_t count, int64_t first, const LevelTable *t,
                         uint32_t key_lo, uint32_t step_word, int nearest, uint8_t *codes) {

@@ -5,6 +5,7 @@ not built, and the codec then runs its numpy reference.
 Set HOROVOD_TNQ_NATIVE=0 to run the numpy reference instead (the benchmarks compare both).
 """
 
+import contextlib
 import ctypes
 import os
 from importlib.machinery import EXTENSION_SUFFIXES
@@ -48,11 +49,31 @@ def _load():
     library.tnq_rotated_decode_sum.restype = None
     library.tnq_set_vector_path.argtypes = [_i32]
     library.tnq_set_vector_path.restype = _i32
+    library.tnq_keep_denormals.argtypes = []
+    library.tnq_keep_denormals.restype = _u32
+    library.tnq_restore_csr.argtypes = [_u32]
+    library.tnq_restore_csr.restype = None
     library.tnq_set_vector_path(1)
     return library
 
 
 LIBRARY = _load()
+
+
+@contextlib.contextmanager
+def keep_denormals():
+    """Subnormal floats read and computed as such inside the block, on threads whose SSE
+    flush-to-zero flags are set (TensorFlow's executor threads): numpy and the compiled loops
+    then give the bytes they give everywhere else. Without the compiled library, nothing
+    changes."""
+    if LIBRARY is None:
+        yield
+        return
+    saved = LIBRARY.tnq_keep_denormals()
+    try:
+        yield
+    finally:
+        LIBRARY.tnq_restore_csr(saved)
 
 
 def _address(array):

@@ -19,6 +19,7 @@ import tensorflow as tf
 from horovod.tensorflow.compression import Compressor
 
 from .. import core
+from ..core import native
 from ..protocol import (REDUCED, CompressorBase, DefaultInstanceMethod, Pending,
                         horovod_call_site, plan, plan_code, probe_values, reduction_scale)
 
@@ -75,7 +76,8 @@ def numpy_call(function, inputs, dtype):
     several = isinstance(dtype, list)
 
     def run(*arrays):
-        result = function(*arrays)
+        with native.keep_denormals():  # TF's threads flush subnormals; the core keeps them
+            result = function(*arrays)
         return [aligned(r) for r in result] if several else aligned(result)
 
     if not tf.executing_eagerly():
@@ -126,6 +128,7 @@ class TNQCompressor(CompressorBase, Compressor):
     def _key(self, slot):
         return core.stream_key(self.config.seed, hvd.rank(), slot)
 
+    @DefaultInstanceMethod
     def reset(self):
         super().reset()
         self._plans_checked = set()

@@ -75,6 +75,12 @@ def test_differentiating_through_a_compressed_allreduce_raises(checks):
         assert "gradients do not flow" in report["gradient_through"]["message"]
 
 
+def test_subnormal_gradients_survive_inside_graphs_as_uncompressed(checks):
+    for report in checks:
+        entry = report["subnormals"]
+        assert entry["graph_nonzero"] == entry["uncompressed_nonzero"] > 0
+
+
 def test_unsupported_op_is_refused_in_graphs(checks):
     for report in checks:
         assert report["op_max_graph"]["raised"] == "InvalidArgumentError"

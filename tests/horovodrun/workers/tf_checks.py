@@ -115,6 +115,14 @@ def main():
         return tape.gradient(y, x)
 
     report["gradient_through"] = expect_error(differentiate_through)
+
+    # subnormal gradients: TF's executor threads flush them to zero, uncompressed TF keeps them
+    tiny = np.full(N, 1e-40, np.float32)
+    tiny_graph = tf.function(lambda t: hvd.allreduce(t, name="tiny", compression=compressor))
+    report["subnormals"] = {
+        "graph_nonzero": int(np.count_nonzero(tiny_graph(tf.constant(tiny)).numpy())),
+        "uncompressed_nonzero": int(np.count_nonzero(
+            hvd.allreduce(tf.constant(tiny), name="tiny.ref").numpy()))}
     report["op_max_graph"] = expect_error(tf.function(
         lambda: hvd.allreduce(mine, name="max.graph", op=hvd.Max, compression=compressor)))
 
