@@ -63,6 +63,9 @@ class DefaultInstanceProperty(DefaultInstanceMethod):
     def __get__(self, instance, owner):
         return self.function(owner.default_instance() if instance is None else instance)
 
+    def __set__(self, instance, value):
+        raise AttributeError(f"{self.function.__name__} is read-only (reset() clears it)")
+
 
 class CompressorBase:
     """What the framework compressors share: validated settings (``config``), the per-rank
@@ -108,6 +111,7 @@ class CompressorBase:
         """This process's Horovod rank (the adapters ask Horovod), or None before hvd.init()."""
         return None
 
+    @DefaultInstanceMethod
     def reset(self):
         """Forget the per-rank state (names in flight, steps, residuals, accounting), as a new
         compressor would start. Elastic Horovod: register it as a reset callback of the elastic

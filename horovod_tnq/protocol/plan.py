@@ -53,7 +53,8 @@ def part_bounds(numel, part_elements, bucket_size):
 
 def chunk_bounds(numel, size, bucket_size):
     """(start, stop) of the chunk each rank owns in the reduce-scatter: whole buckets, as even
-    as possible, in rank order (the last may be short or empty)."""
+    as possible, in rank order (the last may be short; with fewer buckets than ranks, the
+    first ranks' chunks are empty)."""
     buckets = -(-numel // bucket_size)
     bounds = []
     for rank in range(size):

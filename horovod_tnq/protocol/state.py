@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import core
 from .naming import CollectiveNamer
-from .settings import CompressorConfig
+from .settings import CompressorConfig, scheme_option_names
 
 
 def new_stats():
@@ -87,7 +87,7 @@ class CompressorState:
                               options=config.scheme_options())
         if feedback:
             with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: zeroed below
-                error = chunk - core.decode(payload)[0].astype(chunk.dtype)
+                error = chunk - core.decode(payload, max_numel=None)[0].astype(chunk.dtype)
             # a NaN or Inf gradient must not poison every later step through the residual
             residual = np.where(np.isfinite(error), error, error.dtype.type(0))
             with self._lock:  # state_dict() may be copying them
@@ -121,6 +121,7 @@ class CompressorState:
         compressor's. Steps are the same on every rank, so any rank's state restores them;
         residuals are one rank's own errors: another rank's are refused, as are non-finite
         ones (they would make the model NaN at the next step)."""
+        state = _upgraded(state)
         if state["config"] != self.config.__dict__:
             raise ValueError(f"checkpoint was saved with compressor settings {state['config']}, "
                              f"this compressor has {self.config.__dict__}")
@@ -154,3 +155,21 @@ class CompressorState:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
+
+
+def _upgraded(state):
+    """A state_dict() of horovod_tnq 0.1.0 (scheme options as config fields, steps in the
+    namer's "uses"; TF kept "steps" apart) in this version's layout; newer ones as they are."""
+    if "anonymous" in state:
+        return state
+    config = dict(state["config"])
+    spec = core.get_scheme(config["scheme"])
+    options = {name: config.pop(name) for name in list(config) if name in spec.options}
+    for name in scheme_option_names():
+        config.pop(name, None)  # other schemes' options, at their defaults
+    config["options"] = tuple(sorted(options.items()))
+    namer = state.get("namer", {})
+    return {"config": config, "rank": None,
+            "steps": state.get("steps", namer.get("uses", {})),
+            "anonymous": namer.get("anonymous", 0),
+            "residuals": state.get("residuals", {}), "released": state.get("released", {})}

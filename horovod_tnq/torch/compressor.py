@@ -10,6 +10,7 @@ codec runs where the tensor's data is best handled (``HostCodec``: the core on t
 import dataclasses
 import threading
 import time
+import zlib
 
 import horovod.torch as hvd
 import torch
@@ -157,10 +158,17 @@ class TNQCompressor(CompressorBase, Compressor):
     core on the host. Both make the same bytes, so ranks can mix them.
     """
 
+    _instances = 0  # compressors made in this process, in order: names their settings check
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._in_flight = []  # reduce-scatter contexts between compress() and decompress()
         self._in_flight_lock = threading.Lock()
+        with self._in_flight_lock:
+            self._instance = TNQCompressor._instances
+            TNQCompressor._instances += 1
+        self._settings_check = None  # the allgather of every rank's settings digest
+        self._settings_agreed = False
 
     def should_compress(self, tensor):
         return tensor.dtype in _DTYPE_NAMES and tensor.numel() >= self.config.min_numel
@@ -191,8 +199,17 @@ class TNQCompressor(CompressorBase, Compressor):
         DistributedOptimizer (optimizer.py) calls it directly, with its buckets' names.
         """
         process_set = process_set or hvd.global_process_set
+        self._start_settings_check(process_set)
         state = self.state
         base_name, collective_name = state.namer.acquire(name)
+        try:
+            return self._start(tensor, process_set, base_name, collective_name)
+        except Exception:
+            state.namer.release(base_name)  # nothing of it is in flight
+            raise
+
+    def _start(self, tensor, process_set, base_name, collective_name):
+        state = self.state
         step = state.next_step(base_name)
         numel = tensor.numel()
         state.note_release(base_name, numel)
@@ -229,10 +246,12 @@ class TNQCompressor(CompressorBase, Compressor):
             self._in_flight.append(pending)
         return pending
 
+    @DefaultInstanceMethod
     def reset(self):
         super().reset()
         with self._in_flight_lock:
             self._in_flight = []
+            self._settings_check, self._settings_agreed = None, False
 
     def key(self, slot):
         """The random stream's key of payload ``slot`` on this rank."""
@@ -263,11 +282,38 @@ class TNQCompressor(CompressorBase, Compressor):
     def _rank(self):
         return hvd.rank() if hvd.is_initialized() else None
 
+    def _start_settings_check(self, process_set):
+        """At the first start() (and the first after a reset): every rank's settings digest
+        goes out in one allgather, which finish() reads before it waits on any exchange. Ranks
+        configured differently would otherwise wait forever in collectives that do not pair
+        (an alltoall here, allgathers of other parts there), on tensors whose probes no rank
+        has read yet; the probe checks each tensor again."""
+        with self._in_flight_lock:
+            if self._settings_agreed or self._settings_check is not None:
+                return
+            digest = zlib.crc32(repr(sorted(self.config.__dict__.items())).encode())
+            self._settings_check = hvd.allgather_async(
+                torch.tensor([digest], dtype=torch.int64),
+                name=f"horovod_tnq.settings.{self._instance}", process_set=process_set)
+
+    def _check_settings(self):
+        with self._in_flight_lock:
+            if self._settings_agreed or self._settings_check is None:
+                return
+            handle, self._settings_check = self._settings_check, None
+        digests = wait(handle).tolist()
+        if len(set(digests)) > 1:
+            raise ValueError(f"ranks use different compressor settings (digests by rank "
+                             f"{digests}; this rank: {self.config}): all ranks must use the "
+                             "same compressor settings")
+        self._settings_agreed = True
+
     @DefaultInstanceMethod
     def decompress(self, tensor, ctx):
         if ctx is None:
             return tensor
         try:
+            self._check_settings()
             scale = reduction_scale(tensor.tolist(), ctx.process_set.size(),
                                     plan_code(ctx.kind, ctx.bounds))
         except Exception:
@@ -287,6 +333,7 @@ class TNQCompressor(CompressorBase, Compressor):
         every step. If decoding fails (a PayloadError), ``out`` may hold part of the result.
         """
         try:
+            self._check_settings()  # (decompress() checked them already; the fused optimizer)
             total = _decode_target(out, ctx)
             if ctx.kind == "allgather":
                 _decode_parts(ctx, scale, total)

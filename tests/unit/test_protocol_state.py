@@ -141,3 +141,34 @@ def test_non_finite_residuals_in_a_checkpoint_are_refused():
     saved["residuals"]["w"][7] = np.nan
     with pytest.raises(ValueError, match="residual for 'w' is not finite"):
         CompressorState(CompressorConfig(error_feedback=1.0)).load_state_dict(saved, rank=0)
+
+
+def test_a_checkpoint_of_version_0_1_0_loads():
+    config = CompressorConfig(scheme="dqsgd", bits=6, min_bits=3, error_feedback=1.0)
+    old = {  # what 0.1.0's PyTorch state_dict() held: options as fields, steps in the namer
+        "config": {**{k: v for k, v in config.__dict__.items() if k != "options"},
+                   "min_bits": 3, "nmse_target": 0.1, "dp_clip": None, "dp_epsilon": 1.0,
+                   "dp_delta": 1e-5, "dp_sensitivity": None},
+        "namer": {"uses": {"w": 4}, "anonymous": 2},
+        "residuals": {"w": np.ones(8, np.float32)}, "released": {}}
+    state = CompressorState(config)
+    state.load_state_dict(old, rank=0)
+    assert state.steps == {"w": 4} and state.namer.anonymous == 2
+    assert np.array_equal(state.residuals["w"], np.ones(8, np.float32))
+
+
+def test_error_feedback_decodes_its_own_payload_whatever_its_size(monkeypatch):
+    monkeypatch.setattr(core.codec, "MAX_DECODE_NUMEL", 100)  # a large tensor, in miniature
+    monkeypatch.setattr(core.codec.decode, "__defaults__", (0, 100))
+    state = CompressorState(CompressorConfig(error_feedback=1.0))
+    state.encode(chunk(0), "w", key=1, step=0, dtype_name="float32", shape=(4096,))
+    assert state.residuals["w"].shape == (4096,)
+
+
+def test_stats_are_read_only_and_reset_works_on_the_class():
+    from horovod_tnq.torch import TNQCompressor
+    with pytest.raises(AttributeError, match="read-only"):
+        TNQCompressor(bits=3).stats = {}
+    TNQCompressor.default_instance().state.next_step("w")
+    TNQCompressor.reset()  # as a reset callback when compression=TNQCompressor
+    assert TNQCompressor.default_instance().state.steps == {}

@@ -174,8 +174,10 @@ def encode(tensor, *, scheme="tnq-rht", bits, bucket_size, key, step=0, dtype_na
     dtype_name = dtype_name or _dtype_names()[tensor.dtype]
     if dtype_name not in core.DTYPE_CODES:
         raise TypeError(f"unsupported dtype {dtype_name}; supported: {sorted(core.DTYPE_CODES)}")
-    if not isinstance(bucket_size, (int, np.integer)) or not 1 <= bucket_size < 2**32:
-        raise ValueError(f"bucket_size must be an int in [1, 2**32), got {bucket_size!r}")
+    if not isinstance(bucket_size, (int, np.integer)) or \
+            not 1 <= bucket_size <= core.MAX_BUCKET_SIZE:
+        raise ValueError(f"bucket_size must be an int in [1, {core.MAX_BUCKET_SIZE}], got "
+                         f"{bucket_size!r}")
     bucket_size = int(bucket_size)
     spec = core.get_scheme(scheme)
     if spec.rotation:

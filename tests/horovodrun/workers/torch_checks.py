@@ -112,6 +112,15 @@ def exchanges(inputs, rank):
     report["mixed_parts"] = expect_error(lambda: hvd.allreduce(
         inputs[rank], name="exchange.parts_mixed", compression=TNQCompressor(
             bits=3, exchange="allgather", part_elements=8192 if rank == 0 else 0)))
+    # settings that differ by rank, the mismatched tensor decompressed after another: with
+    # 3 ranks the first is a reduce-scatter on every rank, and waiting on it would wait on the
+    # second's alltoall too, which only rank 0 started; the settings check comes first
+    mixed = TNQCompressor(bits=3, exchange="reduce-scatter" if rank == 0 else "auto")
+    pair = [mixed.compress(inputs[rank]), mixed.compress(inputs[rank][:1000])]
+    pair_probes = [hvd.allreduce(probe, name=f"mixed.pair{i}", op=hvd.Average)
+                   for i, (probe, _) in enumerate(pair)]
+    report["mixed_two_tensors"] = expect_error(
+        lambda: [mixed.decompress(pair_probes[i], pair[i][1]) for i in (0, 1)])
     report["out_of_order"] = [dict(error_report(results[i], data, False, bits=3,
                                                 exchange="reduce-scatter"),
                                    digest=digest(results[i]))
