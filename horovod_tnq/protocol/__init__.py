@@ -23,13 +23,15 @@ from .plan import (REDUCED, WHOLE, Pending, choose_exchange, chunk_bounds, part_
                    part_names, plan)
 from .probe import (MISMATCH, PROBE_TOLERANCE, UNSUPPORTED_OP, plan_code, probe_values,
                     reduction_scale)
-from .settings import DEFAULT_SCHEME, EXCHANGES, CompressorConfig, scheme_option_names
+from .settings import (DEFAULT_SCHEME, EXCHANGES, SETTINGS_BYTES, CompressorConfig,
+                       scheme_option_names, settings_differences, settings_text)
 from .state import CompressorState, new_stats
 
 __all__ = [
-    "DEFAULT_SCHEME", "EXCHANGES", "MISMATCH", "PROBE_TOLERANCE", "REDUCED",
+    "DEFAULT_SCHEME", "EXCHANGES", "MISMATCH", "PROBE_TOLERANCE", "REDUCED", "SETTINGS_BYTES",
     "UNSUPPORTED_OP", "WHOLE", "CollectiveNamer", "CompressorBase", "CompressorConfig",
     "CompressorState", "DefaultInstanceMethod", "Pending", "choose_exchange", "chunk_bounds",
     "compressor_registry", "horovod_call_site", "new_stats", "part_bounds", "part_names", "plan",
     "plan_code", "probe_values", "reduction_scale", "scheme_option_names",
+    "settings_differences", "settings_text",
 ]

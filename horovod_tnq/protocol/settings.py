@@ -1,5 +1,6 @@
 """The settings every rank of a job must share, validated once (no framework imports)."""
 
+import json
 from dataclasses import dataclass
 
 from ..core import SCHEMES, check_scheme_bits, get_scheme, rotation
@@ -113,3 +114,30 @@ def _scheme_options(spec, given):
             raise ValueError(f"{name} applies to scheme {' / '.join(users)} only, not to "
                              f"{spec.name!r}")
     return {**spec.options, **given}
+
+
+# The settings as every rank sends them at its first step (fixed size, so one allgather carries
+# them all), to name what differs rather than fail later in an exchange that does not pair.
+SETTINGS_BYTES = 1024
+
+
+def settings_text(config):
+    """``config`` as JSON bytes of at most SETTINGS_BYTES."""
+    text = json.dumps(config.__dict__, sort_keys=True).encode()
+    if len(text) > SETTINGS_BYTES:
+        raise ValueError(f"compressor settings too long to compare across ranks: {text!r}")
+    return text
+
+
+def settings_differences(config, gathered):
+    """What differs between this rank's ``config`` and each rank's settings_text() (zero-padded
+    bytes, in rank order): "bits: 3 on rank 1, 4 here; ..." or "" when all agree."""
+    mine = json.loads(settings_text(config))
+    differences = []
+    for rank, raw in enumerate(gathered):
+        theirs = json.loads(raw.rstrip(b"\0") or b"{}")
+        for name in sorted(set(mine) | set(theirs)):
+            if theirs.get(name) != mine.get(name):
+                differences.append(f"{name}: {theirs.get(name)!r} on rank {rank}, "
+                                   f"{mine.get(name)!r} here")
+    return "; ".join(differences)

@@ -10,15 +10,15 @@ codec runs where the tensor's data is best handled (``HostCodec``: the core on t
 import dataclasses
 import threading
 import time
-import zlib
 
 import horovod.torch as hvd
 import torch
 from horovod.torch.compression import Compressor
 
 from .. import core
-from ..protocol import (REDUCED, CompressorBase, DefaultInstanceMethod, Pending,
-                        horovod_call_site, plan, plan_code, probe_values, reduction_scale)
+from ..protocol import (REDUCED, SETTINGS_BYTES, CompressorBase, DefaultInstanceMethod,
+                        Pending, horovod_call_site, plan, plan_code, probe_values,
+                        reduction_scale, settings_differences, settings_text)
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                 torch.float64: "float64"}
@@ -291,21 +291,22 @@ class TNQCompressor(CompressorBase, Compressor):
         with self._in_flight_lock:
             if self._settings_agreed or self._settings_check is not None:
                 return
-            digest = zlib.crc32(repr(sorted(self.config.__dict__.items())).encode())
+            mine = torch.zeros(SETTINGS_BYTES, dtype=torch.uint8)
+            text = settings_text(self.config)
+            mine[:len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
             self._settings_check = hvd.allgather_async(
-                torch.tensor([digest], dtype=torch.int64),
-                name=f"horovod_tnq.settings.{self._instance}", process_set=process_set)
+                mine, name=f"horovod_tnq.settings.{self._instance}", process_set=process_set)
 
     def _check_settings(self):
         with self._in_flight_lock:
             if self._settings_agreed or self._settings_check is None:
                 return
             handle, self._settings_check = self._settings_check, None
-        digests = wait(handle).tolist()
-        if len(set(digests)) > 1:
-            raise ValueError(f"ranks use different compressor settings (digests by rank "
-                             f"{digests}; this rank: {self.config}): all ranks must use the "
-                             "same compressor settings")
+        theirs = wait(handle).reshape(-1, SETTINGS_BYTES).numpy()
+        differences = settings_differences(self.config, [bytes(row) for row in theirs])
+        if differences:
+            raise ValueError(f"ranks use different compressor settings ({differences}): all "
+                             "ranks must use the same compressor settings")
         self._settings_agreed = True
 
     @DefaultInstanceMethod

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from horovod_tnq import CompressorConfig
 from horovod_tnq.protocol import (choose_exchange, chunk_bounds, part_bounds, plan_code,
-                                  probe_values, reduction_scale)
+                                  probe_values, reduction_scale, settings_differences,
+                                  settings_text)
 
 
 @given(numel=st.integers(0, 10_000), size=st.integers(1, 16), bucket_size=st.integers(1, 600))
@@ -82,3 +83,12 @@ def test_probe_catches_one_rank_that_cuts_the_tensor_differently():
         probes = [probe_values(r, theirs if r == size - 1 else ours) for r in range(size)]
         with pytest.raises(ValueError, match="cut or send this tensor differently"):
             reduction_scale(allreduced(probes), size, ours)
+
+
+def test_settings_differences_name_each_setting_and_rank():
+    mine = CompressorConfig(bits=3)
+    other = CompressorConfig(bits=4, exchange="reduce-scatter")
+    padded = settings_text(mine) + b"\0" * 7  # as the allgather returns them: zero-padded
+    assert settings_differences(mine, [padded, settings_text(mine)]) == ""
+    assert settings_differences(mine, [padded, settings_text(other)]) == \
+        "bits: 4 on rank 1, 3 here; exchange: 'reduce-scatter' on rank 1, 'auto' here"
