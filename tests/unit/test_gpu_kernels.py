@@ -136,23 +136,26 @@ def test_rht_covers_every_bit_width():
     assert {case[0] for case in RHT_CASES} == set(supported_bits("tnq-rht"))
 
 
-@pytest.mark.parametrize("count,bits,bucket,n,dtype", [
-    (1, 4, 64, 200, torch.float32),
-    (3, 2, 8, 45, torch.float32),
-    (8, 3, 32, 100, torch.bfloat16),
-    (2, 8, 128, 300, torch.float64),
-    (5, 1, 16, 77, torch.float16),
-])
-def test_rht_decode_sum_matches_core(count, bits, bucket, n, dtype, host_calls):
+# payloads, bits, bucket size, elements, dtype; ranks at very different scales (the sum's order
+# shows), and factors 1/N and 1/3
+DECODE_CASES = [(1, 4, 64, 200, torch.float32), (3, 2, 8, 45, torch.float32),
+                (8, 3, 32, 100, torch.bfloat16), (2, 8, 128, 300, torch.float64),
+                (5, 1, 16, 77, torch.float16)]
+
+
+@pytest.mark.parametrize("count,bits,bucket,n,dtype", DECODE_CASES)
+@pytest.mark.parametrize("scheme, factor", [("tnq-rht", None), ("tnq", 1.0 / 3.0)])
+def test_decode_sum_matches_core(scheme, factor, count, bits, bucket, n, dtype, host_calls):
+    if scheme == "tnq":
+        bucket += 2  # buckets that are not a multiple of 8 too
     payloads, expected = [], []
     for rank in range(count):
-        # ranks with very different scales: the sum's order shows
         x = gradient(n, 50 + rank, dtype, scale=10.0 ** (rank % 5 - 2))
-        payload, ref = check_encode(x, scheme="tnq-rht", bits=bits, bucket_size=bucket,
+        payload, ref = check_encode(x, scheme=scheme, bits=bits, bucket_size=bucket,
                                     key=KEY + rank * 7919, step=11)
         payloads.append(payload)
         expected.append(ref)
-    check_decode(payloads, expected, 1.0 / count)
+    check_decode(payloads, expected, factor or 1.0 / count)
     assert host_calls == {"encode": 0, "decode_sum": 0}
 
 
@@ -206,25 +209,6 @@ def test_tnq_encode_matches_core(bits, bucket, n, dtype, host_calls):
 
 def test_tnq_covers_every_bit_width():
     assert {case[0] for case in TNQ_CASES} == set(supported_bits("tnq"))
-
-
-@pytest.mark.parametrize("count,bits,bucket,n,dtype", [
-    (1, 4, 64, 200, torch.float32),
-    (4, 2, 10, 45, torch.float32),
-    (8, 3, 32, 100, torch.bfloat16),
-    (2, 8, 128, 300, torch.float64),
-    (3, 1, 16, 77, torch.float16),
-])
-def test_tnq_decode_sum_matches_core(count, bits, bucket, n, dtype, host_calls):
-    payloads, expected = [], []
-    for rank in range(count):
-        x = gradient(n, 90 + rank, dtype, scale=10.0 ** (rank % 5 - 2))
-        payload, ref = check_encode(x, scheme="tnq", bits=bits, bucket_size=bucket,
-                                    key=rank * 104729 + 5, step=3)
-        payloads.append(payload)
-        expected.append(ref)
-    check_decode(payloads, expected, 1.0 / 3.0)
-    assert host_calls == {"encode": 0, "decode_sum": 0}
 
 
 def test_tnq_rare_paths(host_calls):
