@@ -1,9 +1,11 @@
 """Runs under elastic `horovodrun --min-np ... --host-discovery-script ...`: training with TNQ
 through a membership change (a killed worker, or hosts the discovery script takes away or adds).
 
-argv: OUT_DIR, "stock" | "fused", HOSTS_FILE (what the discovery script prints), STEPS. Rank 0
-takes a slot away at step SHRINK_AT and gives it back once the job runs on one worker, so the
-job shrinks from 2 workers to 1 and grows back to 2 (a new process, with fresh state).
+argv: OUT_DIR, "stock" | "fused", HOSTS_FILE (what the discovery script prints), STEPS, EVENT:
+"resize": rank 0 takes a slot away at step SHRINK_AT and gives it back once the job runs on
+one worker, so the job shrinks from 2 workers to 1 and grows back to 2 (a new process, with
+fresh state); "kill": rank 1 dies (exit 1) once at step SHRINK_AT; Horovod drops its host for
+a while and starts a replacement there afterwards.
 Every rank that finishes writes OUT_DIR/rank<r>.json: the world size at the end, its parameters'
 digest, and the reduced gradient divided by this rank's own (the projection ratio) on the last
 step (the same data on every rank) and on every step run by one worker: 1 where Average divides
@@ -21,7 +23,9 @@ import torch
 
 import horovod_tnq.torch as tnq
 
-OUT_DIR, MODE, HOSTS_FILE, STEPS = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+OUT_DIR, MODE, HOSTS_FILE, STEPS, EVENT = (sys.argv[1], sys.argv[2], sys.argv[3],
+                                           int(sys.argv[4]), sys.argv[5])
+KILLED = os.path.join(OUT_DIR, "killed")
 SHRINK_AT = 3
 
 
@@ -71,7 +75,11 @@ def main():
                 solo_ratios.append(ratio)
             with optimizer.skip_synchronize():
                 optimizer.step()
-            if hvd.rank() == 0 and state.batch == SHRINK_AT and hvd.size() == 2:
+            if EVENT == "kill":
+                if hvd.rank() == 1 and state.batch == SHRINK_AT and not os.path.exists(KILLED):
+                    open(KILLED, "w").close()
+                    os._exit(1)
+            elif hvd.rank() == 0 and state.batch == SHRINK_AT and hvd.size() == 2:
                 set_hosts("localhost:1")
             elif hvd.rank() == 0 and hvd.size() == 1 and state.batch > SHRINK_AT:
                 set_hosts("localhost:2")
