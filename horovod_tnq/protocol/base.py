@@ -100,16 +100,17 @@ class CompressorBase:
         """Per-rank state to checkpoint with the model: each tensor's step count (which seeds its
         rounding), error-feedback residuals and privacy accounting, so a restored run continues
         exactly. Residuals are numpy arrays (torch tensors in the PyTorch adapter)."""
-        return self.state.state_dict(rank=self._rank())
+        return self.state.state_dict(*self._world())
 
     def load_state_dict(self, state):
         """Restore a state_dict() of this rank (CompressorState.load_state_dict says what is
         refused)."""
-        self.state.load_state_dict(state, rank=self._rank())
+        self.state.load_state_dict(state, *self._world())
 
-    def _rank(self):
-        """This process's Horovod rank (the adapters ask Horovod), or None before hvd.init()."""
-        return None
+    def _world(self):
+        """(rank, size) of this process in Horovod (the adapters ask Horovod), or (None, None)
+        before hvd.init()."""
+        return None, None
 
     @DefaultInstanceMethod
     def reset(self):

@@ -106,21 +106,23 @@ class CompressorState:
         return core.privacy.account(released, steps, self.config.bits,
                                     **self.config.scheme_options())
 
-    def state_dict(self, rank=None):
+    def state_dict(self, rank=None, size=None):
         """Settings, steps, residuals (numpy copies) and privacy accounting of this rank
-        (``rank``, recorded so that another rank's residuals are not loaded by mistake)."""
+        (``rank`` of ``size``, recorded so that another rank's residuals, or residuals of chunks
+        cut for another world size, are not loaded by mistake)."""
         with self._lock:
-            return {"config": self.config.__dict__.copy(), "rank": rank,
+            return {"config": self.config.__dict__.copy(), "rank": rank, "size": size,
                     "steps": dict(self.steps),
                     "anonymous": self.namer.anonymous,
                     "residuals": {slot: r.copy() for slot, r in self.residuals.items()},
                     "released": dict(self.released)}
 
-    def load_state_dict(self, state, rank=None):
-        """Restore what state_dict() returned on this ``rank``; the settings must be this
-        compressor's. Steps are the same on every rank, so any rank's state restores them;
-        residuals are one rank's own errors: another rank's are refused, as are non-finite
-        ones (they would make the model NaN at the next step)."""
+    def load_state_dict(self, state, rank=None, size=None):
+        """Restore what state_dict() returned on this ``rank`` of ``size``; the settings must be
+        this compressor's. Steps are the same on every rank, so any rank's state restores them;
+        residuals are one rank's own errors: another rank's are refused, as are residuals of a
+        job of another size (the reduce-scatter's chunks depend on it) and non-finite ones (they
+        would make the model NaN at the next step)."""
         state = _upgraded(state)
         if state["config"] != self.config.__dict__:
             raise ValueError(f"checkpoint was saved with compressor settings {state['config']}, "
@@ -130,6 +132,11 @@ class CompressorState:
             raise ValueError(f"compressor state of rank {saved_rank} loaded on rank {rank}: its "
                              "error-feedback residuals are that rank's own; save and load one "
                              "compressor state per rank")
+        saved_size = state.get("size")
+        if state["residuals"] and None not in (size, saved_size) and saved_size != size:
+            raise ValueError(f"compressor state of a {saved_size}-rank job loaded in a "
+                             f"{size}-rank one: its error-feedback residuals belong to chunks of "
+                             "that size; reset() the compressor to start them again")
         for slot, residual in state["residuals"].items():
             if not np.all(np.isfinite(residual)):
                 raise ValueError(f"checkpoint's error-feedback residual for {slot!r} is not "
@@ -169,7 +176,7 @@ def _upgraded(state):
         config.pop(name, None)  # other schemes' options, at their defaults
     config["options"] = tuple(sorted(options.items()))
     namer = state.get("namer", {})
-    return {"config": config, "rank": None,
+    return {"config": config, "rank": None, "size": None,
             "steps": state.get("steps", namer.get("uses", {})),
             "anonymous": namer.get("anonymous", 0),
             "residuals": state.get("residuals", {}), "released": state.get("released", {})}

@@ -145,8 +145,8 @@ class TNQCompressor(CompressorBase, Compressor):
                               process_set=process_set)
         reduction_scale(probe.numpy().tolist(), process_set.size(), code)
 
-    def _rank(self):
-        return hvd.rank() if hvd.is_initialized() else None
+    def _world(self):
+        return (hvd.rank(), hvd.size()) if hvd.is_initialized() else (None, None)
 
     @DefaultInstanceMethod
     @tf.autograph.experimental.do_not_convert  # plain Python control flow, traced as written

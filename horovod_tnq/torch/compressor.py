@@ -279,8 +279,8 @@ class TNQCompressor(CompressorBase, Compressor):
                      for slot, r in state["residuals"].items()}
         super().load_state_dict(dict(state, residuals=residuals))
 
-    def _rank(self):
-        return hvd.rank() if hvd.is_initialized() else None
+    def _world(self):
+        return (hvd.rank(), hvd.size()) if hvd.is_initialized() else (None, None)
 
     def _start_settings_check(self, process_set):
         """At the first start() (and the first after a reset): every rank's settings digest

@@ -172,3 +172,11 @@ def test_stats_are_read_only_and_reset_works_on_the_class():
     TNQCompressor.default_instance().state.next_step("w")
     TNQCompressor.reset()  # as a reset callback when compression=TNQCompressor
     assert TNQCompressor.default_instance().state.steps == {}
+
+
+def test_residuals_of_a_job_of_another_size_are_refused():
+    state = CompressorState(CompressorConfig(error_feedback=1.0))
+    state.encode(chunk(0), "w#0", key=1, step=0, dtype_name="float32", shape=(4096,))
+    with pytest.raises(ValueError, match="of a 4-rank job loaded in a 2-rank one"):
+        CompressorState(CompressorConfig(error_feedback=1.0)).load_state_dict(
+            state.state_dict(rank=0, size=4), rank=0, size=2)
