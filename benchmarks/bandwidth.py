@@ -22,17 +22,28 @@ the same model, data and steps through ``hvd.DistributedGradientTape`` in a tf.f
 ``--configs none fp16 none:framework=tf tnq-rht:bits=4,framework=tf``. Each row's "vs none" and
 "vs fp16" are against the none and fp16 rows of its own framework (and worker count); phases the
 TF worker cannot split (compute, wait; encode and decode of Horovod's own compressors) are empty.
+
+The option ``framework=ddp`` runs PyTorch's own alternative instead of Horovod: the same model,
+data and steps with ``torch.nn.parallel.DistributedDataParallel`` over Gloo
+(benchmarks/digits_worker_ddp.py), no hook (``none``), ``fp16_compress_hook`` (``fp16``) or
+``powerSGD_hook`` (``powersgd:rank=R``; see benchmarks/ddp.py), started as a DDP user starts a
+multi-node job: ``torchrun --nnodes N --node-rank i --master-addr <host 0> ...`` in every host's
+namespace, Gloo on eth0. Same pinning, allocator setting and counters; its "vs none" is against
+DDP's own none, and its step is not split (the hooks run inside backward), e.g.
+``--configs none tnq-rht:bits=4,fused=1 none:framework=ddp powersgd:rank=4,framework=ddp``.
 """
 
 import argparse
+import itertools
 import os
 import signal
+import subprocess
 import sys
 import time
 
 from benchmarks.emulated_network import EmulatedNetwork, remove_stale_namespaces
 from benchmarks.jobs import (WORKERS, horovodrun_command, markdown_table, parse_spec,
-                             read_report, worker_env, write_csv)
+                             read_report, torchrun_command, worker_env, write_csv)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -89,18 +100,41 @@ def run_config(network, workers, spec, args, profile=False, replay=False):
         name = f"{workers}w-{spec.replace(':', '-').replace(',', '-').replace('=', '')}" + \
             ("-codec-free" if replay else "") + ".json"
         extra += ["--timeline-filename", os.path.join(os.path.abspath(args.timeline), name)]
-    command = horovodrun_command(workers, network.hosts_argument(workers), worker_args, extra,
-                                 worker=WORKERS[framework])
     load = os.getloadavg()[0]
     start = time.perf_counter()
     env = worker_env(REUSE_FREED_MEMORY if args.reuse_freed_memory else None)
-    done = network.horovodrun(command, env, timeout=args.timeout)
+    if framework == "ddp":
+        done = run_torchrun(network, workers, worker_args, env, args.timeout)
+    else:
+        command = horovodrun_command(workers, network.hosts_argument(workers), worker_args,
+                                     extra, worker=WORKERS[framework])
+        done = network.horovodrun(command, env, timeout=args.timeout)
     report = read_report(done, f"{workers} workers, {spec}")
     report["job_s"] = time.perf_counter() - start
     report["load_before"] = load
     report["framework"] = framework
     report["label"] = label + (" (codec free)" if replay else "")
     return report
+
+
+# each DDP job's rendezvous on a port of its own, so that one never meets the last one's sockets
+# (TIME_WAIT) on host 0
+MASTER_PORTS = itertools.count(29500)
+
+
+def run_torchrun(network, workers, worker_args, env, timeout):
+    """A DDP job: torchrun on each of the first ``workers`` hosts, node i of them, the
+    rendezvous at host 0, Gloo on the hosts' eth0 (PyTorch's counterpart of horovodrun's
+    --network-interfaces). One CompletedProcess for read_report: rank 0's output first, then
+    the others' (for the error message when there is no report)."""
+    master = (network.addresses[0], next(MASTER_PORTS))
+    commands = [torchrun_command(WORKERS["ddp"], worker_args, nodes=workers, node_rank=host,
+                                 master=master) for host in range(workers)]
+    done = network.run_on_hosts(commands, dict(env, GLOO_SOCKET_IFNAME="eth0"), timeout)
+    return subprocess.CompletedProcess(
+        done[0].args, next((d.returncode for d in done if d.returncode), 0),
+        "".join(d.stdout for d in done),
+        "".join(f"--- host {host}\n{d.stderr}" for host, d in enumerate(done)))
 
 
 def median_runs(runs):
@@ -156,11 +190,12 @@ def plot(rows, path, title):
             values = [by_spec[s][phase] or 0.0 for s in labels]  # None: not measured
             ax.bar(labels, values, bottom=bottom, label=PHASES[phase])
             bottom = [b + v for b, v in zip(bottom, values)]
-        # the rest of the steps whose worker could not split them (TF), so every bar is a step
+        # the rest of the steps whose worker could not split them (TF, DDP): every bar a step
         rest = [by_spec[s]["step_s"] - b if None in (by_spec[s][p] for p in PHASES) else 0.0
                 for s, b in zip(labels, bottom)]
         if any(rest):
-            ax.bar(labels, rest, bottom=bottom, label="not split (TF graph)", color="lightgray")
+            ax.bar(labels, rest, bottom=bottom, label="not split (TF graph, DDP)",
+                   color="lightgray")
         ax.set_title(f"seconds per step, {workers} workers")
         ax.tick_params(axis="x", rotation=45)
         ax.legend(fontsize=8, loc="upper left")

@@ -22,6 +22,18 @@ every width in --bits that it supports, next to uncompressed and fp16 Horovod; -
 adds any other compressor spec (see jobs.py), e.g. a scheme with options. A run that fails is
 reported as failed and the others go on.
 
+A spec with ``framework=ddp`` runs PyTorch's DistributedDataParallel instead of Horovod, started
+by ``torchrun --standalone --nproc-per-node W`` (Gloo on loopback), with PyTorch's own hook:
+``none:framework=ddp``, ``fp16:framework=ddp``, ``powersgd:rank=R,framework=ddp`` (PowerSGD
+from step 3 on, see benchmarks/ddp.py), e.g. PyTorch's options beside TNQ on the language model:
+
+    --task char-lm --baselines none --schemes tnq-rht --bits 2 3 4 --extra-configs \
+        none:framework=ddp fp16:framework=ddp powersgd:rank=1,framework=ddp \
+        powersgd:rank=4,framework=ddp
+
+Its "vs none" is against DDP's own none row, and its bytes per step are what the hook hands to
+allreduce (PowerSGD's: over the steps it compresses).
+
 Writes convergence.csv (one row per evaluation: training loss averaged over the steps since the
 previous evaluation and over ranks, test loss and accuracy on the held-out data) and
 convergence.png (curves per bit width), named convergence_char_lm.* for char-lm and with a
@@ -36,8 +48,8 @@ import subprocess
 import sys
 import time
 
-from benchmarks.jobs import (ROOT, WORKER, horovodrun_command, markdown_table, parse_spec,
-                             read_report, worker_env, write_csv)
+from benchmarks.jobs import (ROOT, WORKER, WORKERS, horovodrun_command, markdown_table,
+                             parse_spec, read_report, torchrun_command, worker_env, write_csv)
 from horovod_tnq import core
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -61,7 +73,8 @@ COLUMNS = [
     ("test acc", lambda row: 100 * row["test_accuracy"], ".2f"),
     ("vs none (pp)", "vs_none_pp", "+.2f"), ("test loss", "test_loss", ".4f"),
     ("train loss (last 10%)", "train_loss_end", ".4f"),
-    ("MB handed to Horovod/step", lambda row: row["compressor_bytes_per_step"] and
+    # handed to Horovod, or to allreduce by a DDP hook
+    ("MB handed to collectives/step", lambda row: row["compressor_bytes_per_step"] and
      row["compressor_bytes_per_step"] / 1e6, ".4f"),
     ("run s", "job_s", ".0f"),
 ]
@@ -77,7 +90,14 @@ def configs(baselines, schemes, bits_list, extra):
                 continue
             chosen.append((str(bits), f"{scheme}:bits={bits}"))
     for spec in extra:
-        chosen.append((str(parse_spec(spec)[1].get("bits", "")), spec))
+        name, options = parse_spec(spec)
+        if "bits" in options:
+            bits = str(options["bits"])
+        elif name == "powersgd":
+            bits = f"rank {options.get('rank', 1)}"
+        else:  # none and fp16 of another framework: drawn with the baselines
+            bits = {"none": "32", "fp16": "16"}.get(name, "")
+        chosen.append((bits, spec))
     return chosen
 
 
@@ -91,13 +111,24 @@ def smoothed(losses, curve):
     return out
 
 
-def run_worker(worker, workers, worker_args, timeout=None):
-    """jobs.run_local with another worker script: rank 0's report."""
-    command = [worker if part == WORKER else part
-               for part in horovodrun_command(workers, f"localhost:{workers}", worker_args)]
-    done = subprocess.run(command, cwd=ROOT, env=worker_env(),
-                          capture_output=True, text=True, timeout=timeout)
+def run_worker(worker, workers, worker_args, timeout=None, framework="torch"):
+    """jobs.run_local with another worker script (torchrun for DDP): rank 0's report."""
+    env = worker_env()
+    if framework == "ddp":
+        command = torchrun_command(worker, worker_args, nproc=workers)
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # not whatever this machine's hostname resolves to
+    else:
+        command = horovodrun_command(workers, f"localhost:{workers}", worker_args,
+                                     worker=worker)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
     return read_report(done, " ".join(worker_args))
+
+
+def worker_for(task, framework):
+    """The module a spec of ``framework`` runs for ``task``: the char-lm worker trains with
+    Horovod or DDP itself; digits has a worker per framework."""
+    return task["worker"] if task["worker"] != WORKER else WORKERS[framework]
 
 
 def plot(rows, curves, path, title, accuracy_range=(80, 100)):
@@ -121,8 +152,9 @@ def plot(rows, curves, path, title, accuracy_range=(80, 100)):
             axes[1][column].plot(steps, [100 * p["test_accuracy"] for p in curve],
                                  label=row["compressor"], **style)
         axes[0][column].set_yscale("log")
-        axes[0][column].set_title(f"{bits} bits: training loss")
-        axes[1][column].set_title(f"{bits} bits: test accuracy (%)")
+        width = f"{bits} bits" if bits.isdigit() else bits  # PowerSGD's: "rank R"
+        axes[0][column].set_title(f"{width}: training loss")
+        axes[1][column].set_title(f"{width}: test accuracy (%)")
         axes[1][column].set_xlabel("step")
         if accuracy_range:
             axes[1][column].set_ylim(*accuracy_range)
@@ -172,15 +204,19 @@ def main():
                        str(args.batch_size), "--hidden", args.hidden, "--lr", str(args.lr),
                        "--seed", str(args.seed)]
         start = time.perf_counter()
+        framework = parse_spec(spec)[1].get("framework", "torch")
         try:
-            report = run_worker(task["worker"], args.workers, worker_args, timeout=args.timeout)
+            report = run_worker(worker_for(task, framework), args.workers, worker_args,
+                                timeout=args.timeout, framework=framework)
         except Exception as error:  # one broken scheme must not hide the others' results
             failed.append((spec, str(error).splitlines()[0]))
             print(f"  {spec}: FAILED: {str(error)[-1500:]}", flush=True)
             continue
         report["job_s"] = time.perf_counter() - start
-        if report.get("compressor_bytes_per_step") is None and spec in BASELINE_BYTES:
-            report["compressor_bytes_per_step"] = BASELINE_BYTES[spec] * report["parameters"]
+        name = parse_spec(spec)[0]
+        if report.get("compressor_bytes_per_step") is None and name in BASELINE_BYTES:
+            report["compressor_bytes_per_step"] = BASELINE_BYTES[name] * report["parameters"]
+        report["framework"] = framework
         curve = report.pop("curve")
         for point, loss in zip(curve, smoothed(report.pop("train_loss_per_step"), curve)):
             point["train_loss_window"] = loss
@@ -192,8 +228,9 @@ def main():
         rows.append(report)
         print(f"  {spec}: test accuracy {100 * report['test_accuracy']:.2f}%, test loss "
               f"{report['test_loss']:.4f} ({report['job_s']:.0f} s)", flush=True)
-    base = next((row for row in rows if row["compressor"] == "none"), None)
-    for row in rows:
+    for row in rows:  # against the none row of the row's own framework (Horovod's, DDP's)
+        base = next((other for other in rows if other["framework"] == row["framework"]
+                     and parse_spec(other["compressor"])[0] == "none"), None)
         row["vs_none_pp"] = 100 * (row["test_accuracy"] - base["test_accuracy"]) if base else None
     stem = "convergence" + ("_char_lm" if args.task == "char-lm" else "") + \
         (f"_seed{args.seed}" if args.seed else "")

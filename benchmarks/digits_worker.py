@@ -93,6 +93,15 @@ def evaluate(model, x_test, y_test):
     return loss, accuracy
 
 
+def shuffled_batches(count, batch_size, generator):
+    """Index batches of ``count`` samples, reshuffled every epoch, forever (the DDP worker draws
+    the same ones from the same generator)."""
+    while True:
+        order = torch.randperm(count, generator=generator)
+        for i in range(count // batch_size):
+            yield order[i * batch_size:(i + 1) * batch_size]
+
+
 def barrier(name):
     hvd.allreduce(torch.zeros(1), name=name, op=hvd.Sum)
 
@@ -125,12 +134,6 @@ def main():
                                              compression=compression)
     generator = torch.Generator().manual_seed(args.seed + hvd.rank())
 
-    def batches():
-        while True:
-            order = torch.randperm(len(x_train), generator=generator)
-            for i in range(len(x_train) // args.batch_size):
-                yield order[i * args.batch_size:(i + 1) * args.batch_size]
-
     phases = dict.fromkeys(("forward_backward", "synchronize", "update"), 0.0)
     stats_start = {}
 
@@ -155,7 +158,8 @@ def main():
         phases["update"] += t3 - t2
         return loss.item()
 
-    run = common.timed_steps(args, train_step, batches(),
+    run = common.timed_steps(args, train_step,
+                             shuffled_batches(len(x_train), args.batch_size, generator),
                              lambda: evaluate(model, x_test, y_test), barrier, interface,
                              profile=args.profile and hvd.rank() == 0,
                              on_window_start=start_window)

@@ -18,6 +18,8 @@ htb but no netem, so there the link delay is the veth's own (tens of microsecond
 horovodrun reaches the hosts through ``ssh HOST COMMAND``: ``EmulatedNetwork.horovodrun`` runs
 horovodrun in host 0's namespace with benchmarks/netns_ssh.py first on PATH as ``ssh``, which runs
 the command inside that host's namespace. Everything else is stock horovodrun.
+``EmulatedNetwork.run_on_hosts`` instead starts one command in every host's namespace, as a
+launcher run on each node does (torchrun for PyTorch DDP), and waits for all.
 
 Needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN) and iproute2. Namespaces are named
 ``tnqbench-<pid>-*`` and are removed on exit, also after an error or an interrupt;
@@ -221,6 +223,48 @@ class EmulatedNetwork:
             process.communicate()
             raise
         return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+    def run_on_hosts(self, commands, env, timeout=None):
+        """Run ``commands[i]`` on host i, all at once, as a launcher started on every node would
+        be (torchrun), and wait for all; returns their CompletedProcesses in host order. When
+        one fails the others are ended (its peers would wait for it in a collective until the
+        timeout), and so is everything still running at the timeout (TimeoutExpired)."""
+        env = dict(env, PYTHONPATH=ROOT)  # the workers import benchmarks.*
+        processes, outputs = [], []
+        try:
+            for host, command in enumerate(commands):
+                # files rather than pipes: a process blocked on a full pipe while we wait on
+                # another would stall its peers' collectives
+                out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+                outputs.append((out, err))
+                processes.append(subprocess.Popen(self.exec_prefix(host) + command, env=env,
+                                                  text=True, stdout=out, stderr=err,
+                                                  start_new_session=True))
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while any(process.poll() is None for process in processes):
+                if any(process.returncode for process in processes):
+                    break  # one failed: the finally below ends the rest
+                if deadline is not None and time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(commands[0], timeout)
+                time.sleep(0.1)
+        finally:
+            if any(process.poll() is None for process in processes):
+                for process in processes:
+                    if process.poll() is None:
+                        os.killpg(process.pid, signal.SIGKILL)
+                for namespace in self.hosts[:len(commands)]:
+                    _end_processes_in(namespace)
+                for process in processes:
+                    process.wait()
+        done = []
+        for process, (out, err) in zip(processes, outputs):
+            out.seek(0)
+            err.seek(0)
+            done.append(subprocess.CompletedProcess(process.args, process.returncode, out.read(),
+                                                    err.read()))
+            out.close()
+            err.close()
+        return done
 
     def hosts_argument(self, workers):
         """horovodrun's -H for ``workers`` ranks, one per host."""

@@ -6,7 +6,11 @@ A compressor *spec* is a registry name with optional options, ``name[:key=value,
     none   fp16   tnq:bits=4   qsgd:bits=4   tnq:bits=4,exchange=alltoall
 
 so a new scheme or a new TNQCompressor option is benchmarked by adding a spec to a list, with no
-change to the benchmarks.
+change to the benchmarks. The option ``framework`` picks the worker (``WORKERS``): ``tf`` runs
+TensorFlow's, ``ddp`` PyTorch's DistributedDataParallel worker, which knows only the names in
+``DDP_HOOKS`` (PyTorch's own communication hooks, not horovod_tnq's compressors):
+
+    none:framework=ddp   fp16:framework=ddp   powersgd:rank=4,framework=ddp
 """
 
 import csv
@@ -19,7 +23,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WORKER = "benchmarks.digits_worker"  # run with python -m, from ROOT
 # the digits worker of each framework; a spec's "framework" option picks one (default torch)
-WORKERS = {"torch": WORKER, "tf": "benchmarks.digits_worker_tf"}
+WORKERS = {"torch": WORKER, "tf": "benchmarks.digits_worker_tf",
+           "ddp": "benchmarks.digits_worker_ddp"}
+# what a framework=ddp spec may name: DDP without a hook, fp16_compress_hook, powerSGD_hook
+# (benchmarks/ddp.py); no other worker knows them, and the DDP worker knows nothing else
+DDP_HOOKS = ("none", "fp16", "powersgd")
 REPORT_MARKER = "BENCHMARK-REPORT "
 
 
@@ -52,6 +60,20 @@ def horovodrun_command(workers, hosts, worker_args, extra=(), worker=WORKER):
     horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
     return [horovodrun, "-np", str(workers), "-H", hosts, "--gloo", "--disable-cache", *extra,
             sys.executable, "-m", worker, *worker_args]
+
+
+def torchrun_command(worker, worker_args, nproc=1, nodes=1, node_rank=0, master=None):
+    """torchrun running the benchmark ``worker`` (a module): ``nproc`` processes here, and with
+    ``master`` = (address, port) node ``node_rank`` of ``nodes`` (static rendezvous at the
+    master, as a multi-node user starts it on every node); without it a standalone job on this
+    host (its rendezvous store on a free port)."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if master is None:
+        where = ["--standalone"]
+    else:
+        where = ["--nnodes", str(nodes), "--node-rank", str(node_rank),
+                 "--master-addr", master[0], "--master-port", str(master[1])]
+    return [torchrun, *where, "--nproc-per-node", str(nproc), "-m", worker, *worker_args]
 
 
 def worker_env(extra=None):

@@ -1,4 +1,4 @@
-"""One Horovod worker of convergence.py's char-lm task: a character-level language model.
+"""One worker of convergence.py's char-lm task (Horovod, or PyTorch DDP): a character-level LM.
 
 gradients.py's ``CharModel`` (byte embedding, one GRU layer, linear output over the 256 byte
 values) learns to predict the next byte of the source text of Python's own standard library
@@ -13,6 +13,11 @@ reads, as digits_worker.py does: training loss per step (mean over ranks), test 
 next-character accuracy on the held-out text at ``--eval-every`` steps and at the end, the
 parameter count, and what the compressor handed to Horovod per step when it keeps such counts.
 
+A spec with ``framework=ddp`` (``none``, ``fp16``, ``powersgd:rank=R``; benchmarks/ddp.py) trains
+the same model, data and steps with torch's DistributedDataParallel and that communication hook
+instead, started by torchrun; its bytes are what the hook hands to allreduce per step, counted
+over the steps after PowerSGD's 2 plain (uncompressed) ones.
+
     horovodrun -np 2 -H localhost:2 --gloo python -m benchmarks.lm_worker \
         --compressor tnq-rht:bits=2
 """
@@ -25,6 +30,7 @@ import torch
 
 from benchmarks.gradients import CharModel, stdlib_text
 from benchmarks.jobs import REPORT_MARKER, parse_spec
+from benchmarks.worker_common import compressor_spec
 from horovod_tnq.torch import get_compressor
 
 
@@ -81,58 +87,104 @@ def evaluate(model, windows):
     return loss, accuracy
 
 
-def main():
-    args = parse_args()
-    hvd.init()
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(1)
-    name, options = parse_spec(args.compressor)
-    compression = get_compressor(name, **options)
+class Training:
+    """One way to train the model across ranks: ``model`` to call, the ``optimizer``,
+    ``after_backward()`` (gradients averaged when it returns), ``step()``, ``handed()``: bytes
+    handed to the collectives so far (None where not counted), ``allgather`` (an object per
+    rank) and ``plain_steps``: leading steps that exchange uncompressed (PowerSGD's)."""
 
-    train_text, test_text = split_text(args.text_bytes, args.test_fraction)
-    held_out = test_windows(test_text, args.test_windows)
-    model = CharModel(dim=args.embedding, hidden=int(args.hidden))
+    def __init__(self, model, optimizer, after_backward, step, handed, allgather, plain_steps=0):
+        self.model, self.optimizer = model, optimizer
+        self.after_backward, self.step, self.handed = after_backward, step, handed
+        self.allgather, self.plain_steps = allgather, plain_steps
+
+
+def horovod_training(name, options, model, args):
+    compression = get_compressor(name, **options)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                          compression=compression)
-    generator = torch.Generator().manual_seed(args.seed * 1000 + hvd.rank())
 
-    stats_start = dict(getattr(compression, "stats", {}))
+    def step():
+        with optimizer.skip_synchronize():
+            optimizer.step()
+
+    def handed():
+        stats = getattr(compression, "stats", None)  # TNQ's counts; none for Horovod's own
+        return stats and stats["payload_bytes"] + stats["passthrough_bytes"]
+
+    return Training(model, optimizer, optimizer.synchronize, step, handed, hvd.allgather_object)
+
+
+def ddp_training(name, options, model, args):
+    """DDP with PyTorch's hook of the spec (benchmarks/ddp.py); PowerSGD from step 3 on, after
+    the 2 plain steps PyTorch requires (its docs' advice for short runs: start early)."""
+    from benchmarks import ddp
+    ddp_model, counter = ddp.wrap(model, name, options, start_iter=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    return Training(ddp_model, optimizer, lambda: None, optimizer.step,
+                    lambda: counter and counter.total, ddp.allgather_object,
+                    plain_steps=2 if name == "powersgd" else 0)
+
+
+def main():
+    args = parse_args()
+    framework = parse_spec(args.compressor)[1].get("framework", "torch")
+    if framework == "ddp":
+        from benchmarks import ddp
+        rank, size = ddp.init_from_env()
+    else:
+        hvd.init()
+        rank, size = hvd.rank(), hvd.size()
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(1)
+    name, options = compressor_spec(args.compressor, framework)
+
+    train_text, test_text = split_text(args.text_bytes, args.test_fraction)
+    held_out = test_windows(test_text, args.test_windows)
+    model = CharModel(dim=args.embedding, hidden=int(args.hidden))
+    training = (ddp_training if framework == "ddp" else horovod_training)(name, options, model,
+                                                                          args)
+    optimizer = training.optimizer
+    generator = torch.Generator().manual_seed(args.seed * 1000 + rank)
+
+    handed = [training.handed()]  # so far, before each step and after the last
     losses, curve = [], []
     for step in range(1, args.steps + 1):
         starts = torch.randint(0, len(train_text) - args.length - 1, (args.batch_size,),
                                generator=generator)
         window = torch.stack([train_text[s: s + args.length + 1] for s in starts.tolist()])
         optimizer.zero_grad()
-        logits = model(window[:, :-1])
+        logits = training.model(window[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256),
                                                  window[:, 1:].reshape(-1))
         loss.backward()
-        optimizer.synchronize()
+        training.after_backward()
         if args.clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        with optimizer.skip_synchronize():
-            optimizer.step()
+        training.step()
         losses.append(loss.item())
+        handed.append(training.handed())
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
             test_loss, test_accuracy = evaluate(model, held_out)
             curve.append({"step": step, "test_loss": test_loss, "test_accuracy": test_accuracy})
 
-    stats_end = getattr(compression, "stats", {})
     mine = {"losses": losses}
-    if stats_end:
-        handed = ("payload_bytes", "passthrough_bytes")
-        mine["compressor_bytes_per_step"] = sum(stats_end[k] - stats_start.get(k, 0)
-                                                for k in handed) / args.steps
-    everyone = hvd.allgather_object(mine)
-    if hvd.rank() != 0:
+    if handed[-1] is not None:
+        # per step once compression runs: PowerSGD's plain first steps would otherwise count
+        # as much as hundreds of its compressed ones
+        skip = training.plain_steps if args.steps > training.plain_steps else 0
+        mine["compressor_bytes_per_step"] = (handed[-1] - handed[skip]) / (args.steps - skip)
+    everyone = training.allgather(mine)
+    if rank != 0:
         return
     train_loss = [sum(values) / len(values) for values in zip(*(r["losses"] for r in everyone))]
     for point in curve:
         point["train_loss"] = train_loss[point["step"] - 1]
     report = {
-        "compressor": args.compressor, "task": "char-lm", "workers": hvd.size(),
+        "compressor": args.compressor, "task": "char-lm", "workers": size,
+        "framework": framework, "plain_steps": training.plain_steps,
         "parameters": sum(p.numel() for p in model.parameters()),
         "hidden": args.hidden, "batch_size": args.batch_size, "length": args.length,
         "steps": args.steps, "clip": args.clip,

@@ -1,8 +1,8 @@
-"""What the digits benchmark workers share, PyTorch's (digits_worker.py) and TensorFlow's
-(digits_worker_tf.py): arguments, core pinning, interface counters, the timed loop of warm-up
-and timed steps, and the report rank 0 prints. No framework imports: each worker hands in its
-training step, evaluation, barrier and allgather_object, so both measure the same window the
-same way and print the same keys."""
+"""What the digits benchmark workers share, PyTorch's (digits_worker.py), TensorFlow's
+(digits_worker_tf.py) and PyTorch DDP's (digits_worker_ddp.py): arguments, core pinning,
+interface counters, the timed loop of warm-up and timed steps, and the report rank 0 prints. No
+framework imports: each worker hands in its training step, evaluation, barrier and
+allgather_object, so all measure the same window the same way and print the same keys."""
 
 import argparse
 import cProfile
@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from benchmarks.jobs import REPORT_MARKER, parse_spec
+from benchmarks.jobs import DDP_HOOKS, REPORT_MARKER, parse_spec
 
 PHASE_KEYS = ("compute_s", "encode_s", "decode_s", "comm_wait_s")
 
@@ -55,6 +55,11 @@ def compressor_spec(spec, framework):
     if wanted != framework:
         raise ValueError(f"spec {spec!r} is for framework {wanted!r}, this worker is "
                          f"{framework!r}")
+    if framework == "ddp" and name not in DDP_HOOKS:
+        raise ValueError(f"spec {spec!r}: the DDP worker runs {', '.join(DDP_HOOKS)}, not "
+                         f"horovod_tnq's compressors")
+    if framework != "ddp" and name == "powersgd":  # before get_compressor's "unknown name"
+        raise ValueError(f"spec {spec!r}: powersgd is PyTorch DDP's hook; add framework=ddp")
     return name, options
 
 
@@ -107,7 +112,10 @@ def pin_to_one_core(rank):
 
 
 def default_interface(args):
-    return args.interface or os.environ.get("HOROVOD_GLOO_IFACE", "lo")
+    """The interface whose counters a worker reads: --interface, else the one its collectives
+    were told to use (Horovod's or PyTorch Gloo's variable), else loopback."""
+    return (args.interface or os.environ.get("HOROVOD_GLOO_IFACE")
+            or os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
 
 
 @dataclass

@@ -20,6 +20,7 @@ from benchmarks.bandwidth import split_framework
 from benchmarks.emulated_network import ETC_NETNS, EmulatedNetwork, namespace_names
 from benchmarks.jobs import parse_spec
 from benchmarks.netns_ssh import split_ssh_arguments
+from benchmarks.worker_common import compressor_spec
 
 
 def ours(names):
@@ -70,6 +71,13 @@ def test_compressor_specs():
         ("tf", "tnq-rht:bits=4,exchange=allgather")
     with pytest.raises(ValueError, match="framework"):
         split_framework("none:framework=jax")
+    assert split_framework("powersgd:rank=4,framework=ddp") == ("ddp", "powersgd:rank=4")
+    # PyTorch DDP's hooks and horovod_tnq's compressors each run on their own workers only
+    assert compressor_spec("powersgd:rank=1,framework=ddp", "ddp") == ("powersgd", {"rank": 1})
+    with pytest.raises(ValueError, match="add framework=ddp"):
+        compressor_spec("powersgd:rank=1", "torch")
+    with pytest.raises(ValueError, match="not horovod_tnq's"):
+        compressor_spec("tnq-rht:bits=4,framework=ddp", "ddp")
 
 
 def run_benchmark(script, *args):
@@ -83,30 +91,54 @@ def run_benchmark(script, *args):
 @pytest.mark.horovodrun
 def test_bandwidth_benchmark_two_steps(tmp_path):
     tf_none, tf_tnq = "none:framework=tf", "tnq-rht:bits=4,framework=tf"
-    out = run_benchmark("bandwidth", "--workers", "2", "--steps", "2", "--warmup", "1",
-                        "--configs", "none", "tnq:bits=4", tf_none, tf_tnq,
+    ddp_none, ddp_fp16 = "none:framework=ddp", "fp16:framework=ddp"
+    ddp_rank1, ddp_rank4 = "powersgd:rank=1,framework=ddp", "powersgd:rank=4,framework=ddp"
+    configs = ["none", "tnq:bits=4", tf_none, tf_tnq, ddp_none, ddp_fp16, ddp_rank1, ddp_rank4]
+    # 2 warm-up steps: PowerSGD's plain allreduce steps (benchmarks/ddp.py), so that both timed
+    # steps are compressed
+    out = run_benchmark("bandwidth", "--workers", "2", "--steps", "2", "--warmup", "2",
+                        "--configs", *configs,
                         "--hidden", "512,512", "--rate-mbit", "200", "--out", str(tmp_path))
     with open(tmp_path / "bandwidth.csv") as f:
         rows = {row["compressor"]: row for row in csv.DictReader(f)}
-    assert set(rows) == {"none", "tnq:bits=4", tf_none, tf_tnq}
+    assert set(rows) == set(configs)
     assert (tmp_path / "bandwidth.png").stat().st_size > 10_000
     gradient_bytes = 4 * int(rows["none"]["parameters"])
-    assert int(rows[tf_none]["parameters"]) == int(rows["none"]["parameters"])  # same model
+    for spec in (tf_none, ddp_none):  # the same model
+        assert int(rows[spec]["parameters"]) == int(rows["none"]["parameters"])
     for none, tnq in (("none", "tnq:bits=4"), (tf_none, tf_tnq)):
         none, tnq = rows[none], rows[tnq]
         # a 2-rank ring allreduce sends each rank's whole gradient once; TNQ 4-bit about 1/7
         assert 1.0 <= float(none["tx_bytes_per_step"]) / gradient_bytes <= 1.3
         assert float(tnq["tx_bytes_per_step"]) / gradient_bytes <= 0.25
         assert 0 < float(tnq["compressor_bytes_per_step"]) / gradient_bytes <= 0.15
-        # each framework's ratios are against its own uncompressed run
-        assert float(none["vs_none"]) == 1.0
-        assert math.isclose(float(tnq["vs_none"]),
-                            float(tnq["samples_per_s"]) / float(none["samples_per_s"]))
+    # DDP: fp32 buckets, fp16 half of them, PowerSGD rank 1 about (rows + columns) / (rows x
+    # columns) of each weight plus the biases: 1% here; rank 4 about 4 times that
+    sent = {spec: float(rows[spec]["tx_bytes_per_step"]) / gradient_bytes
+            for spec in (ddp_none, ddp_fp16, ddp_rank1, ddp_rank4)}
+    assert 1.0 <= sent[ddp_none] <= 1.3 and 0.5 <= sent[ddp_fp16] <= 0.65
+    assert sent[ddp_rank1] <= 0.05 and sent[ddp_rank1] < sent[ddp_rank4] <= 0.15
+    handed = float(rows[ddp_fp16]["compressor_bytes_per_step"])
+    assert handed == 2 * int(rows["none"]["parameters"])  # what the hook gave allreduce
+    assert rows[ddp_none]["compressor_bytes_per_step"] == ""  # C++ reducer: not seen
+    # each framework's ratios are against its own uncompressed run
+    for none, others in (("none", ["tnq:bits=4"]), (tf_none, [tf_tnq]),
+                         (ddp_none, [ddp_fp16, ddp_rank1, ddp_rank4])):
+        assert float(rows[none]["vs_none"]) == 1.0
+        for spec in others:
+            assert math.isclose(float(rows[spec]["vs_none"]), float(rows[spec]["samples_per_s"])
+                                / float(rows[none]["samples_per_s"]))
+    # DDP without a hook trains the same model from the same data as Horovod: the same result
+    # up to the order of float sums
+    assert abs(float(rows[ddp_none]["test_loss"]) - float(rows["none"]["test_loss"])) < 1e-3
     phases = ("compute_s", "encode_s", "decode_s", "comm_wait_s")
     for spec, row in rows.items():
-        assert row["framework"] == ("tf" if "framework=tf" in spec else "torch")
+        assert row["framework"] == split_framework(spec)[0]
         if row["framework"] == "torch":
             parts = sum(float(row[key]) for key in phases)
+        elif row["framework"] == "ddp":  # hooks inside backward: not split
+            assert all(row[key] == "" for key in phases)
+            parts = float(row["step_s"])
         else:  # one graph call: only the codec's callbacks are timed, and only for TNQ
             assert row["compute_s"] == row["comm_wait_s"] == ""
             if spec == tf_none:
@@ -123,8 +155,11 @@ def test_bandwidth_benchmark_two_steps(tmp_path):
         assert len(set(cores)) == min(2, len(os.sched_getaffinity(0)))
         # every rank, the remote host's included, got the malloc setting (--reuse-freed-memory)
         assert ast.literal_eval(row["malloc_mmap_threshold_by_rank"]) == [str(1 << 30)] * 2
+        # bytes counted on the emulated NIC, for torchrun's workers as for horovodrun's
+        assert row["interface"] == "eth0"
     assert "| 2 | torch | tnq:bits=4 |" in out
     assert "| 2 | tf | tnq-rht:bits=4 |" in out
+    assert "| 2 | ddp | powersgd:rank=4 |" in out
 
 
 @pytest.mark.horovodrun
@@ -142,25 +177,40 @@ def test_convergence_benchmark_short_run(tmp_path):
 
 
 @pytest.mark.horovodrun
-def test_convergence_benchmark_char_lm_two_steps(tmp_path):
+def test_convergence_benchmark_char_lm_beside_ddp_hooks(tmp_path):
+    ddp_none, ddp_rank1 = "none:framework=ddp", "powersgd:rank=1,framework=ddp"
+    specs = ("none", "tnq-rht:bits=2", ddp_none, ddp_rank1)
+    # 4 steps: PowerSGD's 2 plain ones (benchmarks/ddp.py), then 2 compressed
     out = run_benchmark("convergence", "--task", "char-lm", "--baselines", "none",
-                        "--schemes", "tnq-rht", "--bits", "2", "--steps", "2", "--eval-every",
-                        "1", "--hidden", "64", "--out", str(tmp_path))
+                        "--schemes", "tnq-rht", "--bits", "2", "--steps", "4", "--eval-every",
+                        "2", "--hidden", "64", "--extra-configs", ddp_none, ddp_rank1,
+                        "--out", str(tmp_path))
     with open(tmp_path / "convergence_char_lm.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(row["compressor"], int(row["step"])) for row in rows] == [
-        (spec, step) for spec in ("none", "tnq-rht:bits=2") for step in (1, 2)]
+        (spec, step) for spec in specs for step in (2, 4)]
     for row in rows:
         # next-byte cross-entropy starts near chance level's ln(256) = 5.5 and can only fall
         assert 0 < float(row["train_loss_window"]) < 6
         assert 0 < float(row["test_loss"]) < 6
         assert 0 <= float(row["test_accuracy"]) <= 1
     assert (tmp_path / "convergence_char_lm.png").stat().st_size > 10_000
-    assert "| 2 | tnq-rht:bits=2 |" in out
-    # MB handed to Horovod per step: 4 bytes a parameter uncompressed, far less at 2 bits
-    table = {line.split("|")[2].strip(): line.split("|") for line in out.splitlines()
-             if line.startswith("| ")}
+    table = {line.split("|")[2].strip(): [cell.strip() for cell in line.split("|")]
+             for line in out.splitlines()
+             if line.startswith("| ") and not line.startswith("| bits")}  # rows, not header
+    assert set(table) == set(specs)
+    assert table["tnq-rht:bits=2"][1] == "2" and table[ddp_rank1][1] == "rank 1"
+    # DDP without a hook trains what Horovod trains (same start, data, clipping)
+    assert abs(float(table[ddp_none][5]) - float(table["none"][5])) < 1e-3
+    # MB handed per step: 4 bytes a parameter uncompressed (Horovod's and DDP's alike), far
+    # less at 2 bits, and a few percent for PowerSGD rank 1
+    assert float(table[ddp_none][7]) == float(table["none"][7]) > 0
     assert float(table["tnq-rht:bits=2"][7]) < 0.2 * float(table["none"][7])
+    assert 0 < float(table[ddp_rank1][7]) < 0.1 * float(table[ddp_none][7])
+    # accuracy against the uncompressed row of the row's own framework
+    assert table[ddp_none][4] == "+0.00"
+    assert math.isclose(float(table[ddp_rank1][4]),
+                        float(table[ddp_rank1][3]) - float(table[ddp_none][3]), abs_tol=0.011)
 
 
 @pytest.mark.horovodrun

@@ -1,0 +1,90 @@
+"""What the PyTorch DistributedDataParallel workers share (digits_worker_ddp.py, and lm_worker.py
+for a ``framework=ddp`` spec): the process group, the communication hook a spec names, a count of
+the bytes the hooks hand to allreduce, and the collectives the benchmark loop needs.
+
+This is what a PyTorch user who does not use this project runs on a slow network: DDP over Gloo
+(CPU), started by torchrun on every host, with one of PyTorch's own hooks (jobs.DDP_HOOKS):
+
+- ``none``: no hook, DDP's built-in C++ reducer (fp32 bucket allreduce);
+- ``fp16``: ``default_hooks.fp16_compress_hook`` (buckets cast to float16 and allreduced);
+- ``powersgd[:rank=R,...]``: ``powerSGD_hook`` with a ``PowerSGDState`` of
+  matrix_approximation_rank R (default 1), error feedback and warm start on (PyTorch's
+  defaults and its docs' advice), and start_powerSGD_iter = the caller's ``start_iter``: plain
+  allreduce before it, as the docs recommend for the first steps, and at least 2, the
+  smallest PyTorch allows with error feedback (DDP rebuilds its buckets after step 1). Any
+  other option is passed to PowerSGDState as is (e.g. ``min_compression_rate=1``).
+"""
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+
+# PowerSGD's hook issues its second and third allreduce from its futures' callbacks, which run on
+# Gloo's threads as each bucket's previous collective completes; with several buckets those calls
+# can reach the process group in a different order on each rank, and Gloo pairs collectives by
+# call order: measured here, DDP's default buckets crash the first PowerSGD step with "Received
+# data size doesn't match expected size" (524 vs 512 bytes). One bucket for the whole model keeps
+# one chain of collectives per step, the same order everywhere; what a Gloo user has to do.
+ONE_BUCKET_MB = 4096
+
+
+def init_from_env():
+    """Join the Gloo process group that torchrun describes (MASTER_ADDR, MASTER_PORT, RANK,
+    WORLD_SIZE); (rank, world size)."""
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+class HandedBytes:
+    """Bytes handed to ``dist.all_reduce`` from Python, so far: what fp16_compress_hook and
+    powerSGD_hook send (they call it through the module at call time, from the hook and from
+    its future's callbacks). DDP's built-in reducer allreduces in C++, unseen here."""
+
+    def __init__(self):
+        self.total = 0
+        all_reduce = dist.all_reduce
+
+        def counted(tensor, *args, **kwargs):
+            self.total += tensor.numel() * tensor.element_size()
+            return all_reduce(tensor, *args, **kwargs)
+
+        dist.all_reduce = counted
+
+
+def wrap(model, name, options, start_iter=2):
+    """(``model`` in DistributedDataParallel with the hook of spec ``name``/``options``, a
+    HandedBytes, or None where the built-in reducer sends: 4 bytes a parameter per step).
+    DDP broadcasts rank 0's parameters, so every rank starts from the same model."""
+    options = dict(options)
+    bucket_mb = options.pop("bucket_mb", ONE_BUCKET_MB if name == "powersgd" else None)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb)
+    if name == "none":
+        if options:
+            raise ValueError(f"DDP without a hook takes no options, got {options}")
+        return ddp_model, None
+    handed = HandedBytes()
+    if name == "fp16":
+        if options:
+            raise ValueError(f"fp16_compress_hook takes no options, got {options}")
+        ddp_model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif name == "powersgd":
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=options.pop("rank", 1),
+            start_powerSGD_iter=max(2, start_iter), use_error_feedback=True, warm_start=True,
+            **options)
+        ddp_model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    else:
+        raise ValueError(f"no DDP hook named {name!r}")
+    return ddp_model, handed
+
+
+def barrier(_name):
+    dist.barrier()
+
+
+def allgather_object(value):
+    """Every rank's ``value``, in rank order."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
