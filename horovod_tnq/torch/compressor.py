@@ -155,7 +155,8 @@ class TNQCompressor(CompressorBase, Compressor):
     CUDA gradients of "tnq-rht" and "tnq" without error feedback are encoded and decoded on
     their device by the GPU kernels (core/gpu); only packed payloads reach Horovod, on the
     device where Horovod has NCCL, else through host memory. Everything else is encoded by the
-    core on the host. Both make the same bytes, so ranks can mix them.
+    core on the host. Both make the same bytes (a payload of either decodes on the other);
+    a job whose ranks take different paths into an NCCL collective is untested.
     """
 
     _instances = 0  # compressors made in this process, in order: names their settings check
