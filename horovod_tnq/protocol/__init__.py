@@ -18,7 +18,8 @@ horovod_tnq.tensorflow) add only tensor conversion and Horovod calls.
 """
 
 from .base import CompressorBase, DefaultInstanceMethod, compressor_registry
-from .naming import CollectiveNamer, horovod_call_site
+from .naming import CollectiveNamer, gradient_owner, horovod_call_site
+from .overrides import TENSOR_SETTINGS, TensorSettings
 from .plan import (REDUCED, WHOLE, Pending, choose_exchange, chunk_bounds, part_bounds,
                    part_names, plan)
 from .probe import (MISMATCH, PROBE_TOLERANCE, UNSUPPORTED_OP, plan_code, probe_values,
@@ -31,7 +32,8 @@ __all__ = [
     "DEFAULT_SCHEME", "EXCHANGES", "MISMATCH", "PROBE_TOLERANCE", "REDUCED", "SETTINGS_BYTES",
     "UNSUPPORTED_OP", "WHOLE", "CollectiveNamer", "CompressorBase", "CompressorConfig",
     "CompressorState", "DefaultInstanceMethod", "Pending", "choose_exchange", "chunk_bounds",
-    "compressor_registry", "horovod_call_site", "new_stats", "part_bounds", "part_names", "plan",
+    "TENSOR_SETTINGS", "TensorSettings", "compressor_registry", "gradient_owner",
+    "horovod_call_site", "new_stats", "part_bounds", "part_names", "plan",
     "plan_code", "probe_values", "reduction_scale", "scheme_option_names",
     "settings_differences", "settings_text",
 ]

@@ -4,6 +4,7 @@ the state, and each framework's ``get_compressor`` (no framework imports)."""
 import threading
 
 from ..core import SCHEMES
+from .overrides import TensorSettings, given_settings
 from .settings import CompressorConfig
 from .state import CompressorState
 
@@ -71,13 +72,15 @@ class CompressorBase:
     """What the framework compressors share: validated settings (``config``), the per-rank
     ``state`` (state.py), the default instance, repr, and checkpointing.
 
-    The constructor takes CompressorConfig's arguments."""
+    The constructor takes CompressorConfig's arguments and ``overrides``: per-tensor settings
+    by name pattern (overrides.py); ``settings.for_name(name)`` resolves them."""
 
     _defaults_lock = threading.Lock()
 
-    def __init__(self, *args, **settings):
+    def __init__(self, *args, overrides=None, **settings):
         self.config = CompressorConfig(*args, **settings)
-        self.state = CompressorState(self.config)
+        self.settings = TensorSettings(self.config, overrides, given_settings(args, settings))
+        self.state = CompressorState(self.config, self.settings.describe())
 
     @classmethod
     def default_instance(cls):
@@ -89,7 +92,17 @@ class CompressorBase:
     def __repr__(self):
         settings = {k: v for k, v in self.config.__dict__.items() if k != "options"}
         settings.update(self.config.scheme_options())
+        if self.settings.rules:
+            settings["overrides"] = dict(self.settings.describe())
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in settings.items())})"
+
+    def config_for(self, name, names=None):
+        """The settings of tensor ``name`` (``overrides``; None: send it uncompressed);
+        ``names``, all the tensors its optimizer reduces, are checked against the patterns
+        once."""
+        if names:
+            self.settings.check_names(names)
+        return self.settings.for_name(name)
 
     @DefaultInstanceProperty
     def stats(self):
@@ -119,6 +132,7 @@ class CompressorBase:
         state, so that every rank, newcomers included, names and counts alike after workers join
         or leave (docs/design.md#elastic-horovod)."""
         self.state.reset()
+        self.settings.reset()
 
     def privacy_spent(self):
         """See CompressorState.privacy_spent."""

@@ -43,6 +43,50 @@ def horovod_call_site(max_depth=12):
     return None, None
 
 
+# modules whose optimizers reduce gradients next to their parameters (see gradient_owner)
+_OPTIMIZER_MODULES = ("horovod.", "horovod_tnq.tensorflow.keras")
+
+
+def gradient_owner(tensor, max_depth=80):
+    """(name, every name) of the parameter or variable whose gradient ``tensor`` is, as the
+    Horovod optimizer that called compress() names them; (None, None) outside one.
+
+    Per-tensor settings (overrides.py) match these names, which Horovod does not pass to
+    compress() either: PyTorch's ``_allreduce_grad_async(self, p)`` (and the comprehension over
+    ``p`` of its grouped twin, whose optimizer is one frame up) holds the parameter and
+    ``self._parameter_names``; TensorFlow's ``allreduce_grads(grads, vars)`` (behind
+    DistributedGradientTape and the DistributedOptimizers) holds the gradients beside their
+    variables, some 40 frames up inside tf.function (AutoGraph's converted calls), as does
+    horovod_tnq's Keras 3 optimizer. Tested against Horovod 0.28.1.
+    """
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            break
+        if frame.f_globals.get("__name__", "").startswith(_OPTIMIZER_MODULES):
+            local = frame.f_locals
+            parameter = local.get("p")
+            if parameter is not None and (getattr(parameter, "grad", None) is tensor or
+                                          local.get("tensor") is tensor):
+                for scope in (local, frame.f_back.f_locals if frame.f_back else {}):
+                    names = getattr(scope.get("self"), "_parameter_names", None)
+                    if isinstance(names, dict) and parameter in names:
+                        return names[parameter], list(names.values())
+            grads, variables = local.get("grads"), local.get("vars")
+            if isinstance(grads, (list, tuple)) and isinstance(variables, (list, tuple)):
+                for grad, variable in zip(grads, variables):
+                    if grad is tensor:
+                        return _variable_name(variable), [_variable_name(v) for v in variables]
+        frame = frame.f_back
+    return None, None
+
+
+def _variable_name(variable):
+    """A TF variable's name without its ":0" (Keras 3 variables: their path)."""
+    name = getattr(variable, "path", None) or getattr(variable, "name", "")
+    return name.rsplit(":", 1)[0] if ":" in name else name
+
+
 class CollectiveNamer:
     """Names allgathers uniquely among those in flight, identically on every rank.
 

@@ -1,6 +1,7 @@
 """The settings every rank of a job must share, validated once (no framework imports)."""
 
 import json
+import zlib
 from dataclasses import dataclass
 
 from ..core import SCHEMES, check_scheme_bits, get_scheme, rotation
@@ -121,18 +122,27 @@ def _scheme_options(spec, given):
 SETTINGS_BYTES = 1024
 
 
-def settings_text(config):
-    """``config`` as JSON bytes of at most SETTINGS_BYTES."""
-    text = json.dumps(config.__dict__, sort_keys=True).encode()
+def settings_text(config, overrides=()):
+    """``config`` and the ``overrides`` (TensorSettings.describe()) as JSON bytes of at most
+    SETTINGS_BYTES; overrides too long to fit are sent as their checksum."""
+    settings = dict(config.__dict__)
+    if overrides:
+        settings["overrides"] = overrides
+        text = json.dumps(settings, sort_keys=True).encode()
+        if len(text) <= SETTINGS_BYTES:
+            return text
+        settings["overrides"] = f"crc32:{zlib.crc32(json.dumps(overrides).encode()):08x}"
+    text = json.dumps(settings, sort_keys=True).encode()
     if len(text) > SETTINGS_BYTES:
         raise ValueError(f"compressor settings too long to compare across ranks: {text!r}")
     return text
 
 
-def settings_differences(config, gathered):
-    """What differs between this rank's ``config`` and each rank's settings_text() (zero-padded
-    bytes, in rank order): "bits: 3 on rank 1, 4 here; ..." or "" when all agree."""
-    mine = json.loads(settings_text(config))
+def settings_differences(config, gathered, overrides=()):
+    """What differs between this rank's settings (``config``, ``overrides``) and each rank's
+    settings_text() (zero-padded bytes, in rank order): "bits: 3 on rank 1, 4 here; ..." or ""
+    when all agree."""
+    mine = json.loads(settings_text(config, overrides))
     differences = []
     for rank, raw in enumerate(gathered):
         theirs = json.loads(raw.rstrip(b"\0") or b"{}")

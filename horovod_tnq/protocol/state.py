@@ -38,10 +38,11 @@ def new_stats():
 class CompressorState:
     """The per-rank state of one compressor; see the module docstring."""
 
-    def __init__(self, config):
+    def __init__(self, config, overrides=()):
         if not isinstance(config, CompressorConfig):
             raise TypeError(f"config must be a CompressorConfig, got {type(config).__name__}")
         self.config = config
+        self.overrides = list(overrides)  # TensorSettings.describe(): checked on load
         self._lock = threading.Lock()  # compress() runs on Horovod's and the caller's threads
         self.namer = CollectiveNamer()
         self.steps = {}  # tensor name -> exchanges so far
@@ -61,18 +62,19 @@ class CompressorState:
             for key, value in increments.items():
                 self.stats[key] += value
 
-    def note_release(self, name, numel):
-        if self.config.scheme == "dp-binomial":
+    def note_release(self, name, numel, config=None):
+        if (config or self.config).scheme == "dp-binomial":
             with self._lock:
                 self.released[name] = int(numel)
 
-    def encode(self, chunk, slot, key, step, dtype_name, shape):
+    def encode(self, chunk, slot, key, step, dtype_name, shape, config=None):
         """The payload of ``chunk`` (flat numpy float32/float64), a part of a tensor of
-        ``dtype_name`` and ``shape`` named ``slot``, its rounding drawn from (key, step).
+        ``dtype_name`` and ``shape`` named ``slot``, its rounding drawn from (key, step), with
+        ``config`` (the tensor's settings; the compressor's by default).
 
         With error feedback the chunk first gets the decayed error that this rank's earlier
         quantizations of ``slot`` left behind, and keeps its new error."""
-        config = self.config
+        config = config or self.config
         feedback = config.error_feedback
         if feedback:
             residual = self.residuals.get(slot)
@@ -111,7 +113,8 @@ class CompressorState:
         (``rank`` of ``size``, recorded so that another rank's residuals, or residuals of chunks
         cut for another world size, are not loaded by mistake)."""
         with self._lock:
-            return {"config": self.config.__dict__.copy(), "rank": rank, "size": size,
+            return {"config": self.config.__dict__.copy(), "overrides": self.overrides,
+                    "rank": rank, "size": size,
                     "steps": dict(self.steps),
                     "anonymous": self.namer.anonymous,
                     "residuals": {slot: r.copy() for slot, r in self.residuals.items()},
@@ -127,6 +130,10 @@ class CompressorState:
         if state["config"] != self.config.__dict__:
             raise ValueError(f"checkpoint was saved with compressor settings {state['config']}, "
                              f"this compressor has {self.config.__dict__}")
+        if state.get("overrides", []) != self.overrides:
+            raise ValueError(f"checkpoint was saved with compressor overrides "
+                             f"{state.get('overrides', [])}, this compressor has "
+                             f"{self.overrides}")
         saved_rank = state.get("rank")
         if state["residuals"] and None not in (rank, saved_rank) and saved_rank != rank:
             raise ValueError(f"compressor state of rank {saved_rank} loaded on rank {rank}: its "

@@ -20,7 +20,7 @@ from horovod.tensorflow.compression import Compressor
 
 from .. import core
 from ..core import native
-from ..protocol import (REDUCED, CompressorBase, DefaultInstanceMethod, Pending,
+from ..protocol import (REDUCED, CompressorBase, DefaultInstanceMethod, Pending, gradient_owner,
                         horovod_call_site, plan, plan_code, probe_values, reduction_scale)
 
 # What the core reads: float64 stays, every other float goes as float32, which holds float16 and
@@ -96,6 +96,7 @@ def _from_numpy(array):
 class _Pending(Pending):
     runtime_shape: Any = None  # the tensor's shape as a tensor, where its static shape is partial
     source: Any = None  # the tensor compress() was given (see _without_gradient)
+    config: Any = None  # the tensor's settings (the compressor's overrides)
 
 
 class TNQCompressor(CompressorBase, Compressor):
@@ -103,7 +104,10 @@ class TNQCompressor(CompressorBase, Compressor):
 
     Arguments as for ``horovod_tnq.torch.TNQCompressor``: bits, scheme, bucket_size, min_numel,
     seed, error_feedback, exchange, part_elements and the scheme options (min_bits,
-    nmse_target; dp_clip, dp_epsilon, dp_delta, dp_sensitivity). A tensor whose size is known
+    nmse_target; dp_clip, dp_epsilon, dp_delta, dp_sensitivity), and ``overrides`` (per-tensor
+    settings by variable name, e.g. ``{"*embed*": {"bits": 8}, "*norm*": None}``: see
+    docs/overrides.md; DistributedGradientTape and the DistributedOptimizers give the variables'
+    names, as ``var.name`` without ":0"). A tensor whose size is known
     only when the graph runs is compressed whatever its size (min_numel needs the size when the
     graph is built), through the allgather in one payload.
     """
@@ -115,15 +119,19 @@ class TNQCompressor(CompressorBase, Compressor):
         self.bytes_by_tensor = {}
         self._plans_checked = set()  # tensors whose exchange plan all ranks share (eager)
 
-    def should_compress(self, tensor):
+    def should_compress(self, tensor, config=None):
+        """Whether ``tensor`` is quantized with ``config`` (its settings; the compressor's by
+        default) or passed to Horovod's allreduce as it is."""
         numel = tensor.shape.num_elements()
-        return tensor.dtype in _WORK and (numel is None or numel >= self.config.min_numel)
+        return tensor.dtype in _WORK and \
+            (numel is None or numel >= (config or self.config).min_numel)
 
-    def _expect(self, numel, dtype_name, shape):
+    @staticmethod
+    def _expect(config, numel, dtype_name, shape):
         """The header this rank expects of every payload of ``numel`` elements of a tensor of
-        ``dtype_name`` and ``shape``."""
-        return core.PayloadHeader.describe(self.config.scheme, self.config.bits, dtype_name,
-                                           numel, self.config.bucket_size, shape)
+        ``dtype_name`` and ``shape`` sent with ``config``."""
+        return core.PayloadHeader.describe(config.scheme, config.bits, dtype_name, numel,
+                                           config.bucket_size, shape)
 
     def _key(self, slot):
         return core.stream_key(self.config.seed, hvd.rank(), slot)
@@ -153,6 +161,7 @@ class TNQCompressor(CompressorBase, Compressor):
     def compress(self, tensor):
         if isinstance(tensor, tf.IndexedSlices):
             raise TypeError("TNQCompressor needs dense gradients; use sparse_as_dense=True")
+        owner, names = gradient_owner(tensor)
         tensor = tf.convert_to_tensor(tensor)
         name, process_set = horovod_call_site()
         process_set = process_set or hvd.global_process_set
@@ -160,7 +169,8 @@ class TNQCompressor(CompressorBase, Compressor):
         if name is None and not eager:
             name = tensor.name  # unique in the graph and the same on every rank
         numel = tensor.shape.num_elements()
-        if not self.should_compress(tensor):
+        config = self.config_for(owner or name, names)
+        if config is None or not self.should_compress(tensor, config):
             if name is not None and numel is not None:
                 self.bytes_by_tensor[name] = numel * tensor.dtype.size
             if eager and numel is not None:  # (in graphs Horovod's own op sends it, uncounted)
@@ -173,12 +183,11 @@ class TNQCompressor(CompressorBase, Compressor):
         if numel is None:  # the parts and chunks need the size: one payload, allgathered
             kind, bounds, parts = "allgather", [(0, None)], [""]
         else:
-            kind, bounds, parts = plan(self.config, numel, process_set.size())
+            kind, bounds, parts = plan(config, numel, process_set.size())
             # at most this for schemes whose payload size depends on the data
             self.bytes_by_tensor[base_name] = sum(
-                core.encoded_size(stop - start, self.config.bits, self.config.bucket_size,
-                                  dtype_name, scheme=self.config.scheme,
-                                  options=self.config.scheme_options())
+                core.encoded_size(stop - start, config.bits, config.bucket_size, dtype_name,
+                                  scheme=config.scheme, options=config.scheme_options())
                 for start, stop in bounds)
         state = self.state
         if eager:
@@ -199,9 +208,10 @@ class TNQCompressor(CompressorBase, Compressor):
                 for (start, stop), part in zip(bounds, parts)]
 
         def encode(values, step, jobs):
-            state.note_release(base_name, values.size)
+            state.note_release(base_name, values.size, config)
             flat = values.reshape(-1)
-            payloads = [state.encode(flat[start:stop], slot, key, step, dtype_name, values.shape)
+            payloads = [state.encode(flat[start:stop], slot, key, step, dtype_name, values.shape,
+                                     config)
                         for start, stop, slot, key in jobs]
             # counted when the graph runs (a tensor's first part counts the tensor)
             counts = dict(compressed_tensors=1, elements=values.size, **{kind: 1}) \
@@ -231,7 +241,7 @@ class TNQCompressor(CompressorBase, Compressor):
                                                                               tf.int64)
         pending = _Pending(exchange, None, base_name, tensor.shape, tensor.dtype, process_set,
                            None, kind, bounds, collective_name, step, runtime_shape=runtime_shape,
-                           source=tensor)
+                           source=tensor, config=config)
         probe = probe_values(process_set.rank(), plan_code(kind, bounds))
         return tf.constant(probe, tf.float32), pending
 
@@ -281,7 +291,8 @@ class TNQCompressor(CompressorBase, Compressor):
                 shape, numel, bounds = layout(*inputs[len(ctx.bounds):])
                 total = aligned_empty(numel, out_dtype)
                 for (start, stop), buffer in zip(bounds, inputs):
-                    _decode_sum(buffer, self._expect(stop - start, dtype_name, shape),
+                    _decode_sum(buffer, self._expect(ctx.config, stop - start, dtype_name,
+                                                     shape),
                                 float(scale), out_dtype, size, out=total[start:stop])
                 return total.reshape(shape)
 
@@ -296,9 +307,10 @@ class TNQCompressor(CompressorBase, Compressor):
         def reduce_own_chunk(received, step):
             shape, _, bounds = layout()
             start, stop = bounds[rank]
-            chunk_sum = _decode_sum(received, self._expect(stop - start, dtype_name, shape), 1.0,
-                                    work, size)
-            payload = self.state.encode(chunk_sum, slot, key, step, dtype_name, shape)
+            chunk_sum = _decode_sum(received, self._expect(ctx.config, stop - start, dtype_name,
+                                                           shape), 1.0, work, size)
+            payload = self.state.encode(chunk_sum, slot, key, step, dtype_name, shape,
+                                        ctx.config)
             self.state.count(payload_bytes=payload.size)
             return payload
 
@@ -316,7 +328,8 @@ class TNQCompressor(CompressorBase, Compressor):
                     raise core.PayloadError(f"received {owner} reduced chunks from "
                                             f"{len(bounds)} ranks")
                 end = core.codec.split(gathered, offset).end
-                _decode_sum(gathered[offset:end], self._expect(stop - start, dtype_name, shape),
+                _decode_sum(gathered[offset:end], self._expect(ctx.config, stop - start,
+                                                               dtype_name, shape),
                             float(scale), out_dtype, 1, out=total[start:stop])
                 offset = end
             if offset != gathered.size:

@@ -31,12 +31,15 @@ def DistributedOptimizer(optimizer, compression=None, op=hvd.Average):
 
     class _Distributed(base):
         def apply(self, grads, trainable_variables=None):
-            variables = trainable_variables if trainable_variables is not None else \
+            # named as in horovod.tensorflow's allreduce_grads(grads, vars), where the
+            # compressor finds each gradient's variable (protocol.gradient_owner)
+            vars = trainable_variables if trainable_variables is not None else \
                 self._trainable_variables
+            grads = list(grads)
             reduced = [None if grad is None else
                        hvd.allreduce(grad, name=_collective_name(var), op=op,
                                      compression=compression)
-                       for grad, var in zip(grads, variables)]
+                       for grad, var in zip(grads, vars)]
             return super().apply(reduced, trainable_variables)
 
     _Distributed.__name__ = f"Distributed{base.__name__}"

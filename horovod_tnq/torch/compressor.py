@@ -17,7 +17,7 @@ from horovod.torch.compression import Compressor
 
 from .. import core
 from ..protocol import (REDUCED, SETTINGS_BYTES, CompressorBase, DefaultInstanceMethod,
-                        Pending, horovod_call_site, plan, plan_code, probe_values,
+                        Pending, gradient_owner, horovod_call_site, plan, plan_code, probe_values,
                         reduction_scale, settings_differences, settings_text)
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
@@ -50,12 +50,14 @@ def sum_dtype(dtype):
 
 
 class HostCodec:
-    """The core on the host (numpy views of CPU tensors); error feedback in the state."""
+    """The core on the host (numpy views of CPU tensors), with one tensor's settings
+    (``config``); error feedback in the state."""
 
     device = torch.device("cpu")
 
-    def __init__(self, compressor):
+    def __init__(self, compressor, config):
         self.compressor = compressor
+        self.config = config
 
     def values(self, tensor):
         """``tensor`` flat, as this codec encodes it (a CPU tensor sharing host_values)."""
@@ -65,7 +67,7 @@ class HostCodec:
         """The payload (uint8 tensor) of flat ``values`` (from values(), or a sum of decoded
         chunks) named ``slot``, a part of a tensor of ``dtype`` and ``shape``."""
         payload = self.compressor.state.encode(values.numpy(), slot, self.compressor.key(slot),
-                                               step, _DTYPE_NAMES[dtype], shape)
+                                               step, _DTYPE_NAMES[dtype], shape, self.config)
         return torch.from_numpy(payload)
 
     def header(self, payload, numel, dtype, shape):
@@ -90,21 +92,21 @@ class DeviceCodec(HostCodec):
     the packed payloads reach Horovod, on the device where Horovod has NCCL, else through host
     memory; headers are built on the host (a few bytes)."""
 
-    def __init__(self, compressor, device):
-        super().__init__(compressor)
+    def __init__(self, compressor, config, device):
+        super().__init__(compressor, config)
         self.device = device
 
     def values(self, tensor):
         return tensor.detach().reshape(-1)
 
     def encode(self, values, slot, step, dtype, shape):
-        config = self.compressor.config
+        config = self.config
         return _gpu().encode(values, scheme=config.scheme, bits=config.bits,
                              bucket_size=config.bucket_size, key=self.compressor.key(slot),
                              step=step, dtype_name=_DTYPE_NAMES[dtype], shape=shape)
 
     def header(self, payload, numel, dtype, shape):
-        config = self.compressor.config
+        config = self.config
         return core.PayloadHeader.describe(config.scheme, config.bits, _DTYPE_NAMES[dtype],
                                            numel, config.bucket_size, shape)
 
@@ -148,6 +150,11 @@ class TNQCompressor(CompressorBase, Compressor):
             for tensors of at least one bucket per rank): see horovod_tnq/protocol/plan.py.
         part_elements: in the allgather exchange, tensors larger than this go as several
             payloads, so encoding, transfer and decoding overlap (0: one payload per tensor).
+        overrides: per-tensor settings by parameter name: ``{"*embed*": {"bits": 8},
+            "*norm*": None}`` gives tensors whose name matches ``*embed*`` 8 bits and sends
+            those matching ``*norm*`` uncompressed (glob patterns against ``named_parameters``
+            names, first match wins; a setting may be any of the above but ``seed``, or the
+            scheme's options). See docs/overrides.md.
         min_bits, nmse_target: "dqsgd" only (core/dynamic.py).
         dp_clip, dp_epsilon, dp_delta, dp_sensitivity: "dp-binomial" only (core/privacy.py);
             ``privacy_spent()`` reports what a run has spent.
@@ -171,8 +178,11 @@ class TNQCompressor(CompressorBase, Compressor):
         self._settings_check = None  # the allgather of every rank's settings digest
         self._settings_agreed = False
 
-    def should_compress(self, tensor):
-        return tensor.dtype in _DTYPE_NAMES and tensor.numel() >= self.config.min_numel
+    def should_compress(self, tensor, config=None):
+        """Whether ``tensor`` is quantized with ``config`` (its settings; the compressor's by
+        default) or passed to Horovod's allreduce as it is."""
+        return tensor.dtype in _DTYPE_NAMES and \
+            tensor.numel() >= (config or self.config).min_numel
 
     @DefaultInstanceMethod
     def compress(self, tensor):
@@ -181,20 +191,23 @@ class TNQCompressor(CompressorBase, Compressor):
         if tensor.device.type not in _SUPPORTED_DEVICES:
             raise TypeError(f"TNQCompressor supports CPU and CUDA tensors, got device "
                             f"{tensor.device}")
-        if not self.should_compress(tensor):
+        name, process_set = horovod_call_site()
+        owner, names = gradient_owner(tensor)
+        config = self.config_for(owner or name, names)
+        if config is None or not self.should_compress(tensor, config):
             self.state.count(elements=tensor.numel(), passthrough_tensors=1,
                              passthrough_bytes=tensor.numel() * tensor.element_size())
             return tensor, None
 
-        name, process_set = horovod_call_site()
-        pending = self.start(tensor, name, process_set)
+        pending = self.start(tensor, name, process_set, config)
         probe = torch.tensor(probe_values(pending.process_set.rank(),
                                           plan_code(pending.kind, pending.bounds)),
                              dtype=torch.float32)
         return probe, pending
 
-    def start(self, tensor, name=None, process_set=None):
-        """Encode a float tensor and start its exchange; returns the context for finish().
+    def start(self, tensor, name=None, process_set=None, config=None):
+        """Encode a float tensor with ``config`` (its settings; the compressor's by default)
+        and start its exchange; returns the context for finish().
 
         compress() calls it with the name of the Horovod allreduce it serves; the fused
         DistributedOptimizer (optimizer.py) calls it directly, with its buckets' names.
@@ -204,19 +217,20 @@ class TNQCompressor(CompressorBase, Compressor):
         state = self.state
         base_name, collective_name = state.namer.acquire(name)
         try:
-            return self._start(tensor, process_set, base_name, collective_name)
+            return self._start(tensor, process_set, base_name, collective_name,
+                               config or self.config)
         except Exception:
             state.namer.release(base_name)  # nothing of it is in flight
             raise
 
-    def _start(self, tensor, process_set, base_name, collective_name):
+    def _start(self, tensor, process_set, base_name, collective_name, config):
         state = self.state
         step = state.next_step(base_name)
         numel = tensor.numel()
-        state.note_release(base_name, numel)
-        kind, bounds, parts = plan(self.config, numel, process_set.size())
+        state.note_release(base_name, numel, config)
+        kind, bounds, parts = plan(config, numel, process_set.size())
         state.count(elements=numel, compressed_tensors=1, **{kind: 1})
-        codec = self.codec_for(tensor)
+        codec = self.codec_for(tensor, config)
         values = codec.values(tensor)
         pending = Pending(None, None, base_name, tensor.shape, tensor.dtype, process_set,
                           tensor.device, kind, bounds, collective_name, step, codec=codec)
@@ -258,15 +272,17 @@ class TNQCompressor(CompressorBase, Compressor):
         """The random stream's key of payload ``slot`` on this rank."""
         return core.stream_key(self.config.seed, hvd.rank(), slot)
 
-    def codec_for(self, tensor):
-        """Where ``tensor``'s payloads are made and decoded: on its device by the GPU kernels
-        (core/gpu) for CUDA tensors of the schemes they have, without error feedback (whose
-        residuals the state keeps on the host); by the core on the host otherwise."""
-        if (tensor.is_cuda or KERNELS_FOR_CPU_TENSORS) and not self.config.error_feedback:
+    def codec_for(self, tensor, config=None):
+        """Where ``tensor``'s payloads are made and decoded, with ``config`` (the compressor's
+        by default): on its device by the GPU kernels (core/gpu) for CUDA tensors of the schemes
+        they have, without error feedback (whose residuals the state keeps on the host); by the
+        core on the host otherwise."""
+        config = config or self.config
+        if (tensor.is_cuda or KERNELS_FOR_CPU_TENSORS) and not config.error_feedback:
             gpu = _gpu()
-            if gpu.available() and self.config.scheme in gpu.SCHEMES:
-                return DeviceCodec(self, tensor.device)
-        return HostCodec(self)
+            if gpu.available() and config.scheme in gpu.SCHEMES:
+                return DeviceCodec(self, config, tensor.device)
+        return HostCodec(self, config)
 
     def state_dict(self):
         """CompressorState.state_dict() with the residuals as torch tensors, so a checkpoint
@@ -293,7 +309,7 @@ class TNQCompressor(CompressorBase, Compressor):
             if self._settings_agreed or self._settings_check is not None:
                 return
             mine = torch.zeros(SETTINGS_BYTES, dtype=torch.uint8)
-            text = settings_text(self.config)
+            text = settings_text(self.config, self.settings.describe())
             mine[:len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
             self._settings_check = hvd.allgather_async(
                 mine, name=f"horovod_tnq.settings.{self._instance}", process_set=process_set)
@@ -304,7 +320,8 @@ class TNQCompressor(CompressorBase, Compressor):
                 return
             handle, self._settings_check = self._settings_check, None
         theirs = wait(handle).reshape(-1, SETTINGS_BYTES).numpy()
-        differences = settings_differences(self.config, [bytes(row) for row in theirs])
+        differences = settings_differences(self.config, [bytes(row) for row in theirs],
+                                           self.settings.describe())
         if differences:
             raise ValueError(f"ranks use different compressor settings ({differences}): all "
                              "ranks must use the same compressor settings")

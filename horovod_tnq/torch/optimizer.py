@@ -23,6 +23,7 @@ worker joins or leaves it re-reads the world size for Average, resets the compre
 """
 
 import contextlib
+import warnings
 import zlib
 
 import horovod.torch as hvd
@@ -47,7 +48,15 @@ class _FusedDistributedOptimizer(torch.optim.Optimizer):
         parameters = [p for group in self.param_groups for p in group["params"]
                       if p.requires_grad]
         names = {p: name for name, p in (named_parameters or [])}
-        self._buckets = _layout(parameters, groups, bucket_elements)
+        # per-tensor settings (the compressor's overrides), resolved once by parameter name
+        if compression.settings.rules and not names:
+            warnings.warn("the compressor's overrides match parameter names: pass "
+                          "named_parameters=model.named_parameters() to DistributedOptimizer",
+                          stacklevel=3)
+        configs = {p: compression.config_for(names.get(p), list(names.values()))
+                   for p in parameters}
+        self._buckets = _layout(parameters, groups, bucket_elements, configs.get)
+        self._configs = [configs[bucket[0]] for bucket in self._buckets]
         self._bucket_of = {p: index for index, bucket in enumerate(self._buckets)
                            for p in bucket}
         self._names = [",".join(names.get(p, "?") for p in bucket) for bucket in self._buckets]
@@ -82,6 +91,7 @@ class _FusedDistributedOptimizer(torch.optim.Optimizer):
         pair up (this collective pairs up whatever they hold)."""
         layout = [(str(p.dtype), tuple(p.shape)) for bucket in self._buckets for p in bucket]
         digest = zlib.crc32(repr((sorted(self._compression.config.__dict__.items()),
+                                  self._compression.settings.describe(),
                                   [len(b) for b in self._buckets], layout,
                                   str(self._op))).encode())
         digests = hvd.allgather(torch.tensor([digest], dtype=torch.int64),
@@ -115,12 +125,14 @@ class _FusedDistributedOptimizer(torch.optim.Optimizer):
                                 "sparse_as_dense=True")
             grads.append(grad.reshape(-1))
         flat = grads[0] if len(grads) == 1 else torch.cat(grads)  # a lone tensor: no copy
-        name = f"fused.{index}"
-        if flat.numel() < self._compression.config.min_numel:  # too small to pay: plain Sum
+        name, config = f"fused.{index}", self._configs[index]
+        if config is None or flat.numel() < config.min_numel:  # uncompressed: plain Sum
             handle = hvd.allreduce_async(flat, name=name, op=hvd.Sum,
                                          process_set=self._process_set)
+            self._compression.state.count(elements=flat.numel(), passthrough_tensors=1,
+                                          passthrough_bytes=flat.numel() * flat.element_size())
         else:
-            handle = self._compression.start(flat, name, self._process_set)
+            handle = self._compression.start(flat, name, self._process_set, config)
         self._handles[index] = handle, flat
 
     def synchronize(self):
@@ -183,12 +195,20 @@ class _FusedDistributedOptimizer(torch.optim.Optimizer):
         return super(self.__class__, self).zero_grad(*args, **kwargs)
 
 
-def _layout(parameters, groups, bucket_elements):
+def _layout(parameters, groups, bucket_elements, config_of):
     """Buckets of parameters: the user's ``groups`` (a number, or lists of parameters), else
     reverse order (about the order backward produces gradients) cut every ``bucket_elements``
-    elements; one dtype per bucket, so each is one flat tensor."""
+    elements; one dtype per bucket, so each is one flat tensor, and one setting
+    (``config_of(p)``: the compressor's overrides), so each is one payload. A group of
+    parameters with different settings is split by setting."""
     if isinstance(groups, list):
-        buckets = [[p for p in group if p.requires_grad] for group in groups]
+        buckets = []
+        for group in groups:
+            by_setting = {}
+            for p in group:
+                if p.requires_grad:
+                    by_setting.setdefault(config_of(p), []).append(p)
+            buckets += by_setting.values()
         grouped = {p for bucket in buckets for p in bucket}
         buckets += [[p] for p in reversed(parameters) if p not in grouped]
     else:
@@ -196,13 +216,14 @@ def _layout(parameters, groups, bucket_elements):
             bucket_elements = -(-sum(p.numel() for p in parameters) // groups)
         buckets, sizes = {}, {}
         for p in reversed(parameters):
-            open_bucket = buckets.setdefault(p.dtype, [[]])
-            if open_bucket[-1] and sizes[p.dtype] + p.numel() > bucket_elements:
+            key = p.dtype, config_of(p)
+            open_bucket = buckets.setdefault(key, [[]])
+            if open_bucket[-1] and sizes[key] + p.numel() > bucket_elements:
                 open_bucket.append([])
-                sizes[p.dtype] = 0
+                sizes[key] = 0
             open_bucket[-1].append(p)
-            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
-        buckets = [bucket for by_dtype in buckets.values() for bucket in by_dtype]
+            sizes[key] = sizes.get(key, 0) + p.numel()
+        buckets = [bucket for by_key in buckets.values() for bucket in by_key]
     for bucket in buckets:
         if len({p.dtype for p in bucket}) > 1:
             raise ValueError("every parameter group of the fused DistributedOptimizer must hold "
