@@ -7,6 +7,7 @@ from .codec import (DTYPE_CODES, HEADER, SCHEMES, PayloadError, PayloadHeader, c
                     decode,
                     decode_sum, encode, encoded_size, get_scheme, iter_payloads, read_header,
                     shape_tag, supports)
+from .error_estimate import estimate_error
 from .levels import (LAPLACE_C, MAX_BITS, MIN_BITS, check_bits, laplace_error_bound,
                      laplace_truncation_threshold, maxmin_levels, tnq_levels, uniform_levels,
                      uniform_truncation_threshold)
@@ -25,7 +26,7 @@ for _module in (topk, tnq_sparse, dynamic, privacy):
 __all__ = [
     "DTYPE_CODES", "HEADER", "LAPLACE_C", "MAX_BITS", "MIN_BITS", "SCHEMES", "PayloadError",
     "PayloadHeader", "bucket_statistic", "check_bits",
-    "check_scheme_bits", "decode", "decode_sum", "encode", "encoded_size",
+    "check_scheme_bits", "decode", "decode_sum", "encode", "encoded_size", "estimate_error",
     "get_scheme", "iter_payloads", "key_words", "laplace_error_bound",
     "laplace_truncation_threshold", "maxmin_levels", "mean_abs_per_bucket", "pack_bits",
     "packed_size",
