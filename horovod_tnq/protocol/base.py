@@ -109,6 +109,15 @@ class CompressorBase:
         """What this rank handed to Horovod so far (state.new_stats lists the counters)."""
         return self.state.stats
 
+    @DefaultInstanceMethod
+    def metrics(self):
+        """What this rank's compressor did: ``{"last_step": ..., "total": ..., "tensors":
+        {name: ...}}`` with bytes handed to Horovod (compressed payloads and pass-through),
+        bits per element, encode/decode seconds and the estimated relative quantization error
+        (protocol/metrics.py says how each is measured). log_metrics() writes them to
+        TensorBoard."""
+        return self.state.metrics.summary()
+
     def state_dict(self):
         """Per-rank state to checkpoint with the model: each tensor's step count (which seeds its
         rounding), error-feedback residuals and privacy accounting, so a restored run continues

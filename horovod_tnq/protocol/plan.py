@@ -92,3 +92,4 @@ class Pending:
     step: int = 0
     second_round: Any = None  # reduce-scatter: the allgather of the reduced chunks
     codec: Any = None  # the adapter's codec that encoded it, and decodes what arrives
+    label: str = ""  # the tensor's name in the metrics (its parameter's name where known)

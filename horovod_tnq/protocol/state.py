@@ -12,7 +12,9 @@ of their own. Per rank it holds
    gradient before quantizing (``encode``);
 3. the **privacy accounting** of dp-binomial: the elements each tensor releases per step
    (core/privacy.py composes them over the steps);
-4. **stats**: what was handed to Horovod, for reporting bytes on the wire;
+4. **stats**: what was handed to Horovod, for reporting bytes on the wire, and **metrics**
+   (metrics.py): per tensor and in total, bytes, bits per element, seconds and the estimated
+   quantization error, for live training metrics;
 5. the collective namer (naming.py), whose counter of unnamed tensors is saved too.
 
 ``state_dict()`` / ``load_state_dict()`` carry 1-3 and the settings they were made with, as
@@ -21,10 +23,12 @@ membership changes).
 """
 
 import threading
+import time
 
 import numpy as np
 
 from .. import core
+from .metrics import CompressionMetrics
 from .naming import CollectiveNamer
 from .settings import CompressorConfig, scheme_option_names
 
@@ -49,6 +53,7 @@ class CompressorState:
         self.residuals = {}  # payload name -> error-feedback residual (numpy float32/64)
         self.released = {}  # tensor name -> elements per release (dp-binomial)
         self.stats = new_stats()
+        self.metrics = CompressionMetrics()
 
     def next_step(self, name):
         """This exchange's step of tensor ``name`` (0, 1, 2, ...)."""
@@ -62,18 +67,30 @@ class CompressorState:
             for key, value in increments.items():
                 self.stats[key] += value
 
+    def passthrough(self, name, elements, nbytes):
+        """Tensor ``name`` (None: unnamed) went to Horovod uncompressed."""
+        self.count(elements=elements, passthrough_tensors=1, passthrough_bytes=nbytes)
+        self.metrics.add(name or "unnamed", None, passthrough_elements=elements,
+                         passthrough_bytes=nbytes)
+
     def note_release(self, name, numel, config=None):
         if (config or self.config).scheme == "dp-binomial":
             with self._lock:
                 self.released[name] = int(numel)
 
-    def encode(self, chunk, slot, key, step, dtype_name, shape, config=None):
+    def encode(self, chunk, slot, key, step, dtype_name, shape, config=None, record=None,
+               first_round=True):
         """The payload of ``chunk`` (flat numpy float32/float64), a part of a tensor of
         ``dtype_name`` and ``shape`` named ``slot``, its rounding drawn from (key, step), with
         ``config`` (the tensor's settings; the compressor's by default).
 
         With error feedback the chunk first gets the decayed error that this rank's earlier
-        quantizations of ``slot`` left behind, and keeps its new error."""
+        quantizations of ``slot`` left behind, and keeps its new error.
+
+        ``record``: the tensor's name in the metrics, which get the payload's bytes and
+        encoding time and, for a ``first_round`` payload (of this rank's own gradient, not the
+        reduce-scatter's re-quantized sum), its elements and estimated error."""
+        started = time.perf_counter()
         config = config or self.config
         feedback = config.error_feedback
         if feedback:
@@ -94,7 +111,22 @@ class CompressorState:
             residual = np.where(np.isfinite(error), error, error.dtype.type(0))
             with self._lock:  # state_dict() may be copying them
                 self.residuals[slot] = residual
+        if record is not None:
+            self.record_payload(record, step, payload.size, time.perf_counter() - started,
+                                chunk.size if first_round else 0,
+                                payload if first_round else None)
         return payload
+
+    def record_payload(self, name, step, nbytes, seconds, elements=0, payload=None):
+        """Metrics of one payload of tensor ``name`` at exchange ``step``: ``nbytes`` handed to
+        Horovod, ``seconds`` to encode, ``elements`` of the gradient it carries, and the error
+        estimated from ``payload`` (numpy, on the host) when given."""
+        amounts = dict(payload_bytes=int(nbytes), encode_seconds=seconds,
+                       compressed_elements=int(elements))
+        estimate = core.estimate_error(payload) if payload is not None else None
+        if estimate is not None:
+            amounts["squared_error"], amounts["squared_norm"] = estimate
+        self.metrics.add(name, int(step), **amounts)
 
     def privacy_spent(self):
         """The (epsilon, delta) this rank's dp-binomial payloads have spent so far, per step and
@@ -160,6 +192,7 @@ class CompressorState:
             self.namer = CollectiveNamer()
             self.steps, self.residuals, self.released = {}, {}, {}
             self.stats = new_stats()
+            self.metrics = CompressionMetrics()
 
     def __getstate__(self):  # picklable, like PowerSGDState: the lock is made anew
         state = self.__dict__.copy()

@@ -10,6 +10,7 @@ stream, and the error-feedback residuals) lives in the compressor's ``state``
 """
 
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,6 +157,22 @@ class TNQCompressor(CompressorBase, Compressor):
     def _world(self):
         return (hvd.rank(), hvd.size()) if hvd.is_initialized() else (None, None)
 
+    def _count_passthrough(self, tensor, name):
+        """``tensor``, counted in the stats and metrics as sent uncompressed: at once when eager,
+        each time the graph runs in graphs (a tiny op the returned tensor waits for)."""
+        state, itemsize = self.state, tensor.dtype.size
+
+        def count(size):
+            state.passthrough(name, int(size), int(size) * itemsize)
+            return np.int64(0)
+
+        if tf.executing_eagerly():
+            count(tensor.shape.num_elements())
+            return tensor
+        counted = tf.numpy_function(count, [tf.size(tensor, tf.int64)], tf.int64, stateful=True)
+        with tf.control_dependencies([counted]):
+            return tf.identity(tensor)
+
     @DefaultInstanceMethod
     @tf.autograph.experimental.do_not_convert  # plain Python control flow, traced as written
     def compress(self, tensor):
@@ -173,11 +190,9 @@ class TNQCompressor(CompressorBase, Compressor):
         if config is None or not self.should_compress(tensor, config):
             if name is not None and numel is not None:
                 self.bytes_by_tensor[name] = numel * tensor.dtype.size
-            if eager and numel is not None:  # (in graphs Horovod's own op sends it, uncounted)
-                self.state.count(elements=numel, passthrough_tensors=1,
-                                 passthrough_bytes=numel * tensor.dtype.size)
-            return tensor, None
+            return self._count_passthrough(tensor, owner or name), None
         base_name, collective_name = self.state.namer.acquire(name)
+        label = owner or base_name
         collective_name = _op_name(collective_name)
         dtype_name = tensor.dtype.name
         if numel is None:  # the parts and chunks need the size: one payload, allgathered
@@ -211,7 +226,7 @@ class TNQCompressor(CompressorBase, Compressor):
             state.note_release(base_name, values.size, config)
             flat = values.reshape(-1)
             payloads = [state.encode(flat[start:stop], slot, key, step, dtype_name, values.shape,
-                                     config)
+                                     config, label)
                         for start, stop, slot, key in jobs]
             # counted when the graph runs (a tensor's first part counts the tensor)
             counts = dict(compressed_tensors=1, elements=values.size, **{kind: 1}) \
@@ -241,7 +256,7 @@ class TNQCompressor(CompressorBase, Compressor):
                                                                               tf.int64)
         pending = _Pending(exchange, None, base_name, tensor.shape, tensor.dtype, process_set,
                            None, kind, bounds, collective_name, step, runtime_shape=runtime_shape,
-                           source=tensor, config=config)
+                           source=tensor, config=config, label=label)
         probe = probe_values(process_set.rank(), plan_code(kind, bounds))
         return tf.constant(probe, tf.float32), pending
 
@@ -269,6 +284,16 @@ class TNQCompressor(CompressorBase, Compressor):
             total.set_shape(ctx.shape)
         return _without_gradient(tf.cast(total, ctx.dtype), ctx.source)
 
+    def _decode_sum(self, ctx, buffer, expect, scale, out_dtype, expected_count, out=None):
+        """core.decode_sum(...), checking the number of payloads; its time goes to the tensor's
+        metrics."""
+        started = time.perf_counter()
+        total, count = core.decode_sum(buffer, expect, scale, out_dtype, out=out)
+        self.state.metrics.add_to_last(ctx.label, decode_seconds=time.perf_counter() - started)
+        if count != expected_count:
+            raise core.PayloadError(f"received {count} payloads, expected {expected_count}")
+        return total
+
     def _reduce(self, ctx, scale):
         """``scale`` times the sum over ranks of the tensor of ``ctx``, in its shape, float32
         for float32 tensors and float64 for others (rounded once, as in PyTorch), from what its
@@ -291,9 +316,9 @@ class TNQCompressor(CompressorBase, Compressor):
                 shape, numel, bounds = layout(*inputs[len(ctx.bounds):])
                 total = aligned_empty(numel, out_dtype)
                 for (start, stop), buffer in zip(bounds, inputs):
-                    _decode_sum(buffer, self._expect(ctx.config, stop - start, dtype_name,
-                                                     shape),
-                                float(scale), out_dtype, size, out=total[start:stop])
+                    self._decode_sum(ctx, buffer, self._expect(ctx.config, stop - start,
+                                                               dtype_name, shape),
+                                     float(scale), out_dtype, size, out=total[start:stop])
                 return total.reshape(shape)
 
             runtime_shape = [] if ctx.runtime_shape is None else [ctx.runtime_shape]
@@ -307,10 +332,11 @@ class TNQCompressor(CompressorBase, Compressor):
         def reduce_own_chunk(received, step):
             shape, _, bounds = layout()
             start, stop = bounds[rank]
-            chunk_sum = _decode_sum(received, self._expect(ctx.config, stop - start, dtype_name,
-                                                           shape), 1.0, work, size)
+            chunk_sum = self._decode_sum(ctx, received, self._expect(ctx.config, stop - start,
+                                                                     dtype_name, shape),
+                                         1.0, work, size)
             payload = self.state.encode(chunk_sum, slot, key, step, dtype_name, shape,
-                                        ctx.config)
+                                        ctx.config, ctx.label, first_round=False)
             self.state.count(payload_bytes=payload.size)
             return payload
 
@@ -328,8 +354,8 @@ class TNQCompressor(CompressorBase, Compressor):
                     raise core.PayloadError(f"received {owner} reduced chunks from "
                                             f"{len(bounds)} ranks")
                 end = core.codec.split(gathered, offset).end
-                _decode_sum(gathered[offset:end], self._expect(ctx.config, stop - start,
-                                                               dtype_name, shape),
+                self._decode_sum(ctx, gathered[offset:end],
+                                 self._expect(ctx.config, stop - start, dtype_name, shape),
                             float(scale), out_dtype, 1, out=total[start:stop])
                 offset = end
             if offset != gathered.size:
@@ -343,11 +369,7 @@ class TNQCompressor(CompressorBase, Compressor):
 _TF = {np.float32: tf.float32, np.float64: tf.float64}
 
 
-def _decode_sum(buffer, expect, scale, out_dtype, expected_count, out=None):
-    total, count = core.decode_sum(buffer, expect, scale, out_dtype, out=out)
-    if count != expected_count:
-        raise core.PayloadError(f"received {count} payloads, expected {expected_count}")
-    return total
+
 
 
 def _op_name(name):

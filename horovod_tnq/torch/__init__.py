@@ -14,11 +14,25 @@ or, with gradients fused into a few compressed buckets per step (faster; same si
 
 from horovod.torch.compression import Compression as _Compression
 
+from ..core.gpu.codec import preload as _preload_triton
 from ..protocol import compressor_registry as _compressor_registry
+from ..protocol.metrics import scalars as _scalars
 from .compressor import TNQCompressor
 from .optimizer import DistributedOptimizer
 
 
 get_compressor = _compressor_registry(TNQCompressor, _Compression)
+_preload_triton()  # before anything imports TensorFlow (core/gpu/codec.py: preload)
 
-__all__ = ["DistributedOptimizer", "TNQCompressor", "get_compressor"]
+
+def log_metrics(writer, compressor, step, per_tensor=True):
+    """Write ``compressor.metrics()`` to a ``torch.utils.tensorboard.SummaryWriter`` at
+    ``step``: the last step's and the running totals' bytes, bits per element, seconds and
+    estimated relative error under ``horovod_tnq/step/`` and ``horovod_tnq/total/``, and each
+    tensor's bits and error under ``horovod_tnq/tensors/<name>/`` (``per_tensor``). Call it
+    after ``optimizer.step()``, on the ranks you log from (each rank's numbers are its own)."""
+    for tag, value in _scalars(compressor.metrics(), per_tensor):
+        writer.add_scalar(tag, value, step)
+
+
+__all__ = ["DistributedOptimizer", "TNQCompressor", "get_compressor", "log_metrics"]

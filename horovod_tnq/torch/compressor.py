@@ -63,11 +63,13 @@ class HostCodec:
         """``tensor`` flat, as this codec encodes it (a CPU tensor sharing host_values)."""
         return torch.from_numpy(host_values(tensor))
 
-    def encode(self, values, slot, step, dtype, shape):
+    def encode(self, values, slot, step, dtype, shape, record, first_round=True):
         """The payload (uint8 tensor) of flat ``values`` (from values(), or a sum of decoded
-        chunks) named ``slot``, a part of a tensor of ``dtype`` and ``shape``."""
+        chunks) named ``slot``, a part of a tensor of ``dtype`` and ``shape``; ``record``,
+        ``first_round``: as CompressorState.encode's (the metrics)."""
         payload = self.compressor.state.encode(values.numpy(), slot, self.compressor.key(slot),
-                                               step, _DTYPE_NAMES[dtype], shape, self.config)
+                                               step, _DTYPE_NAMES[dtype], shape, self.config,
+                                               record, first_round)
         return torch.from_numpy(payload)
 
     def header(self, payload, numel, dtype, shape):
@@ -99,11 +101,16 @@ class DeviceCodec(HostCodec):
     def values(self, tensor):
         return tensor.detach().reshape(-1)
 
-    def encode(self, values, slot, step, dtype, shape):
-        config = self.config
-        return _gpu().encode(values, scheme=config.scheme, bits=config.bits,
-                             bucket_size=config.bucket_size, key=self.compressor.key(slot),
-                             step=step, dtype_name=_DTYPE_NAMES[dtype], shape=shape)
+    def encode(self, values, slot, step, dtype, shape, record, first_round=True):
+        config, started = self.config, time.perf_counter()
+        payload = _gpu().encode(values, scheme=config.scheme, bits=config.bits,
+                                bucket_size=config.bucket_size, key=self.compressor.key(slot),
+                                step=step, dtype_name=_DTYPE_NAMES[dtype], shape=shape)
+        # (no error estimate: it would read the payload's bucket parameters back to the host)
+        self.compressor.state.record_payload(record, step, payload.numel(),
+                                             time.perf_counter() - started,
+                                             values.numel() if first_round else 0)
+        return payload
 
     def header(self, payload, numel, dtype, shape):
         config = self.config
@@ -195,19 +202,20 @@ class TNQCompressor(CompressorBase, Compressor):
         owner, names = gradient_owner(tensor)
         config = self.config_for(owner or name, names)
         if config is None or not self.should_compress(tensor, config):
-            self.state.count(elements=tensor.numel(), passthrough_tensors=1,
-                             passthrough_bytes=tensor.numel() * tensor.element_size())
+            self.state.passthrough(owner or name, tensor.numel(),
+                                   tensor.numel() * tensor.element_size())
             return tensor, None
 
-        pending = self.start(tensor, name, process_set, config)
+        pending = self.start(tensor, name, process_set, config, owner)
         probe = torch.tensor(probe_values(pending.process_set.rank(),
                                           plan_code(pending.kind, pending.bounds)),
                              dtype=torch.float32)
         return probe, pending
 
-    def start(self, tensor, name=None, process_set=None, config=None):
+    def start(self, tensor, name=None, process_set=None, config=None, label=None):
         """Encode a float tensor with ``config`` (its settings; the compressor's by default)
-        and start its exchange; returns the context for finish().
+        and start its exchange; returns the context for finish(). ``label``: its name in
+        metrics() (its collectives' base name by default).
 
         compress() calls it with the name of the Horovod allreduce it serves; the fused
         DistributedOptimizer (optimizer.py) calls it directly, with its buckets' names.
@@ -218,12 +226,12 @@ class TNQCompressor(CompressorBase, Compressor):
         base_name, collective_name = state.namer.acquire(name)
         try:
             return self._start(tensor, process_set, base_name, collective_name,
-                               config or self.config)
+                               config or self.config, label or base_name)
         except Exception:
             state.namer.release(base_name)  # nothing of it is in flight
             raise
 
-    def _start(self, tensor, process_set, base_name, collective_name, config):
+    def _start(self, tensor, process_set, base_name, collective_name, config, label):
         state = self.state
         step = state.next_step(base_name)
         numel = tensor.numel()
@@ -233,13 +241,14 @@ class TNQCompressor(CompressorBase, Compressor):
         codec = self.codec_for(tensor, config)
         values = codec.values(tensor)
         pending = Pending(None, None, base_name, tensor.shape, tensor.dtype, process_set,
-                          tensor.device, kind, bounds, collective_name, step, codec=codec)
+                          tensor.device, kind, bounds, collective_name, step, codec=codec,
+                          label=label)
         if kind == "allgather":
             # each part goes out as soon as it is encoded, so it travels while the next encodes
             pending.exchange, pending.header = [], []
             for (begin, stop), part in zip(bounds, parts):
                 payload = codec.encode(values[begin:stop], base_name + part, step, tensor.dtype,
-                                       tensor.shape)
+                                       tensor.shape, label)
                 state.count(payload_bytes=payload.numel())
                 pending.exchange.append(hvd.allgather_async(
                     codec.for_horovod(payload), name=collective_name + part,
@@ -248,7 +257,7 @@ class TNQCompressor(CompressorBase, Compressor):
                                                    tensor.shape))
             return pending
         payloads = [codec.encode(values[begin:stop], base_name + part, step, tensor.dtype,
-                                 tensor.shape) for (begin, stop), part in zip(bounds, parts)]
+                                 tensor.shape, label) for (begin, stop), part in zip(bounds, parts)]
         splits = torch.tensor([p.numel() for p in payloads], dtype=torch.int32)
         state.count(payload_bytes=int(splits.sum()))
         pending.exchange = hvd.alltoall_async(codec.for_horovod(torch.cat(payloads)),
@@ -388,10 +397,10 @@ class TNQCompressor(CompressorBase, Compressor):
             chunk_sum = torch.empty(ctx.header.numel, device=codec.device,
                                     dtype=torch.float64 if ctx.dtype == torch.float64
                                     else torch.float32)
-            _check_count(codec.decode_sum(received, ctx.header, 1.0, chunk_sum),
+            _check_count(_decode_sum(ctx, received, ctx.header, 1.0, chunk_sum),
                          ctx.process_set.size())
             reduced = codec.encode(chunk_sum, ctx.base_name + REDUCED, ctx.step, ctx.dtype,
-                                   ctx.shape)
+                                   ctx.shape, ctx.label, first_round=False)
             self.state.count(payload_bytes=reduced.numel())
             ctx.second_round = hvd.allgather_async(codec.for_horovod(reduced),
                                                    name=ctx.collective_name + REDUCED,
@@ -409,8 +418,8 @@ class TNQCompressor(CompressorBase, Compressor):
                                         f"{len(ctx.bounds)} ranks")
             end = core.codec.split(heads, offset).end
             expect = dataclasses.replace(ctx.header, numel=stop - start, num_exceptions=0)
-            _check_count(ctx.codec.decode_sum(gathered[offset:end], expect, scale,
-                                              total[start:stop]), 1)
+            _check_count(_decode_sum(ctx, gathered[offset:end], expect, scale,
+                                     total[start:stop]), 1)
             offset = end
         if offset != heads.size:
             raise core.PayloadError(f"received {heads.size} bytes of reduced chunks, "
@@ -452,8 +461,17 @@ def _decode_parts(ctx, scale, total):
     still on the wire), into its place in ``total``."""
     size = ctx.process_set.size()
     for (start, stop), handle, header in zip(ctx.bounds, ctx.exchange, ctx.header):
-        _check_count(ctx.codec.decode_sum(ctx.codec.received(wait(handle)), header, scale,
-                                          total[start:stop]), size)
+        _check_count(_decode_sum(ctx, ctx.codec.received(wait(handle)), header, scale,
+                                 total[start:stop]), size)
+
+
+def _decode_sum(ctx, received, expect, factor, out):
+    """ctx.codec.decode_sum(...), its time added to the tensor's metrics."""
+    started = time.perf_counter()
+    count = ctx.codec.decode_sum(received, expect, factor, out)
+    ctx.codec.compressor.state.metrics.add_to_last(
+        ctx.label, decode_seconds=time.perf_counter() - started)
+    return count
 
 
 def _check_count(count, expected):

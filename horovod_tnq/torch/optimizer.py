@@ -129,8 +129,8 @@ class _FusedDistributedOptimizer(torch.optim.Optimizer):
         if config is None or flat.numel() < config.min_numel:  # uncompressed: plain Sum
             handle = hvd.allreduce_async(flat, name=name, op=hvd.Sum,
                                          process_set=self._process_set)
-            self._compression.state.count(elements=flat.numel(), passthrough_tensors=1,
-                                          passthrough_bytes=flat.numel() * flat.element_size())
+            self._compression.state.passthrough(name, flat.numel(),
+                                                flat.numel() * flat.element_size())
         else:
             handle = self._compression.start(flat, name, self._process_set, config)
         self._handles[index] = handle, flat

@@ -39,12 +39,14 @@ PROGRAMS_PER_SM = 8  # persistent tnq-rht encode programs (each owns a scratch s
 
 _kernels_module = None
 _import_error = None
+_loaded_after_tensorflow = False  # Triton was loaded by preload() after TensorFlow
 
 
 def _load():
     global _kernels_module, _import_error
     if _kernels_module is None and _import_error is None:
-        if "tensorflow" in sys.modules and "triton" not in sys.modules:
+        if "tensorflow" in sys.modules and ("triton" not in sys.modules or
+                                            _loaded_after_tensorflow):
             # TensorFlow and Triton each carry LLVM; loading Triton after TensorFlow aborts the
             # process ("inconsistency in registered CommandLine options"). The other order works.
             _import_error = ImportError("Triton cannot be loaded after TensorFlow in one "
@@ -57,6 +59,30 @@ def _load():
         except ImportError as exc:  # triton or torch missing
             _import_error = exc
     return _kernels_module
+
+
+def preload():
+    """Import Triton now, if it is installed, so that PyTorch's own import of it cannot abort
+    the process: PyTorch imports Triton whenever it is installed (torch._dynamo, at an
+    optimizer's first step), and torch.utils.tensorboard imports TensorFlow when that is
+    installed, so a script that made a SummaryWriter before its first step would abort there
+    (see _load). After TensorFlow, Triton is loaded with RTLD_DEEPBIND (its library then binds
+    to its own LLVM, not TensorFlow's); the GPU kernels still stay off in that process (_load),
+    as that way of loading is untested on GPUs."""
+    global _loaded_after_tensorflow
+    if "triton" in sys.modules:
+        return
+    after_tensorflow = "tensorflow" in sys.modules
+    flags = sys.getdlopenflags()
+    if after_tensorflow:
+        sys.setdlopenflags(flags | os.RTLD_DEEPBIND)
+    try:
+        import triton  # noqa: F401
+        _loaded_after_tensorflow = after_tensorflow
+    except ImportError:
+        pass
+    finally:
+        sys.setdlopenflags(flags)
 
 
 def available():

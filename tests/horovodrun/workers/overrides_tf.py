@@ -1,0 +1,74 @@
+"""Runs under `horovodrun -np N`: per-tensor overrides and metrics with horovod.tensorflow's
+DistributedGradientTape inside tf.function (variables named as users name them).
+
+Writes OUT_DIR/rank<r>.json for tests/horovodrun/test_overrides_metrics.py, and TensorBoard
+events under OUT_DIR/tb/rank<r>.
+"""
+
+import json
+import os
+import sys
+
+import horovod.tensorflow as hvd
+import numpy as np
+import tensorflow as tf
+
+from horovod_tnq.tensorflow import TNQCompressor, log_metrics
+
+OUT_DIR = sys.argv[1]
+
+
+def main():
+    hvd.init()
+    rank, size = hvd.rank(), hvd.size()
+    init = np.random.default_rng(0)
+    variables = [tf.Variable(init.normal(size=(200, 64)).astype(np.float32), name="embed"),
+                 tf.Variable(np.ones(64, np.float32), name="norm_scale"),
+                 tf.Variable(init.normal(size=(64, 512)).astype(np.float32) * 0.1,
+                             name="fc_kernel")]
+    data = np.random.default_rng(100 + rank)
+    tokens = tf.constant(data.integers(0, 200, 256))
+    target = tf.constant(data.normal(size=(256, 512)).astype(np.float32))
+    compressor = TNQCompressor(bits=2, min_numel=0,
+                               overrides={"embed": {"bits": 8}, "norm_*": None})
+
+    def loss():
+        embed, scale, kernel = variables
+        hidden = tf.gather(embed, tokens) * scale
+        return tf.reduce_mean((tf.matmul(hidden, kernel) - target) ** 2)
+
+    @tf.function
+    def local_gradients():
+        with tf.GradientTape() as tape:
+            value = loss()
+        return [tf.convert_to_tensor(g) for g in tape.gradient(value, variables)]
+
+    @tf.function
+    def reduced_gradients():
+        with tf.GradientTape() as tape:
+            value = loss()
+        tape = hvd.DistributedGradientTape(tape, compression=compressor, sparse_as_dense=True)
+        return tape.gradient(value, variables)
+
+    truth = [tf.reduce_mean(hvd.allgather(g[None], name=f"truth.{i}"), 0)
+             for i, g in enumerate(local_gradients())]
+    result = {"size": size, "tape": {}}
+    for _ in range(2):  # the graph runs twice: metrics are those of the last step
+        reduced = reduced_gradients()
+    for variable, got, want in zip(variables, reduced, truth):
+        error = float(tf.reduce_sum(tf.cast(got - want, tf.float64) ** 2))
+        result["tape"][variable.name.split(":")[0]] = {
+            "relative_error": error / float(tf.reduce_sum(tf.cast(want, tf.float64) ** 2)),
+            "exact": bool(np.allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-9))}
+    result["metrics"] = compressor.metrics()
+    result["resolved"] = {name: None if config is None else config.bits
+                          for name, config in compressor.settings.resolved().items()}
+    writer = tf.summary.create_file_writer(os.path.join(OUT_DIR, "tb", f"rank{rank}"))
+    log_metrics(compressor, step=2, writer=writer)
+    writer.flush()
+    with open(os.path.join(OUT_DIR, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
