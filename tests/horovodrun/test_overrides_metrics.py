@@ -105,6 +105,13 @@ def test_tf_tape_overrides_match_variable_names(tf_job):
     assert 0.01 < tape["fc_kernel"]["relative_error"] < 0.3
 
 
+def test_keras3_optimizer_overrides_match_variable_paths(tf_job):
+    resolved = same_on_all_ranks(tf_job[0], "keras3")
+    assert resolved == {"sequential/embed/embeddings": 8, "sequential/norm/gamma": None,
+                        "sequential/norm/beta": None, "sequential/out/kernel": 2,
+                        "sequential/out/bias": 2}, resolved
+
+
 def test_tf_metrics_count_each_graph_run(tf_job):
     for report in tf_job[0]:
         metrics = report["metrics"]

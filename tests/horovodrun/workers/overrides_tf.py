@@ -13,7 +13,7 @@ import horovod.tensorflow as hvd
 import numpy as np
 import tensorflow as tf
 
-from horovod_tnq.tensorflow import TNQCompressor, log_metrics
+from horovod_tnq.tensorflow import TNQCompressor, keras as tnq_keras, log_metrics
 
 OUT_DIR = sys.argv[1]
 
@@ -63,11 +63,33 @@ def main():
     result["metrics"] = compressor.metrics()
     result["resolved"] = {name: None if config is None else config.bits
                           for name, config in compressor.settings.resolved().items()}
+    result["keras3"] = keras3_resolved()
     writer = tf.summary.create_file_writer(os.path.join(OUT_DIR, "tb", f"rank{rank}"))
     log_metrics(compressor, step=2, writer=writer)
     writer.flush()
     with open(os.path.join(OUT_DIR, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+
+
+def keras3_resolved():
+    """Overrides in horovod_tnq's Keras 3 optimizer match the variables' paths."""
+    import keras
+
+    model = keras.Sequential([keras.layers.Embedding(50, 8, name="embed"),
+                              keras.layers.LayerNormalization(name="norm"),
+                              keras.layers.Dense(4, name="out")])
+    model.build((None, 3))
+    compressor = TNQCompressor(bits=2, min_numel=0, overrides={"*/embed/*": {"bits": 8},
+                                                               "*/norm/*": None})
+    optimizer = tnq_keras.DistributedOptimizer(keras.optimizers.SGD(0.1),
+                                               compression=compressor)
+    tokens = tf.constant([[1, 2, 3]])
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model(tokens))
+    gradients = tape.gradient(loss, model.trainable_variables)
+    optimizer.apply([tf.convert_to_tensor(g) for g in gradients], model.trainable_variables)
+    return {name: None if config is None else config.bits
+            for name, config in compressor.settings.resolved().items()}
 
 
 if __name__ == "__main__":
