@@ -124,10 +124,12 @@ class CompressorBase:
         exactly. Residuals are numpy arrays (torch tensors in the PyTorch adapter)."""
         return self.state.state_dict(*self._world())
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state, any_rank=False):
         """Restore a state_dict() of this rank (CompressorState.load_state_dict says what is
-        refused)."""
-        self.state.load_state_dict(state, *self._world())
+        refused). One checkpoint file for all ranks, saved by rank 0: pass ``any_rank=True`` to
+        take its steps on every rank (each rank's error-feedback residuals then start afresh);
+        to resume exactly, save and load one compressor state per rank."""
+        self.state.load_state_dict(state, *self._world(), any_rank=any_rank)
 
     def _world(self):
         """(rank, size) of this process in Horovod (the adapters ask Horovod), or (None, None)

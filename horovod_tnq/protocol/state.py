@@ -152,12 +152,13 @@ class CompressorState:
                     "residuals": {slot: r.copy() for slot, r in self.residuals.items()},
                     "released": dict(self.released)}
 
-    def load_state_dict(self, state, rank=None, size=None):
+    def load_state_dict(self, state, rank=None, size=None, any_rank=False):
         """Restore what state_dict() returned on this ``rank`` of ``size``; the settings must be
-        this compressor's. Steps are the same on every rank, so any rank's state restores them;
-        residuals are one rank's own errors: another rank's are refused, as are residuals of a
-        job of another size (the reduce-scatter's chunks depend on it) and non-finite ones (they
-        would make the model NaN at the next step)."""
+        this compressor's. Residuals are one rank's own errors, so a state saved on another rank
+        is refused unless ``any_rank``: then its steps and privacy accounting (the same on every
+        rank) are taken and this rank's residuals start afresh. Residuals of a job of another
+        size (the reduce-scatter's chunks depend on it) and non-finite ones (they would make the
+        model NaN at the next step) are refused."""
         state = _upgraded(state)
         if state["config"] != self.config.__dict__:
             raise ValueError(f"checkpoint was saved with compressor settings {state['config']}, "
@@ -167,10 +168,14 @@ class CompressorState:
                              f"{state.get('overrides', [])}, this compressor has "
                              f"{self.overrides}")
         saved_rank = state.get("rank")
-        if state["residuals"] and None not in (rank, saved_rank) and saved_rank != rank:
-            raise ValueError(f"compressor state of rank {saved_rank} loaded on rank {rank}: its "
-                             "error-feedback residuals are that rank's own; save and load one "
-                             "compressor state per rank")
+        if None not in (rank, saved_rank) and saved_rank != rank:
+            if not any_rank:
+                raise ValueError(
+                    f"compressor state of rank {saved_rank} loaded on rank {rank}: save and "
+                    "load one compressor state per rank (its error-feedback residuals are that "
+                    "rank's own), or pass any_rank=True to take only its steps and privacy "
+                    "accounting, the same on every rank")
+            state = dict(state, residuals={})
         saved_size = state.get("size")
         if state["residuals"] and None not in (size, saved_size) and saved_size != size:
             raise ValueError(f"compressor state of a {saved_size}-rank job loaded in a "

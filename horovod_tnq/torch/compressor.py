@@ -300,10 +300,10 @@ class TNQCompressor(CompressorBase, Compressor):
         state["residuals"] = {slot: torch.from_numpy(r) for slot, r in state["residuals"].items()}
         return state
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state, any_rank=False):
         residuals = {slot: r.numpy() if torch.is_tensor(r) else r
                      for slot, r in state["residuals"].items()}
-        super().load_state_dict(dict(state, residuals=residuals))
+        super().load_state_dict(dict(state, residuals=residuals), any_rank)
 
     def _world(self):
         return (hvd.rank(), hvd.size()) if hvd.is_initialized() else (None, None)

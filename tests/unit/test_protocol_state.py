@@ -125,15 +125,25 @@ def feedback_state(rank):
     return state.state_dict(rank=rank)
 
 
-def test_another_ranks_residuals_are_refused_but_its_steps_are_not():
-    with pytest.raises(ValueError, match="state of rank 0 loaded on rank 1"):
+def test_another_ranks_state_is_refused_unless_asked_for_explicitly():
+    with pytest.raises(ValueError, match="state of rank 0 loaded on rank 1.*any_rank=True"):
         CompressorState(CompressorConfig(error_feedback=1.0)).load_state_dict(
             feedback_state(0), rank=1)
     plain = CompressorState(CompressorConfig())
     plain.next_step("w")
+    with pytest.raises(ValueError, match="state of rank 0 loaded on rank 1"):
+        CompressorState(CompressorConfig()).load_state_dict(plain.state_dict(rank=0), rank=1)
     restored = CompressorState(CompressorConfig())
-    restored.load_state_dict(plain.state_dict(rank=0), rank=1)  # no residuals: same everywhere
+    restored.load_state_dict(plain.state_dict(rank=0), rank=1, any_rank=True)
     assert restored.steps == {"w": 1}
+    # asked for explicitly, another rank's residuals are not taken: this rank's start afresh
+    with_feedback = CompressorState(CompressorConfig(error_feedback=1.0))
+    with_feedback.load_state_dict(feedback_state(0), rank=1, any_rank=True)
+    assert with_feedback.steps == {"w": 1} and with_feedback.residuals == {}
+    # its own rank's state, or a state saved before hvd.init(), loads without asking
+    own = CompressorState(CompressorConfig(error_feedback=1.0))
+    own.load_state_dict(feedback_state(1), rank=1)
+    assert set(own.residuals) == {"w"}
 
 
 def test_non_finite_residuals_in_a_checkpoint_are_refused():
