@@ -25,15 +25,17 @@ from .plan import (REDUCED, WHOLE, Pending, choose_exchange, chunk_bounds, part_
 from .probe import (MISMATCH, PROBE_TOLERANCE, UNSUPPORTED_OP, plan_code, probe_values,
                     reduction_scale)
 from .settings import (DEFAULT_SCHEME, EXCHANGES, SETTINGS_BYTES, CompressorConfig,
-                       scheme_option_names, settings_differences, settings_text)
+                       check_settings_agree, scheme_option_names, settings_buffer,
+                       settings_differences, settings_text)
 from .state import CompressorState, new_stats
 
 __all__ = [
     "DEFAULT_SCHEME", "EXCHANGES", "MISMATCH", "PROBE_TOLERANCE", "REDUCED", "SETTINGS_BYTES",
     "UNSUPPORTED_OP", "WHOLE", "CollectiveNamer", "CompressorBase", "CompressorConfig",
     "CompressorState", "DefaultInstanceMethod", "Pending", "choose_exchange", "chunk_bounds",
-    "TENSOR_SETTINGS", "TensorSettings", "compressor_registry", "gradient_owner",
+    "TENSOR_SETTINGS", "TensorSettings", "check_settings_agree", "compressor_registry",
+    "gradient_owner",
     "horovod_call_site", "new_stats", "part_bounds", "part_names", "plan",
     "plan_code", "probe_values", "reduction_scale", "scheme_option_names",
-    "settings_differences", "settings_text",
+    "settings_buffer", "settings_differences", "settings_text",
 ]

@@ -2,6 +2,8 @@
 
 import json
 import zlib
+
+import numpy as np
 from dataclasses import dataclass
 
 from ..core import SCHEMES, check_scheme_bits, get_scheme, rotation
@@ -151,3 +153,22 @@ def settings_differences(config, gathered, overrides=()):
                 differences.append(f"{name}: {theirs.get(name)!r} on rank {rank}, "
                                    f"{mine.get(name)!r} here")
     return "; ".join(differences)
+
+
+def settings_buffer(config, overrides=()):
+    """settings_text() zero-padded to SETTINGS_BYTES, as a numpy uint8 array: what each rank
+    contributes to the first-step allgather of settings."""
+    text = settings_text(config, overrides)
+    buffer = np.zeros(SETTINGS_BYTES, np.uint8)
+    buffer[:len(text)] = np.frombuffer(text, np.uint8)
+    return buffer
+
+
+def check_settings_agree(config, gathered, overrides=()):
+    """Raise a ValueError naming what differs if the allgathered settings_buffer()s of every
+    rank (``gathered``: uint8, SETTINGS_BYTES per rank) are not all this rank's."""
+    rows = np.asarray(gathered, np.uint8).reshape(-1, SETTINGS_BYTES)
+    differences = settings_differences(config, [bytes(row) for row in rows], overrides)
+    if differences:
+        raise ValueError(f"ranks use different compressor settings ({differences}): all "
+                         "ranks must use the same compressor settings")

@@ -9,7 +9,9 @@ stream, and the error-feedback residuals) lives in the compressor's ``state``
 (protocol/state.py), as in PyTorch, and is updated when the graph runs, not when it is traced.
 """
 
+import itertools
 import re
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +23,9 @@ from horovod.tensorflow.compression import Compressor
 
 from .. import core
 from ..core import native
-from ..protocol import (REDUCED, CompressorBase, DefaultInstanceMethod, Pending, gradient_owner,
-                        horovod_call_site, plan, plan_code, probe_values, reduction_scale)
+from ..protocol import (REDUCED, CompressorBase, DefaultInstanceMethod, Pending,
+                        check_settings_agree, gradient_owner, horovod_call_site, plan, plan_code,
+                        probe_values, reduction_scale, settings_buffer)
 
 # What the core reads: float64 stays, every other float goes as float32, which holds float16 and
 # bfloat16 exactly (numpy has no bfloat16), as in the PyTorch adapter.
@@ -119,6 +122,9 @@ class TNQCompressor(CompressorBase, Compressor):
         # without non-finite exceptions: in graphs this is known when the graph is traced
         self.bytes_by_tensor = {}
         self._plans_checked = set()  # tensors whose exchange plan all ranks share (eager)
+        self._settings_agreed = False
+        with _instances_lock:  # made in the same order on every rank: names their check
+            self._instance = next(_instances)
 
     def should_compress(self, tensor, config=None):
         """Whether ``tensor`` is quantized with ``config`` (its settings; the compressor's by
@@ -141,6 +147,22 @@ class TNQCompressor(CompressorBase, Compressor):
     def reset(self):
         super().reset()
         self._plans_checked = set()
+        self._settings_agreed = False
+
+    def _check_settings(self, process_set):
+        """At the first compress() (and the first after a reset), eagerly even while a graph is
+        traced: every rank's settings go out in one allgather and a difference raises on every
+        rank. In graphs, ranks configured differently (another exchange, other parts) would
+        otherwise build collectives that never pair and wait forever when the graph runs;
+        every rank traces its first gradient before any graph runs."""
+        if self._settings_agreed:
+            return
+        with tf.init_scope():
+            gathered = hvd.allgather(
+                tf.constant(settings_buffer(self.config, self.settings.describe())),
+                name=f"horovod_tnq.settings.tf.{self._instance}", process_set=process_set)
+            check_settings_agree(self.config, gathered.numpy(), self.settings.describe())
+        self._settings_agreed = True
 
     def _check_plan(self, kind, bounds, collective_name, process_set):
         """Eager collectives block until every rank has started them, so ranks that would send
@@ -182,6 +204,7 @@ class TNQCompressor(CompressorBase, Compressor):
         tensor = tf.convert_to_tensor(tensor)
         name, process_set = horovod_call_site()
         process_set = process_set or hvd.global_process_set
+        self._check_settings(process_set)
         eager = tf.executing_eagerly()
         if name is None and not eager:
             name = tensor.name  # unique in the graph and the same on every rank
@@ -367,6 +390,8 @@ class TNQCompressor(CompressorBase, Compressor):
 
 
 _TF = {np.float32: tf.float32, np.float64: tf.float64}
+_instances = itertools.count()  # compressors made in this process, in order
+_instances_lock = threading.Lock()
 
 
 

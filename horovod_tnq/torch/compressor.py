@@ -16,9 +16,9 @@ import torch
 from horovod.torch.compression import Compressor
 
 from .. import core
-from ..protocol import (REDUCED, SETTINGS_BYTES, CompressorBase, DefaultInstanceMethod,
-                        Pending, gradient_owner, horovod_call_site, plan, plan_code, probe_values,
-                        reduction_scale, settings_differences, settings_text)
+from ..protocol import (REDUCED, CompressorBase, DefaultInstanceMethod, Pending,
+                        check_settings_agree, gradient_owner, horovod_call_site, plan, plan_code,
+                        probe_values, reduction_scale, settings_buffer)
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                 torch.float64: "float64"}
@@ -317,9 +317,7 @@ class TNQCompressor(CompressorBase, Compressor):
         with self._in_flight_lock:
             if self._settings_agreed or self._settings_check is not None:
                 return
-            mine = torch.zeros(SETTINGS_BYTES, dtype=torch.uint8)
-            text = settings_text(self.config, self.settings.describe())
-            mine[:len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+            mine = torch.from_numpy(settings_buffer(self.config, self.settings.describe()))
             self._settings_check = hvd.allgather_async(
                 mine, name=f"horovod_tnq.settings.{self._instance}", process_set=process_set)
 
@@ -328,12 +326,7 @@ class TNQCompressor(CompressorBase, Compressor):
             if self._settings_agreed or self._settings_check is None:
                 return
             handle, self._settings_check = self._settings_check, None
-        theirs = wait(handle).reshape(-1, SETTINGS_BYTES).numpy()
-        differences = settings_differences(self.config, [bytes(row) for row in theirs],
-                                           self.settings.describe())
-        if differences:
-            raise ValueError(f"ranks use different compressor settings ({differences}): all "
-                             "ranks must use the same compressor settings")
+        check_settings_agree(self.config, wait(handle).numpy(), self.settings.describe())
         self._settings_agreed = True
 
     @DefaultInstanceMethod

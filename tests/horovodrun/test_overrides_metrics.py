@@ -112,6 +112,14 @@ def test_keras3_optimizer_overrides_match_variable_paths(tf_job):
                         "sequential/out/bias": 2}, resolved
 
 
+@pytest.mark.parametrize("setting", ["exchange", "part_elements"])
+def test_tf_graph_ranks_with_different_exchanges_fail_at_tracing(tf_job, setting):
+    for report in tf_job[0]:
+        message = report["mismatch"][setting]
+        assert message and "ranks use different compressor settings" in message, message
+        assert f"{setting}: " in message
+
+
 def test_tf_metrics_count_each_graph_run(tf_job):
     for report in tf_job[0]:
         metrics = report["metrics"]

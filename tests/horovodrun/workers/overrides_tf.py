@@ -64,11 +64,35 @@ def main():
     result["resolved"] = {name: None if config is None else config.bits
                           for name, config in compressor.settings.resolved().items()}
     result["keras3"] = keras3_resolved()
+    result["mismatch"] = {setting: mismatched_graph(setting, rank)
+                          for setting in ("exchange", "part_elements")}
     writer = tf.summary.create_file_writer(os.path.join(OUT_DIR, "tb", f"rank{rank}"))
     log_metrics(compressor, step=2, writer=writer)
     writer.flush()
     with open(os.path.join(OUT_DIR, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+
+
+def mismatched_graph(setting, rank):
+    """Ranks that would build different collectives in a graph (another exchange, other parts):
+    the error at tracing, on every rank, instead of a graph that waits forever."""
+    value = {"exchange": ["allgather", "reduce-scatter"],
+             "part_elements": [0, 8192]}[setting][rank % 2]
+    compressor = TNQCompressor(bits=4, **{setting: value})
+    weights = tf.Variable(np.ones((128, 256), np.float32), name=f"mismatch_{setting}")
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(weights ** 2)
+        tape = hvd.DistributedGradientTape(tape, compression=compressor)
+        return tape.gradient(loss, [weights])
+
+    try:
+        step()
+    except Exception as error:  # the message is what the test checks
+        return str(error)[:2000]
+    return None
 
 
 def keras3_resolved():

@@ -101,13 +101,15 @@ def main():
         lambda: hvd.allreduce(mine, name="mismatch.eager", compression=mismatched))
     report["mismatched_bits_graph"] = expect_error(tf.function(
         lambda: hvd.allreduce(mine, name="mismatch.graph", compression=mismatched)))
-    # eager collectives block: without the first-use plan check, these would wait forever
+    # eager collectives block: without the first-use settings check, this would wait forever
     report["mixed_exchanges_eager"] = expect_error(lambda: hvd.allreduce(
         mine, name="mixed.exchange", compression=TNQCompressor(
             bits=3, exchange="allgather" if rank == 0 else "reduce-scatter")))
+    # equal settings, a tensor of another size on each rank: cut into other parts, caught by
+    # the first-use plan check before the exchange
     report["mixed_parts_eager"] = expect_error(lambda: hvd.allreduce(
-        mine, name="mixed.parts", compression=TNQCompressor(
-            bits=3, exchange="allgather", part_elements=8192 if rank == 0 else 0)))
+        mine[:len(mine) - 10_000 * rank], name="mixed.parts", compression=TNQCompressor(
+            bits=3, exchange="allgather", part_elements=8192)))
     def differentiate_through():
         x = tf.Variable(inputs[rank])
         with tf.GradientTape() as tape:
