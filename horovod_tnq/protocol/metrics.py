@@ -14,11 +14,13 @@ about each rank's own gradient.
 
 import threading
 
+from .picklable import LockedState
+
 AMOUNTS = ("payload_bytes", "passthrough_bytes", "compressed_elements", "passthrough_elements",
            "encode_seconds", "decode_seconds", "squared_error", "squared_norm")
 
 
-class CompressionMetrics:
+class CompressionMetrics(LockedState):
     """Per-tensor records of the last exchange and running totals; see the module docstring."""
 
     def __init__(self):
@@ -66,14 +68,6 @@ class CompressionMetrics:
             return {"last_step": _derived(last), "total": _derived(dict(self.total)),
                     "tensors": tensors}
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
 
 def _derived(amounts):

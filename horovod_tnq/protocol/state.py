@@ -30,6 +30,7 @@ import numpy as np
 from .. import core
 from .metrics import CompressionMetrics
 from .naming import CollectiveNamer
+from .picklable import LockedState
 from .settings import CompressorConfig, scheme_option_names
 
 
@@ -39,7 +40,7 @@ def new_stats():
             "passthrough_bytes": 0, "elements": 0, "allgather": 0, "reduce-scatter": 0}
 
 
-class CompressorState:
+class CompressorState(LockedState):
     """The per-rank state of one compressor; see the module docstring."""
 
     def __init__(self, config, overrides=()):
@@ -199,14 +200,6 @@ class CompressorState:
             self.stats = new_stats()
             self.metrics = CompressionMetrics()
 
-    def __getstate__(self):  # picklable, like PowerSGDState: the lock is made anew
-        state = self.__dict__.copy()
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
 
 def _upgraded(state):
