@@ -1,18 +1,22 @@
 """TNQCompressor for horovod.tensorflow on real Horovod workers: eager, tf.function,
-DistributedGradientTape, Keras 2 (horovod.tensorflow.keras) and Keras 3 model.fit."""
+DistributedGradientTape, Keras 2 (horovod.tensorflow.keras) and Keras 3 model.fit. The checks
+run over Gloo and over MPI (`horovodrun --mpi`, skipped where Horovod has no MPI); model.fit
+over Gloo only."""
 
 import pytest
 
 from horovod_tnq import core
 
-from launch import run_workers, same_on_all_ranks
+from launch import run_workers, same_on_all_ranks, worker_runs
 
 pytestmark = pytest.mark.horovodrun
 
 
-@pytest.fixture(scope="module")
-def checks(tmp_path_factory):
-    return run_workers("tf_checks.py", 2, tmp_path_factory.mktemp("tf_checks"))
+@pytest.fixture(scope="module", params=worker_runs(("gloo", 2), ("mpi", 2)))
+def checks(request, tmp_path_factory):
+    controller, num_proc = request.param
+    return run_workers("tf_checks.py", num_proc, tmp_path_factory.mktemp("tf_checks"),
+                       controller=controller)
 
 
 @pytest.mark.parametrize("case", ["average", "sum", "scaled", "graph"])

@@ -1,21 +1,27 @@
-"""TNQCompressor on real Horovod workers (horovodrun, Gloo), 2 and 3 ranks."""
+"""TNQCompressor on real Horovod workers (horovodrun): over Gloo at 2 and 3 ranks, and over MPI
+(`horovodrun --mpi`) once each, the checks at 3 ranks (both exchanges, uneven chunks) and the
+training at 2 (stock and fused optimizers); the MPI runs skip where Horovod has no MPI."""
 
 import pytest
 
 from horovod_tnq import core
-from launch import run_workers, same_on_all_ranks
+from launch import run_workers, same_on_all_ranks, worker_runs
 
 pytestmark = pytest.mark.horovodrun
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["np2", "np3"])
+@pytest.fixture(scope="module", params=worker_runs(("gloo", 2), ("gloo", 3), ("mpi", 3)))
 def checks(request, tmp_path_factory):
-    return run_workers("torch_checks.py", request.param, tmp_path_factory.mktemp("checks"))
+    controller, num_proc = request.param
+    return run_workers("torch_checks.py", num_proc, tmp_path_factory.mktemp("checks"),
+                       controller=controller)
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["np2", "np3"])
+@pytest.fixture(scope="module", params=worker_runs(("gloo", 2), ("gloo", 3), ("mpi", 2)))
 def training(request, tmp_path_factory):
-    return run_workers("torch_train.py", request.param, tmp_path_factory.mktemp("train"))
+    controller, num_proc = request.param
+    return run_workers("torch_train.py", num_proc, tmp_path_factory.mktemp("train"),
+                       controller=controller)
 
 
 @pytest.mark.parametrize("case", ["average", "sum", "class", "scaled", "anonymous"])
