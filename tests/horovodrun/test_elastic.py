@@ -3,7 +3,14 @@ as the elastic state's reset callback: a job whose hosts shrink from 2 workers t
 back to 2 (a new process joining with fresh state), and a job one of whose workers is killed
 and replaced, finish in step and average over the world they have at each step. (Without the
 callback the grown job waits forever: the survivor's collective names and the checks of the
-fused optimizer no longer pair with the newcomer's.)"""
+fused optimizer no longer pair with the newcomer's.)
+
+TensorFlow (elastic_train_tf.py): hvd.DistributedGradientTape in a tf.function with
+hvd.elastic.TensorFlowKerasState, whose reset callbacks are compressor.reset and a new
+tf.function for the step (a graph keeps the world it was traced in). Besides 2 -> 1 -> 2 and the
+killed worker, a job shrinks from 3 workers to 2 and grows back: with one worker left Horovod's
+tape skips the allreduce, compressor included, while 2 ranks do compress (in an allgather,
+where 3 ranks send the larger tensor in a reduce-scatter)."""
 
 import json
 import os
@@ -15,27 +22,32 @@ import pytest
 from launch import ROOT, WORKERS
 
 
-def run_elastic(mode, event, tmp_path, steps=20):
+def run_elastic(mode, event, tmp_path, steps=20, workers=2):
+    """Run an elastic job of ``workers`` workers at most and one fewer at least; ``mode``:
+    "stock" or "fused" (PyTorch, elastic_train.py) or "tf" (elastic_train_tf.py)."""
     hosts, out = tmp_path / "hosts", tmp_path / "out"
     out.mkdir()
     # a killed worker's host is blacklisted for a while: two names of this machine, one slot
     # each, so the survivor keeps its host and the replacement comes back on the other
-    hosts.write_text("localhost:2\n" if event == "resize" else
+    hosts.write_text(f"localhost:{workers}\n" if event == "resize" else
                      f"localhost:1\n{socket.gethostname()}:1\n")
     discover = tmp_path / "discover.sh"
     discover.write_text(f"#!/bin/sh\ncat {hosts}\n")
     discover.chmod(0o755)
     horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    command = [horovodrun, "-np", "2", "--min-np", "1", "--max-np", "2",
-               "--network-interfaces", "lo", "--blacklist-cooldown-range", "1", "2",
-               "--host-discovery-script", str(discover), "--gloo",
-               sys.executable, os.path.join(WORKERS, "elastic_train.py"), str(out), mode,
-               str(hosts), str(steps), event]
+    worker = ([os.path.join(WORKERS, "elastic_train_tf.py"), str(out), str(hosts), str(steps),
+               event, str(workers)] if mode == "tf" else
+              [os.path.join(WORKERS, "elastic_train.py"), str(out), mode, str(hosts), str(steps),
+               event])
+    command = [horovodrun, "-np", str(workers), "--min-np", str(workers - 1),
+               "--max-np", str(workers), "--network-interfaces", "lo",
+               "--blacklist-cooldown-range", "1", "2",
+               "--host-discovery-script", str(discover), "--gloo", sys.executable, *worker]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3")
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=240)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(workers)]
 
 
 @pytest.mark.parametrize("event", ["resize", "kill"])
@@ -47,3 +59,26 @@ def test_a_job_that_loses_and_regains_a_worker_trains_in_step(mode, event, tmp_p
     assert first["digest"] == second["digest"]
     assert first["solo_ratios"] and all(abs(r - 1) < 0.05 for r in first["solo_ratios"])
     assert abs(first["last_ratio"] - 1) < 0.05 and abs(second["last_ratio"] - 1) < 0.05
+
+
+@pytest.mark.parametrize("event, workers", [("resize", 2), ("resize", 3), ("kill", 2)],
+                         ids=["resize-np2", "resize-np3", "kill-np2"])
+def test_a_tensorflow_job_that_loses_and_regains_a_worker_trains_in_step(event, workers,
+                                                                          tmp_path):
+    reports = run_elastic("tf", event, tmp_path, workers=workers)
+    first = reports[0]
+    assert all(r["size"] == workers and r["steps"] == 20 for r in reports)
+    assert first["sizes_seen"] == [workers - 1, workers]  # rank 0 ran through the shrink
+    assert len({r["digest"] for r in reports}) == 1
+    # the shrunk world averaged over itself: every rank had the same data there
+    assert first["shrunk_ratios"] and all(abs(ratio - 1) < 0.05 for r in reports
+                                          for ratio in r["shrunk_ratios"])
+    assert all(abs(r["last_ratio"] - 1) < 0.05 for r in reports)
+    # every rank's compressor started afresh at the same step, the survivors' after the event,
+    # and every process traced its step once each time it (re)started
+    fresh = first["fresh_since"]
+    assert fresh > 3 and all(r["fresh_since"] == fresh for r in reports)
+    assert first["compressor_steps"] and all(
+        r["compressor_steps"] == {name: 20 - fresh for name in first["compressor_steps"]}
+        for r in reports)
+    assert first["entries"] == 3 and all(r["traces"] == r["entries"] for r in reports)
