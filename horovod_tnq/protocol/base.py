@@ -141,7 +141,8 @@ class CompressorBase:
         """Forget the per-rank state (names in flight, steps, residuals, accounting), as a new
         compressor would start. Elastic Horovod: register it as a reset callback of the elastic
         state, so that every rank, newcomers included, names and counts alike after workers join
-        or leave (docs/design.md#elastic-horovod)."""
+        or leave (docs/design.md#elastic-horovod). In TensorFlow, also create the step's
+        tf.function anew: a graph traced before the reset refuses to run."""
         self.state.reset()
         self.settings.reset()
 

@@ -123,6 +123,7 @@ class TNQCompressor(CompressorBase, Compressor):
         self.bytes_by_tensor = {}
         self._plans_checked = set()  # tensors whose exchange plan all ranks share (eager)
         self._settings_agreed = False
+        self._generation = 0  # reset() count: a graph traced before a reset must not run
         with _instances_lock:  # made in the same order on every rank: names their check
             self._instance = next(_instances)
 
@@ -148,6 +149,7 @@ class TNQCompressor(CompressorBase, Compressor):
         super().reset()
         self._plans_checked = set()
         self._settings_agreed = False
+        self._generation += 1
 
     def _check_settings(self, process_set):
         """At the first compress() (and the first after a reset), eagerly even while a graph is
@@ -238,8 +240,14 @@ class TNQCompressor(CompressorBase, Compressor):
                 self._plans_checked.add(base_name)
             step = state.next_step(base_name)
         else:  # drawn each time the graph runs; every payload of this tensor shares it
-            step = tf.numpy_function(lambda: np.int64(state.next_step(base_name)), [], tf.int64,
-                                     stateful=True)
+            traced_in = self._generation
+
+            def next_step():
+                if self._generation != traced_in:
+                    raise ValueError(STALE_GRAPH)
+                return np.int64(state.next_step(base_name))
+
+            step = tf.numpy_function(next_step, [], tf.int64, stateful=True)
             step.set_shape([])
         values = host_values(tensor)
         jobs = [(start, stop, base_name + part, self._key(base_name + part))
@@ -401,6 +409,11 @@ def _op_name(name):
     """TF op names allow a restricted alphabet; the name is also Horovod's collective name."""
     return re.sub(r"[^A-Za-z0-9_.\-/]", "_", name)
 
+
+STALE_GRAPH = ("this graph was traced before the compressor's reset() (an elastic reset): it "
+               "holds the old world's size, ranks and exchanges, and its collectives would not "
+               "pair with the new world's; create the tf.function anew after a reset (register "
+               "a reset callback that does, beside compressor.reset)")
 
 NO_GRADIENT = ("gradients do not flow through an allreduce compressed by TNQCompressor (the "
                "reduced tensor comes from decoded payloads): compress gradients, not tensors "

@@ -22,9 +22,10 @@ import pytest
 from launch import ROOT, WORKERS
 
 
-def run_elastic(mode, event, tmp_path, steps=20, workers=2):
+def run_elastic(mode, event, tmp_path, steps=20, workers=2, extra_env=None, check=True):
     """Run an elastic job of ``workers`` workers at most and one fewer at least; ``mode``:
-    "stock" or "fused" (PyTorch, elastic_train.py) or "tf" (elastic_train_tf.py)."""
+    "stock" or "fused" (PyTorch, elastic_train.py) or "tf" (elastic_train_tf.py). ``check``:
+    assert it succeeded and return each rank's report, else return the finished process."""
     hosts, out = tmp_path / "hosts", tmp_path / "out"
     out.mkdir()
     # a killed worker's host is blacklisted for a while: two names of this machine, one slot
@@ -43,9 +44,12 @@ def run_elastic(mode, event, tmp_path, steps=20, workers=2):
                "--max-np", str(workers), "--network-interfaces", "lo",
                "--blacklist-cooldown-range", "1", "2",
                "--host-discovery-script", str(discover), "--gloo", sys.executable, *worker]
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3",
+               **(extra_env or {}))
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=240)
+    if not check:
+        return done
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(workers)]
 
@@ -82,3 +86,12 @@ def test_a_tensorflow_job_that_loses_and_regains_a_worker_trains_in_step(event, 
         r["compressor_steps"] == {name: 20 - fresh for name in first["compressor_steps"]}
         for r in reports)
     assert first["entries"] == 3 and all(r["traces"] == r["entries"] for r in reports)
+
+
+def test_a_tensorflow_graph_traced_before_the_reset_fails_instead_of_hanging(tmp_path):
+    """Without a new tf.function after the reset, the survivor's old graph (old world size,
+    old exchanges) would wait forever for the newcomer, which traces and checks settings
+    anew: it refuses to run, before its collectives."""
+    done = run_elastic("tf", "resize", tmp_path, extra_env={"RETRACE": "0"}, check=False)
+    assert done.returncode != 0
+    assert "traced before the compressor's reset()" in done.stdout + done.stderr

@@ -120,6 +120,11 @@ def test_tf_graph_ranks_with_different_exchanges_fail_at_tracing(tf_job, setting
         assert f"{setting}: " in message
 
 
+def test_tf_graph_traced_before_a_reset_refuses_to_run(tf_job):
+    for report in tf_job[0]:
+        assert "traced before the compressor's reset()" in report["stale_graph"]
+
+
 def test_tf_metrics_count_each_graph_run(tf_job):
     for report in tf_job[0]:
         metrics = report["metrics"]

@@ -69,8 +69,20 @@ def main():
     writer = tf.summary.create_file_writer(os.path.join(OUT_DIR, "tb", f"rank{rank}"))
     log_metrics(compressor, step=2, writer=writer)
     writer.flush()
+    result["stale_graph"] = stale_graph_error(reduced_gradients, compressor)
     with open(os.path.join(OUT_DIR, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+
+
+def stale_graph_error(traced, compressor):
+    """A graph traced before compressor.reset() (an elastic reset) refuses to run, before its
+    collectives, instead of waiting for ranks that traced anew."""
+    compressor.reset()
+    try:
+        traced()
+    except Exception as error:  # the message is what the test checks
+        return str(error)[:2000]
+    return None
 
 
 def mismatched_graph(setting, rank):
