@@ -60,6 +60,7 @@ def gradient_owner(tensor, max_depth=80):
     horovod_tnq's Keras 3 optimizer. Tested against Horovod 0.28.1.
     """
     frame = sys._getframe(1)
+    position = variable = None
     for _ in range(max_depth):
         if frame is None:
             break
@@ -72,11 +73,19 @@ def gradient_owner(tensor, max_depth=80):
                     names = getattr(scope.get("self"), "_parameter_names", None)
                     if isinstance(names, dict) and parameter in names:
                         return names[parameter], list(names.values())
+            if local.get("grad") is tensor:
+                # the comprehension over the gradients: its position, or (Keras 3 wrapper) its
+                # variable, tells apart variables that TF gave one gradient tensor, e.g. a and
+                # b of (a + b) * x
+                position = local.get("i") if isinstance(local.get("i"), int) else position
+                variable = local.get("var", variable)
             grads, variables = local.get("grads"), local.get("vars")
             if isinstance(grads, (list, tuple)) and isinstance(variables, (list, tuple)):
-                for grad, variable in zip(grads, variables):
-                    if grad is tensor:
-                        return _variable_name(variable), [_variable_name(v) for v in variables]
+                matches = [j for j, grad in enumerate(grads[:len(variables)]) if grad is tensor]
+                if matches:
+                    if variable is None:
+                        variable = variables[position if position in matches else matches[0]]
+                    return _variable_name(variable), [_variable_name(v) for v in variables]
         frame = frame.f_back
     return None, None
 

@@ -160,6 +160,8 @@ class TNQCompressor(CompressorBase, Compressor):
         if self._settings_agreed:
             return
         with tf.init_scope():
+            if not tf.executing_eagerly():  # TF1-style graphs: the probe checks each tensor
+                return
             gathered = hvd.allgather(
                 tf.constant(settings_buffer(self.config, self.settings.describe())),
                 name=f"horovod_tnq.settings.tf.{self._instance}", process_set=process_set)
@@ -182,20 +184,14 @@ class TNQCompressor(CompressorBase, Compressor):
         return (hvd.rank(), hvd.size()) if hvd.is_initialized() else (None, None)
 
     def _count_passthrough(self, tensor, name):
-        """``tensor``, counted in the stats and metrics as sent uncompressed: at once when eager,
-        each time the graph runs in graphs (a tiny op the returned tensor waits for)."""
-        state, itemsize = self.state, tensor.dtype.size
-
-        def count(size):
-            state.passthrough(name, int(size), int(size) * itemsize)
-            return np.int64(0)
-
-        if tf.executing_eagerly():
-            count(tensor.shape.num_elements())
-            return tensor
-        counted = tf.numpy_function(count, [tf.size(tensor, tf.int64)], tf.int64, stateful=True)
-        with tf.control_dependencies([counted]):
-            return tf.identity(tensor)
+        """Count ``tensor`` in the stats and metrics as sent uncompressed: eagerly at each call;
+        in graphs once, when traced (its size is fixed there), so metrics()' last step holds it
+        and its total counts it once. Counting each graph run would take a stateful op inside
+        Horovod's tf.cond, which TF then runs in program order with every other stateful cond:
+        measured, 300 small tensors went from 9.5 to 35 ms per step."""
+        numel = tensor.shape.num_elements()
+        if numel is not None:
+            self.state.passthrough(name, numel, numel * tensor.dtype.size)
 
     @DefaultInstanceMethod
     @tf.autograph.experimental.do_not_convert  # plain Python control flow, traced as written
@@ -215,7 +211,8 @@ class TNQCompressor(CompressorBase, Compressor):
         if config is None or not self.should_compress(tensor, config):
             if name is not None and numel is not None:
                 self.bytes_by_tensor[name] = numel * tensor.dtype.size
-            return self._count_passthrough(tensor, owner or name), None
+            self._count_passthrough(tensor, owner or name)
+            return tensor, None
         base_name, collective_name = self.state.namer.acquire(name)
         label = owner or base_name
         collective_name = _op_name(collective_name)

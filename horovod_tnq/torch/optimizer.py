@@ -92,6 +92,10 @@ class _FusedDistributedOptimizer(torch.optim.Optimizer):
         layout = [(str(p.dtype), tuple(p.shape)) for bucket in self._buckets for p in bucket]
         digest = zlib.crc32(repr((sorted(self._compression.config.__dict__.items()),
                                   self._compression.settings.describe(),
+                                  # each bucket's resolved settings: ranks naming parameters
+                                  # differently would resolve them differently
+                                  [None if c is None else sorted(c.__dict__.items())
+                                   for c in self._configs],
                                   [len(b) for b in self._buckets], layout,
                                   str(self._op))).encode())
         digests = hvd.allgather(torch.tensor([digest], dtype=torch.int64),

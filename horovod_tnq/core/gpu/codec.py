@@ -68,11 +68,15 @@ def preload():
     installed, so a script that made a SummaryWriter before its first step would abort there
     (see _load). After TensorFlow, Triton is loaded with RTLD_DEEPBIND (its library then binds
     to its own LLVM, not TensorFlow's); the GPU kernels still stay off in that process (_load),
-    as that way of loading is untested on GPUs."""
+    as that way of loading is untested on GPUs. Not with an LD_PRELOAD (e.g. jemalloc, which
+    docs/install.md suggests for CPU training): with one, a DEEPBIND library aborts the process
+    at exit."""
     global _loaded_after_tensorflow
     if "triton" in sys.modules:
         return
     after_tensorflow = "tensorflow" in sys.modules
+    if after_tensorflow and os.environ.get("LD_PRELOAD"):
+        return  # a preloaded allocator (jemalloc) aborts at exit with a DEEPBIND library
     flags = sys.getdlopenflags()
     if after_tensorflow:
         sys.setdlopenflags(flags | os.RTLD_DEEPBIND)

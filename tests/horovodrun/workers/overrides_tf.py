@@ -64,6 +64,7 @@ def main():
     result["resolved"] = {name: None if config is None else config.bits
                           for name, config in compressor.settings.resolved().items()}
     result["keras3"] = keras3_resolved()
+    result["shared_gradient"] = shared_gradient_resolved()
     result["mismatch"] = {setting: mismatched_graph(setting, rank)
                           for setting in ("exchange", "part_elements")}
     writer = tf.summary.create_file_writer(os.path.join(OUT_DIR, "tb", f"rank{rank}"))
@@ -72,6 +73,26 @@ def main():
     result["stale_graph"] = stale_graph_error(reduced_gradients, compressor)
     with open(os.path.join(OUT_DIR, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+
+
+def shared_gradient_resolved():
+    """TF hands a and b of (a + b) * x one gradient tensor: each still gets its own settings."""
+    a = tf.Variable(np.ones(4096, np.float32), name="shared_a")
+    b = tf.Variable(np.ones(4096, np.float32), name="shared_b")
+    x = tf.constant(np.random.default_rng(0).normal(size=4096).astype(np.float32))
+    compressor = TNQCompressor(bits=2, min_numel=0, overrides={"shared_b": {"bits": 8},
+                                                               "shared_a": None})
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum((a + b) * x)
+        tape = hvd.DistributedGradientTape(tape, compression=compressor)
+        return tape.gradient(loss, [a, b])
+
+    step()
+    return {name: None if config is None else config.bits
+            for name, config in compressor.settings.resolved().items()}
 
 
 def stale_graph_error(traced, compressor):

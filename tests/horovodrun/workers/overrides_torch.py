@@ -129,6 +129,19 @@ def main():
         result["mismatch"] = None
     except ValueError as error:
         result["mismatch"] = str(error)
+    # ranks that name the parameters differently resolve other settings per bucket: an error
+    # at the first step, not buckets whose collectives never pair
+    model = fresh_model()
+    named = model.named_parameters() if rank == 0 else None
+    unnamed = tnq.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), named_parameters=named,
+        compression=TNQCompressor(bits=2, min_numel=0, overrides={"*": None}))
+    backward(model, rank)
+    try:
+        unnamed.synchronize()
+        result["fused_mismatch"] = None
+    except ValueError as error:
+        result["fused_mismatch"] = str(error)
     hvd.allreduce(torch.zeros(1), name="done")  # no rank leaves while another still sends
 
     with open(os.path.join(OUT_DIR, f"rank{rank}.json"), "w") as f:
