@@ -111,9 +111,9 @@ class TNQCompressor(CompressorBase, Compressor):
     nmse_target; dp_clip, dp_epsilon, dp_delta, dp_sensitivity), and ``overrides`` (per-tensor
     settings by variable name, e.g. ``{"*embed*": {"bits": 8}, "*norm*": None}``: see
     docs/overrides.md; DistributedGradientTape and the DistributedOptimizers give the variables'
-    names, as ``var.name`` without ":0"). A tensor whose size is known
-    only when the graph runs is compressed whatever its size (min_numel needs the size when the
-    graph is built), through the allgather in one payload.
+    names, as ``var.name`` without ":0", or a Keras 3 variable's ``path``). A tensor whose size
+    is known only when the graph runs is compressed whatever its size (min_numel needs the size
+    when the graph is built), through the allgather in one payload.
     """
 
     def __init__(self, *args, **kwargs):
