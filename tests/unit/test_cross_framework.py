@@ -64,6 +64,8 @@ class FakeHorovod:
         return tf.numpy_function(record, [tensor], tf.uint8)
 
     def allgather(self, tensor, name, process_set):
+        if name.startswith("horovod_tnq.settings"):  # the first-use check of the settings
+            return tensor
         return self._record(tensor, name)
 
     def alltoall(self, tensor, splits, name, process_set):
