@@ -22,17 +22,12 @@ import horovod.torch as hvd
 import torch
 
 import horovod_tnq.torch as tnq
+from elastic_hosts import set_hosts
 
 OUT_DIR, MODE, HOSTS_FILE, STEPS, EVENT = (sys.argv[1], sys.argv[2], sys.argv[3],
                                            int(sys.argv[4]), sys.argv[5])
 KILLED = os.path.join(OUT_DIR, "killed")
 SHRINK_AT = 3
-
-
-def set_hosts(hosts):
-    with open(HOSTS_FILE + ".new", "w") as f:
-        f.write(hosts + "\n")
-    os.replace(HOSTS_FILE + ".new", HOSTS_FILE)
 
 
 def digest(model):
@@ -80,9 +75,9 @@ def main():
                     open(KILLED, "w").close()
                     os._exit(1)
             elif hvd.rank() == 0 and state.batch == SHRINK_AT and hvd.size() == 2:
-                set_hosts("localhost:1")
+                set_hosts(HOSTS_FILE, "localhost:1")
             elif hvd.rank() == 0 and hvd.size() == 1 and state.batch > SHRINK_AT:
-                set_hosts("localhost:2")
+                set_hosts(HOSTS_FILE, "localhost:2")
             time.sleep(0.3)  # Horovod's discovery looks every second: let it see the change
             state.batch += 1
             state.commit()

@@ -40,18 +40,13 @@ import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
 from horovod_tnq.tensorflow import TNQCompressor  # noqa: E402
+from elastic_hosts import set_hosts  # noqa: E402
 
 OUT_DIR, HOSTS_FILE, STEPS, EVENT = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 WORKERS = int(sys.argv[5]) if len(sys.argv) > 5 else 2
 RETRACE, RESET = os.environ.get("RETRACE", "1") == "1", os.environ.get("RESET", "1") == "1"
 KILLED = os.path.join(OUT_DIR, "killed")
 SHRINK_AT = 3
-
-
-def set_hosts(hosts):
-    with open(HOSTS_FILE + ".new", "w") as f:
-        f.write(hosts + "\n")
-    os.replace(HOSTS_FILE + ".new", HOSTS_FILE)
 
 
 def digest(model):
@@ -109,9 +104,9 @@ def main():
                     open(KILLED, "w").close()
                     os._exit(1)
             elif hvd.rank() == 0 and state.batch == SHRINK_AT and hvd.size() == WORKERS:
-                set_hosts(f"localhost:{WORKERS - 1}")
+                set_hosts(HOSTS_FILE, f"localhost:{WORKERS - 1}")
             elif hvd.rank() == 0 and shrunk and state.batch > SHRINK_AT:
-                set_hosts(f"localhost:{WORKERS}")
+                set_hosts(HOSTS_FILE, f"localhost:{WORKERS}")
             time.sleep(0.3)  # Horovod's discovery looks every second: let it see the change
             state.batch += 1
             state.commit()
