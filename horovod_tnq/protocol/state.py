@@ -201,7 +201,6 @@ class CompressorState(LockedState):
             self.metrics = CompressionMetrics()
 
 
-
 def _upgraded(state):
     """A state_dict() of horovod_tnq 0.1.0 (scheme options as config fields, steps in the
     namer's "uses"; TF kept "steps" apart) in this version's layout; newer ones as they are."""

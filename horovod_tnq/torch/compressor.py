@@ -391,8 +391,7 @@ class TNQCompressor(CompressorBase, Compressor):
             chunk_sum = _empty(ctx.header.numel,
                                torch.float64 if ctx.dtype == torch.float64 else torch.float32,
                                codec.device)
-            _check_count(_decode_sum(ctx, received, ctx.header, 1.0, chunk_sum),
-                         ctx.process_set.size())
+            _decode_sum(ctx, received, ctx.header, 1.0, chunk_sum, ctx.process_set.size())
             reduced = codec.encode(chunk_sum, ctx.base_name + REDUCED, ctx.step, ctx.dtype,
                                    ctx.shape, ctx.label, first_round=False)
             self.state.count(payload_bytes=reduced.numel())
@@ -412,8 +411,7 @@ class TNQCompressor(CompressorBase, Compressor):
                                         f"{len(ctx.bounds)} ranks")
             end = core.codec.split(heads, offset).end
             expect = dataclasses.replace(ctx.header, numel=stop - start, num_exceptions=0)
-            _check_count(_decode_sum(ctx, gathered[offset:end], expect, scale,
-                                     total[start:stop]), 1)
+            _decode_sum(ctx, gathered[offset:end], expect, scale, total[start:stop], 1)
             offset = end
         if offset != heads.size:
             raise core.PayloadError(f"received {heads.size} bytes of reduced chunks, "
@@ -468,19 +466,16 @@ def _decode_parts(ctx, scale, total):
     still on the wire), into its place in ``total``."""
     size = ctx.process_set.size()
     for (start, stop), handle, header in zip(ctx.bounds, ctx.exchange, ctx.header):
-        _check_count(_decode_sum(ctx, ctx.codec.received(wait(handle)), header, scale,
-                                 total[start:stop]), size)
+        _decode_sum(ctx, ctx.codec.received(wait(handle)), header, scale, total[start:stop],
+                    size)
 
 
-def _decode_sum(ctx, received, expect, factor, out):
-    """ctx.codec.decode_sum(...), its time added to the tensor's metrics."""
+def _decode_sum(ctx, received, expect, factor, out, expected_count):
+    """ctx.codec.decode_sum(...), checking it found ``expected_count`` payloads; its time goes to
+    the tensor's metrics."""
     started = time.perf_counter()
     count = ctx.codec.decode_sum(received, expect, factor, out)
     ctx.codec.compressor.state.metrics.add_to_last(
         ctx.label, decode_seconds=time.perf_counter() - started)
-    return count
-
-
-def _check_count(count, expected):
-    if count != expected:
-        raise core.PayloadError(f"received {count} payloads, expected {expected}")
+    if count != expected_count:
+        raise core.PayloadError(f"received {count} payloads, expected {expected_count}")
