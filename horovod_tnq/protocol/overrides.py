@@ -9,9 +9,11 @@ in PyTorch, variable names in TensorFlow) to the settings that differ for matchi
 to None to send them uncompressed. The first matching pattern wins; unmatched tensors keep the
 compressor's own settings.
 
-Every resolved setting travels in each payload's header (scheme, bits, bucket) or in the
-first-step agreement of the compressor's settings, overrides included, so ranks that resolve a
-tensor differently get an error instead of collectives that never pair.
+The overrides join the first-step agreement of the compressor's settings, and each payload's
+header carries the scheme, bits and bucket it was made with, so ranks configured differently get
+an error instead of collectives that never pair. Tensor names must be the same on every rank:
+a tensor resolved differently on two ranks is caught by its header or probe, but in TensorFlow
+graphs a different ``part_elements`` or ``exchange`` still waits as Horovod would.
 """
 
 import fnmatch
@@ -40,7 +42,6 @@ class TensorSettings:
         self.config = config
         self.rules = _rules(config, overrides, given or {})
         self._resolved = {}
-        self._matched = set()
         self._checked_names = False
 
     def for_name(self, name):
@@ -51,7 +52,6 @@ class TensorSettings:
         if name not in self._resolved:
             for pattern, config in self.rules:
                 if fnmatch.fnmatchcase(name, pattern):
-                    self._matched.add(pattern)
                     self._resolved[name] = config
                     break
             else:
@@ -83,10 +83,6 @@ class TensorSettings:
         [[pattern, {setting: value} or None], ...]."""
         return [[pattern, None if config is None else _differences(self.config, config)]
                 for pattern, config in self.rules]
-
-    def configs(self):
-        """Every CompressorConfig some tensor may get."""
-        return [self.config] + [config for _, config in self.rules if config is not None]
 
     def reset(self):
         self._checked_names = False
