@@ -1,6 +1,7 @@
 """What the framework compressors share beyond the wire: construction, the default instance,
 the state, and each framework's ``get_compressor`` (no framework imports)."""
 
+import itertools
 import threading
 
 from ..core import SCHEMES
@@ -9,6 +10,7 @@ from .settings import CompressorConfig
 from .state import CompressorState
 
 HOROVOD_COMPRESSORS = ("none", "fp16")
+_INSTANCES = itertools.count()  # (next() on it is atomic under the GIL)
 
 
 def compressor_registry(quantizer_class, horovod_compression):
@@ -81,6 +83,9 @@ class CompressorBase:
         self.config = CompressorConfig(*args, **settings)
         self.settings = TensorSettings(self.config, overrides, given_settings(args, settings))
         self.state = CompressorState(self.config, self.settings.describe())
+        # compressors made in this process, in order (the same on every rank): names the
+        # collective of their first-use settings check
+        self._instance = next(_INSTANCES)
 
     @classmethod
     def default_instance(cls):

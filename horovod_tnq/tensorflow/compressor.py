@@ -9,9 +9,7 @@ stream, and the error-feedback residuals) lives in the compressor's ``state``
 (protocol/state.py), as in PyTorch, and is updated when the graph runs, not when it is traced.
 """
 
-import itertools
 import re
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -124,8 +122,6 @@ class TNQCompressor(CompressorBase, Compressor):
         self._plans_checked = set()  # tensors whose exchange plan all ranks share (eager)
         self._settings_agreed = False
         self._generation = 0  # reset() count: a graph traced before a reset must not run
-        with _instances_lock:  # made in the same order on every rank: names their check
-            self._instance = next(_instances)
 
     def should_compress(self, tensor, config=None):
         """Whether ``tensor`` is quantized with ``config`` (its settings; the compressor's by
@@ -395,8 +391,6 @@ class TNQCompressor(CompressorBase, Compressor):
 
 
 _TF = {np.float32: tf.float32, np.float64: tf.float64}
-_instances = itertools.count()  # compressors made in this process, in order
-_instances_lock = threading.Lock()
 
 
 

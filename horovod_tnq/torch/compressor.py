@@ -174,15 +174,10 @@ class TNQCompressor(CompressorBase, Compressor):
     a job whose ranks take different paths into an NCCL collective is untested.
     """
 
-    _instances = 0  # compressors made in this process, in order: names their settings check
-
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._in_flight = []  # reduce-scatter contexts between compress() and decompress()
         self._in_flight_lock = threading.Lock()
-        with self._in_flight_lock:
-            self._instance = TNQCompressor._instances
-            TNQCompressor._instances += 1
         self._settings_check = None  # the allgather of every rank's settings digest
         self._settings_agreed = False
 
