@@ -2,10 +2,10 @@
 
 A payload is a self-delimiting uint8 buffer, so several ranks' payloads can be concatenated by an
 allgather and walked through afterwards. Bucket i of ``bucket size`` consecutive elements decodes
-as ``offset[i] + scale[i] * table[code]``. Layout (little-endian), format version 3:
+as ``offset[i] + scale[i] * table[code]``. Layout (little-endian), format version 4:
 
     offset size  field
-    0      4     magic b"TNQ" + format version (3)
+    0      4     magic b"TNQ" + format version (4)
     4      1     scheme id (see SCHEMES)
     5      1     bits per code (1..8)
     6      1     dtype code of the original tensor (see DTYPE_CODES)
@@ -15,10 +15,14 @@ as ``offset[i] + scale[i] * table[code]``. Layout (little-endian), format versio
     20     4     number of non-finite exceptions
     24     4     shape tag (crc32 of the shape, to catch mismatched tensors)
     28     2     number of levels sent: 0 (the scheme's fixed table) or 2**bits (a fitted table)
-    30     2     reserved, 0
+    30     2     flags: bit 0 set when a zero-run section follows (other bits 0)
     32     16    rotating schemes only (Scheme.rotation): the sender's stream key (uint64), step
                  (uint32) and exponent e (int32; see SAFE_NORMS): what the decoder needs to undo
                  the rotation; the values decode times 2**e
+           ...   zero runs, if flagged: their count k (uint32), then k (start, length) pairs
+                 (uint32): maximal runs of at least MIN_ZERO_RUN exact zeros, ascending. They
+                 decode to exactly 0 and are left out of everything below, which describes the
+                 other ("coded") elements in order, as a payload of that many elements would
            ...   levels, if sent: float32, strictly ascending (the table for unit scale)
            ...   per-bucket parameters, float32 (float64 for float64 tensors): all scales, then
                  all offsets if there are two per bucket. A negative scale mirrors the bucket.
@@ -27,6 +31,9 @@ as ``offset[i] + scale[i] * table[code]``. Layout (little-endian), format versio
                  (rotation.padded_size elements), and bucket i decodes as the inverse rotation
                  of scale[i] * table[code]
 
+Version 4 added the zero runs (embedding rows that no rank touched, gradients of frozen or
+unused parameters: a rotation would otherwise spread its bucket's error into them, and Adam turns
+that noise into full steps); without zero runs its payloads are version 3's but for the magic.
 Version 3 added the rotation section; version 2 payloads of other schemes are laid out the same.
 Version 1 had no levels and one scale per bucket (bytes 7 and 28-31 reserved).
 
@@ -54,7 +61,7 @@ from .quantize import (LANES, bucket_statistic, fit_scales, lane_sums, per_eleme
                        stochastic_round)
 from .rng import key_words, uniform_noise
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MAGIC = b"TNQ" + bytes([FORMAT_VERSION])
 HEADER = struct.Struct("<4sBBBBQIIIHH")
 assert HEADER.size == 32
@@ -66,6 +73,15 @@ ROTATION = struct.Struct("<QIi")  # the sender's stream key, step, power-of-two 
 SAFE_NORMS = {np.dtype(np.float32): (2.0 ** -100, 2.0 ** 100),
               np.dtype(np.float64): (2.0 ** -450, 2.0 ** 450)}  # squares stay normal
 MAX_EXPONENT = 1100  # |e| a payload may carry
+
+# Runs of exact zeros at least this long travel as a (start, length) pair of 8 bytes instead of
+# codes: at 2 bits per element a run of 32 costs what its codes would, and every longer one
+# saves bytes. Shorter runs are coded as usual. Payloads of 2**32 elements or more (runs are
+# stored as uint32) and the schemes with their own body (already sparse) have none.
+MIN_ZERO_RUN = 32
+ZERO_RUNS_FLAG = 1
+RUN_COUNT = struct.Struct("<I")
+MAX_RUNS_NUMEL = (1 << 32) - 1
 
 # Buckets hold at most this many elements. Work arrays are padded to whole buckets, so a larger
 # bucket on a small tensor would allocate up to the bucket's size (16 GiB for 2**32 - 1); 2**24
@@ -234,6 +250,13 @@ class PayloadHeader:
     bucket_params: int = 1
     num_levels: int = 0
     body_size: int = None  # bytes of the body, for schemes with their own body (Scheme.body)
+    zero_runs: int = 0  # runs of zeros in the zero-run section (none: no section)
+    zeros: int = 0  # elements in those runs
+
+    @property
+    def coded_numel(self):
+        """Elements that the codes, scales and exceptions describe: those outside zero runs."""
+        return self.numel - self.zeros
 
     @classmethod
     def describe(cls, scheme, bits, dtype_name, numel, bucket_size, shape, num_exceptions=0):
@@ -253,7 +276,7 @@ class PayloadHeader:
 
     @property
     def num_buckets(self):
-        return -(-self.numel // self.bucket_size)
+        return -(-self.coded_numel // self.bucket_size)
 
     @property
     def rotated(self):
@@ -268,12 +291,17 @@ class PayloadHeader:
     def num_codes(self):
         """Codes in the payload: rotating schemes code their padded last bucket."""
         if self.rotated:
-            return rotation.padded_size(self.numel, self.bucket_size)
-        return self.numel
+            return rotation.padded_size(self.coded_numel, self.bucket_size)
+        return self.coded_numel
+
+    @property
+    def runs_size(self):
+        """Bytes of the zero-run section (none without runs)."""
+        return RUN_COUNT.size + 8 * self.zero_runs if self.zero_runs else 0
 
     def section_sizes(self):
         """Bytes of: levels, per-bucket parameters, exception indices, exception values, codes
-        (after the header and the rotation section)."""
+        (after the header, the rotation section and the zero runs)."""
         return (
             self.num_levels * 4,
             self.bucket_params * self.num_buckets * self.scale_dtype.itemsize,
@@ -286,12 +314,12 @@ class PayloadHeader:
     def total_size(self):
         if self.body_size is not None:
             return HEADER.size + 12 * self.num_exceptions + self.body_size
-        return HEADER.size + self.rotation_size + sum(self.section_sizes())
+        return HEADER.size + self.rotation_size + self.runs_size + sum(self.section_sizes())
 
     def pack(self):
         return HEADER.pack(MAGIC, self.scheme_id, self.bits, self.dtype_code, self.bucket_params,
                            self.numel, self.bucket_size, self.num_exceptions, self.shape_tag,
-                           self.num_levels, 0)
+                           self.num_levels, ZERO_RUNS_FLAG if self.zero_runs else 0)
 
 
 def encoded_size(numel, bits, bucket_size, dtype_name="float32", num_exceptions=0,
@@ -314,7 +342,9 @@ def encode(values, *, scheme="tnq", bits, bucket_size, key, step=0, dtype_name=N
     in ``dtype_name``); ``key`` and ``step`` seed the stochastic rounding (see rng.py);
     ``options`` holds the scheme's own settings (Scheme.options).
     The compiled kernel (native.py) does the element-wise work where it was built;
-    ``reference=True`` runs the numpy reference instead (the same bytes).
+    ``reference=True`` runs the numpy reference instead (the same bytes). Runs of at least
+    MIN_ZERO_RUN exact zeros travel as (start, length) and decode to exactly 0 (module
+    docstring); the scheme codes the other elements as if they were the whole tensor.
     """
     bits = check_bits(bits)
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
@@ -332,10 +362,68 @@ def encode(values, *, scheme="tnq", bits, bucket_size, key, step=0, dtype_name=N
         rotation.check_bucket_size(bucket_size)
     work = np.float64 if dtype_name == "float64" else np.float32
     flat = values.reshape(-1).astype(work, copy=False)
-    n = flat.size
-
     use_native = native.LIBRARY is not None and not reference and scheme.body is None
     shape = values.shape if shape is None else shape
+    runs = zero_runs(flat, use_native) if scheme.body is None else _NO_RUNS
+    if runs.size:
+        coded = flat[coded_mask(flat.size, runs)]
+        payload = _encode_flat(coded, scheme, bits, bucket_size, key, step, dtype_name, shape,
+                               options, use_native)
+        return _with_zero_runs(payload, flat.size, runs, scheme.rotation)
+    return _encode_flat(flat, scheme, bits, bucket_size, key, step, dtype_name, shape, options,
+                        use_native)
+
+
+_NO_RUNS = np.zeros((0, 2), dtype=np.int64)
+
+
+def zero_runs(flat, use_native=False):
+    """(start, length) rows, int64, of the maximal runs of at least MIN_ZERO_RUN exact zeros
+    (+0 or -0) in ``flat``; none for arrays of MAX_RUNS_NUMEL elements or more. ``use_native``:
+    the compiled kernel's single pass (the same runs)."""
+    if not MIN_ZERO_RUN <= flat.size <= MAX_RUNS_NUMEL:
+        return _NO_RUNS
+    if use_native:
+        return native.zero_runs(flat, MIN_ZERO_RUN)
+    zero = np.concatenate(([False], flat == 0, [False]))
+    edges = np.flatnonzero(zero[1:] != zero[:-1])
+    starts, lengths = edges[0::2], edges[1::2] - edges[0::2]
+    long = lengths >= MIN_ZERO_RUN
+    return np.stack([starts[long], lengths[long]], axis=1).astype(np.int64)
+
+
+def coded_mask(numel, runs):
+    """Boolean mask of the ``numel`` elements outside ``runs`` ((start, length) rows,
+    ascending, disjoint)."""
+    runs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+    ends = runs[:, 0] + runs[:, 1]
+    # alternating segments: coded before the first run, the run, coded before the next, ...
+    segments = np.empty(2 * len(runs) + 1, dtype=np.int64)
+    segments[0:-1:2] = runs[:, 0] - np.concatenate(([0], ends[:-1]))
+    segments[1::2] = runs[:, 1]
+    segments[-1] = numel - (ends[-1] if len(runs) else 0)
+    kinds = np.zeros(segments.size, dtype=bool)
+    kinds[0::2] = True
+    return np.repeat(kinds, segments)
+
+
+def _with_zero_runs(payload, numel, runs, rotated):
+    """A payload of the coded elements turned into the payload of all ``numel``: its header
+    takes the whole count and the flag, and the zero-run section follows the header (and the
+    rotation section)."""
+    fields = list(HEADER.unpack_from(payload))
+    fields[5], fields[10] = numel, ZERO_RUNS_FLAG  # numel, flags
+    head = HEADER.size + (ROTATION.size if rotated else 0)
+    return np.concatenate([np.frombuffer(HEADER.pack(*fields), dtype=np.uint8),
+                           payload[HEADER.size: head],
+                           np.frombuffer(RUN_COUNT.pack(len(runs)), dtype=np.uint8),
+                           runs.astype("<u4").reshape(-1).view(np.uint8), payload[head:]])
+
+
+def _encode_flat(flat, scheme, bits, bucket_size, key, step, dtype_name, shape, options,
+                 use_native):
+    """encode() of a flat float32/float64 array, without zero runs."""
+    n, work = flat.size, flat.dtype.type
     if scheme.rotation:
         return encode_rotated(flat, PayloadHeader.describe(scheme, bits, dtype_name, n,
                                                            bucket_size, shape), key, step,
@@ -508,7 +596,7 @@ def read_header(buf, offset=0, max_numel=None):
         raise PayloadError(f"truncated payload: {len(buf) - offset} bytes left at offset "
                            f"{offset}, a header needs {HEADER.size}")
     (magic, scheme_id, bits, dtype_code, bucket_params, numel, bucket, n_exc, tag, num_levels,
-     reserved) = HEADER.unpack_from(buf, offset)
+     flags) = HEADER.unpack_from(buf, offset)
     if magic[:3] != MAGIC[:3]:
         raise PayloadError(f"not a horovod_tnq payload (magic {magic!r} at offset {offset}); "
                            "corrupted data, or ranks disagree on which tensors are compressed")
@@ -536,13 +624,19 @@ def read_header(buf, offset=0, max_numel=None):
     except ValueError as exc:
         raise PayloadError(f"invalid payload header: {exc}") from None
     if bucket_params != scheme.bucket_params or num_levels != scheme.levels_sent(bits) or \
-            reserved:
+            flags & ~ZERO_RUNS_FLAG or (flags and scheme.body is not None):
         raise PayloadError(
-            f"invalid payload header: {bucket_params} parameters per bucket and {num_levels} "
-            f"levels sent, scheme {scheme.name!r} at {bits} bits has {scheme.bucket_params} and "
-            f"{scheme.levels_sent(bits)}")
+            f"invalid payload header: {bucket_params} parameters per bucket, {num_levels} "
+            f"levels sent and flags {flags}, scheme {scheme.name!r} at {bits} bits has "
+            f"{scheme.bucket_params} and {scheme.levels_sent(bits)}")
     header = PayloadHeader(scheme_id, bits, dtype_code, numel, bucket, n_exc, tag,
                            bucket_params, num_levels)
+    if flags:
+        runs = _read_runs(buf, offset + HEADER.size + header.rotation_size, numel)
+        header = replace(header, zero_runs=len(runs), zeros=int(runs[:, 1].sum()))
+        if n_exc > header.coded_numel:
+            raise PayloadError(f"invalid payload header ({n_exc} exceptions for "
+                               f"{header.coded_numel} coded elements)")
     if scheme.body is not None:
         header = replace(header, body_size=scheme.body.size(
             buf, offset + HEADER.size + 12 * n_exc, header))
@@ -550,6 +644,24 @@ def read_header(buf, offset=0, max_numel=None):
         raise PayloadError(f"truncated payload: {len(buf) - offset} bytes at offset {offset}, "
                            f"header says {header.total_size}")
     return header
+
+
+def _read_runs(buf, at, numel):
+    """The validated zero runs ((start, length) rows, int64) of the section at ``at``."""
+    if len(buf) - at < RUN_COUNT.size:
+        raise PayloadError("truncated payload: its zero-run section is missing")
+    (count,) = RUN_COUNT.unpack_from(buf, at)
+    if not 1 <= count <= numel // MIN_ZERO_RUN or len(buf) - at < RUN_COUNT.size + 8 * count:
+        raise PayloadError(f"invalid zero-run section: {count} runs in {len(buf) - at} bytes "
+                           f"for {numel} elements")
+    runs = np.frombuffer(buf, dtype="<u4", count=2 * count,
+                         offset=at + RUN_COUNT.size).reshape(-1, 2).astype(np.int64)
+    ends = runs[:, 0] + runs[:, 1]
+    if np.any(runs[:, 1] < MIN_ZERO_RUN) or np.any(runs[1:, 0] <= ends[:-1]) or \
+            ends[-1] > numel:
+        raise PayloadError(f"invalid zero-run section: runs must be at least {MIN_ZERO_RUN} "
+                           f"long, ascending, apart and within {numel} elements")
+    return runs
 
 
 @dataclass(frozen=True)
@@ -566,6 +678,7 @@ class Sections:
     packed: np.ndarray  # the bit-packed codes, or the body
     end: int  # offset just past the payload
     rotation: tuple = None  # rotating schemes: the sender's (key, step, exponent)
+    zero_runs: np.ndarray = None  # (start, length) rows of its zero runs, if it has any
 
 
 def split(buf, offset=0, max_numel=None):
@@ -580,6 +693,10 @@ def split(buf, offset=0, max_numel=None):
             raise PayloadError(f"invalid rotation section in payload: exponent {exponent}")
         turn = (key, step, exponent)
         at += ROTATION.size
+    runs = None
+    if header.zero_runs:
+        runs = _read_runs(buf, at, header.numel)
+        at += header.runs_size
     if header.body_size is not None:
         sizes = (0, 0, 8 * header.num_exceptions, 4 * header.num_exceptions, header.body_size)
     else:
@@ -589,9 +706,9 @@ def split(buf, offset=0, max_numel=None):
         parts.append(buf[at: at + size])
         at += size
     exc_idx, exc_val = parts[2].view("<u8"), parts[3].view("<f4")
-    if exc_idx.size and int(exc_idx.max()) >= header.numel:
+    if exc_idx.size and int(exc_idx.max()) >= header.coded_numel:
         raise PayloadError(f"exception index {int(exc_idx.max())} out of range for "
-                           f"{header.numel} elements")
+                           f"{header.coded_numel} coded elements")
     if header.body_size is not None:
         return Sections(header, None, None, None, exc_idx, exc_val, parts[4], at)
     if header.num_levels:
@@ -604,7 +721,8 @@ def split(buf, offset=0, max_numel=None):
     params = parts[1].view(header.scale_dtype).astype(np.float64)
     params = params.reshape(header.bucket_params, header.num_buckets)
     offsets = params[1] if header.bucket_params == 2 else None
-    return Sections(header, table, params[0], offsets, exc_idx, exc_val, parts[4], at, turn)
+    return Sections(header, table, params[0], offsets, exc_idx, exc_val, parts[4], at, turn,
+                    runs)
 
 
 def _check_codes(invalid, header, table):
@@ -616,6 +734,20 @@ def _check_codes(invalid, header, table):
 
 def _values(sections):
     """The decoded values (float64) of one payload: the numpy reference."""
+    return _spread(_coded_values(sections), sections)
+
+
+def _spread(coded, sections):
+    """The coded elements' values (float64) placed around the payload's zero runs."""
+    if sections.zero_runs is None:
+        return coded
+    values = np.zeros(sections.header.numel)
+    values[coded_mask(sections.header.numel, sections.zero_runs)] = coded
+    return values
+
+
+def _coded_values(sections):
+    """The decoded values (float64) of the coded elements of one payload."""
     header = sections.header
     if header.body_size is not None:
         values = SCHEMES_BY_ID[header.scheme_id].body.decode(sections.packed, header)
@@ -628,7 +760,7 @@ def _values(sections):
         values = sections.table[codes]
         values *= per_element(sections.scales, header.bucket_size, header.num_codes)
         if sections.offsets is not None:
-            values += per_element(sections.offsets, header.bucket_size, header.numel)
+            values += per_element(sections.offsets, header.bucket_size, header.coded_numel)
     values[sections.exception_indices] = sections.exception_values
     return values
 
@@ -643,7 +775,7 @@ def _rotated_values(sections, codes):
     values *= per_element(sections.scales.astype(work), header.bucket_size, header.num_codes)
     key, step, exponent = sections.rotation
     values = rotation.unrotate(values.reshape(-1, header.bucket_size), key, step)
-    values = np.ldexp(values[: header.numel].astype(np.float64), exponent)
+    values = np.ldexp(values[: header.coded_numel].astype(np.float64), exponent)
     values[sections.exception_indices] = sections.exception_values
     return values
 
@@ -699,6 +831,23 @@ def _may_overshoot(payloads, factor, out_dtype):
         factor, out_dtype)
 
 
+def _native_decode_sum(payloads, numel, factor, out_dtype, out=None):
+    """The compiled kernel's decode_sum of payloads of ``numel`` coded elements each."""
+    header = payloads[0].header
+    kernel = native.rotated_decode_sum if header.rotated else native.decode_sum
+    return kernel(payloads, numel, header.bucket_size, factor, out_dtype, out)
+
+
+def _payload_values(sections, use_native):
+    """_coded_values(sections), by the compiled kernel where it can (the same values)."""
+    if not use_native or sections.exception_indices.size:
+        return _coded_values(sections)
+    values, invalid = _native_decode_sum([sections], sections.header.coded_numel, 1.0,
+                                         np.float64)
+    _check_codes(invalid[0], sections.header, sections.table)
+    return values
+
+
 MATCHING_FIELDS = ("scheme_id", "bits", "dtype_code", "numel", "bucket_size", "shape_tag",
                    "bucket_params", "num_levels")
 
@@ -734,22 +883,26 @@ def decode_sum(buf, expect, factor=1.0, out_dtype=np.float64, reference=False, o
     if not payloads:
         raise PayloadError("no payload received")
     out_dtype = np.dtype(out_dtype)
-    # Non-finite exceptions are rare (an overflowing step): the reference handles them.
-    if native.LIBRARY is not None and not reference and \
-            SCHEMES_BY_ID[expect.scheme_id].body is None and \
-            not any(p.exception_indices.size for p in payloads):
-        kernel = native.rotated_decode_sum if expect.rotated else native.decode_sum
-        total, invalid = kernel(payloads, expect.numel, expect.bucket_size, factor, out_dtype,
-                                out)
+    use_native = native.LIBRARY is not None and not reference and \
+        SCHEMES_BY_ID[expect.scheme_id].body is None
+    # Non-finite exceptions are rare (an overflowing step): the reference handles them. Payloads
+    # with zero runs are decoded one by one and added around their runs.
+    if use_native and not any(p.exception_indices.size or p.zero_runs is not None
+                              for p in payloads):
+        total, invalid = _native_decode_sum(payloads, expect.numel, factor, out_dtype, out)
         for sections, count in zip(payloads, invalid):
             _check_codes(count, sections.header, sections.table)
         if _may_overshoot(payloads, factor, out_dtype):  # no exceptions here: every inf is one
             overshoot = np.isinf(total)
             total[overshoot] = np.copysign(np.finfo(out_dtype).max, total[overshoot])
         return total, len(payloads)
-    total = _values(payloads[0])
+    total = _spread(_payload_values(payloads[0], use_native), payloads[0])
     for sections in payloads[1:]:
-        total += _values(sections)
+        values = _payload_values(sections, use_native)
+        if sections.zero_runs is None:
+            total += values
+        else:
+            total[coded_mask(sections.header.numel, sections.zero_runs)] += values
     total *= factor
     if _may_overshoot(payloads, factor, out_dtype):
         limit = np.finfo(out_dtype).max

@@ -164,7 +164,7 @@ def laplace_table_error(scheme_id, bits):
 def _bucket_counts(header):
     counts = np.full(header.num_buckets, header.bucket_size, dtype=np.float64)
     if counts.size:
-        counts[-1] = header.numel - header.bucket_size * (counts.size - 1)
+        counts[-1] = header.coded_numel - header.bucket_size * (counts.size - 1)
     return counts
 
 
@@ -212,7 +212,7 @@ def estimate_error(payload):
     name = codec.SCHEMES_BY_ID[header.scheme_id].name
     if COVERED_SCHEMES.get(name, 99) > header.bits:
         return None
-    if header.numel == 0:
+    if header.coded_numel == 0:  # (zero runs decode exactly: no error, no norm)
         return 0.0, 0.0
     scales = sections.scales
     if name == "tnq-rht":

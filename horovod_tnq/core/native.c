@@ -1187,6 +1187,47 @@ HOT void tnq_rotated_decode_sum(int payloads, const uint8_t *const *packed, cons
     }
 }
 
+/* Runs of at least min_run consecutive exact zeros (+0 or -0; NaN is not zero) in x[0..n): their
+ * (start, length) pairs, in order, go to runs[0..2*capacity) and the number of runs found is
+ * returned (which may exceed capacity: callers count first with capacity 0, then fill). Blocks of
+ * ZERO_SCAN elements without a zero are skipped by a min-reduction the compiler vectorizes, so a
+ * dense gradient costs one streaming read. Bits are compared with the sign masked off. */
+#define ZERO_SCAN 64
+#define DEFINE_ZERO_RUNS(NAME, U, MASK)                                                        \
+    HOT int64_t NAME(const void *data, int64_t n, int64_t min_run, int64_t *runs,              \
+                     int64_t capacity) {                                                       \
+        const U *u = (const U *)data;                                                          \
+        int64_t count = 0, i = 0;                                                              \
+        while (i < n) {                                                                        \
+            if (i + ZERO_SCAN <= n) {                                                          \
+                U least = (U)~(U)0;                                                            \
+                for (int64_t j = 0; j < ZERO_SCAN; j++) {                                      \
+                    U m = u[i + j] & (MASK);                                                   \
+                    least = m < least ? m : least;                                             \
+                }                                                                              \
+                if (least != 0) {                                                              \
+                    i += ZERO_SCAN;                                                            \
+                    continue;                                                                  \
+                }                                                                              \
+            }                                                                                  \
+            int64_t stop = i + ZERO_SCAN < n ? i + ZERO_SCAN : n;                              \
+            while (i < stop && (u[i] & (MASK)) != 0) i++;                                      \
+            if (i == stop) continue;                                                           \
+            int64_t start = i;                                                                 \
+            while (i < n && (u[i] & (MASK)) == 0) i++;                                         \
+            if (i - start >= min_run) {                                                        \
+                if (count < capacity) {                                                        \
+                    runs[2 * count] = start;                                                   \
+                    runs[2 * count + 1] = i - start;                                           \
+                }                                                                              \
+                count++;                                                                       \
+            }                                                                                  \
+        }                                                                                      \
+        return count;                                                                          \
+    }
+DEFINE_ZERO_RUNS(tnq_zero_runs_f32, uint32_t, 0x7FFFFFFFu)
+DEFINE_ZERO_RUNS(tnq_zero_runs_f64, uint64_t, 0x7FFFFFFFFFFFFFFFull)
+
 #ifdef TNQ_PYTHON_MODULE
 /* setup.py builds this file as a Python extension so that pip places it in the package; it is
  * importable, but its functions are reached through ctypes (native.py). */

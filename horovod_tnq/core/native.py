@@ -47,6 +47,9 @@ def _load():
                                                _ptr, _ptr, _i64, _i64, _i32, _f64, _ptr, _ptr,
                                                _ptr, _ptr, _ptr]
     library.tnq_rotated_decode_sum.restype = None
+    for name in ("tnq_zero_runs_f32", "tnq_zero_runs_f64"):
+        getattr(library, name).argtypes = [_ptr, _i64, _i64, _ptr, _i64]
+        getattr(library, name).restype = _i64
     library.tnq_set_vector_path.argtypes = [_i32]
     library.tnq_set_vector_path.restype = _i32
     library.tnq_keep_denormals.argtypes = []
@@ -121,6 +124,18 @@ def quantize_pack(flat, bucket_size, divisors, table, key_words, step, bits, off
              None if offsets is None else _address(offsets), _address(table), table.size, lo, hi,
              int(step) & 0xFFFFFFFF, bits, int(bool(nearest)), _address(out))
     return out
+
+
+def zero_runs(flat, min_run):
+    """codec.zero_runs in one streaming pass: (start, length) rows of flat's runs of at least
+    ``min_run`` exact zeros, as int64."""
+    flat = np.ascontiguousarray(flat)
+    function = getattr(LIBRARY, f"tnq_zero_runs_{_suffix(flat.dtype)}")
+    count = function(_address(flat), flat.size, min_run, None, 0)
+    runs = np.empty((count, 2), dtype=np.int64)
+    if count:
+        function(_address(flat), flat.size, min_run, _address(runs), count)
+    return runs
 
 
 def set_vector_path(avx512):

@@ -13,13 +13,20 @@ VALUES = np.random.default_rng(0).standard_normal(3000).astype(np.float32)
 VALUES[[10, 20]] = [np.nan, -np.inf]  # payloads with exceptions too
 
 
-def payload_of(name):
+# and payloads with a zero-run section (codec.MIN_ZERO_RUN)
+ZEROED = VALUES.copy()
+ZEROED[[*range(100, 180), *range(1500, 1540)]] = 0
+
+
+def payload_of(name, values=VALUES):
     bits = next(b for b in (4, 2, 1) if core.supports(name, b))
-    return core.encode(VALUES, scheme=name, bits=bits, bucket_size=256, key=1,
+    return core.encode(values, scheme=name, bits=bits, bucket_size=256, key=1,
                        options=OPTIONS.get(name))
 
 
 PAYLOADS = {name: payload_of(name) for name in core.SCHEMES}
+PAYLOADS.update({f"{name} zero runs": payload_of(name, ZEROED)
+                 for name, scheme in core.SCHEMES.items() if scheme.body is None})
 NAMES = sorted(PAYLOADS)
 
 mutation = st.one_of(

@@ -8,8 +8,9 @@ decode, the payloads' 48-byte heads to check them against ``expect``.
 Rare paths run the core on the host and copy the result back (the same bytes, so ranks mixing
 both still agree):
 * encode: tensors with non-finite elements (their payload carries exceptions, laid out before
-  the codes), and tnq-rht tensors whose bucket norms leave codec.SAFE_NORMS (the payload then
-  carries a power-of-two exponent);
+  the codes), tnq-rht tensors whose bucket norms leave codec.SAFE_NORMS (the payload then
+  carries a power-of-two exponent), and tensors with runs of codec.MIN_ZERO_RUN exact zeros
+  (their payload carries the runs: embedding gradients, every step);
 * decode_sum: payloads with exceptions or a nonzero exponent, and anything that is not exactly
   the expected header (the core then raises its PayloadError, naming the field).
 """
@@ -224,10 +225,26 @@ def encode(tensor, *, scheme="tnq-rht", bits, bucket_size, key, step=0, dtype_na
         payload, rare = _encode_rotated(kernels, flat, header, key, step)
     else:
         payload, rare = _encode_tnq(kernels, flat, header, key, step)
+    zero_run = _zero_run_found(flat)
+    rare = zero_run if rare is None else rare | zero_run
     # One small read-back per tensor: whether a rare path (module docstring) is needed.
-    if rare is not None and bool(rare.item()):
+    if bool(rare.item()):
         return _host_encode(flat, **args)
     return payload
+
+
+def _zero_run_found(flat):
+    """Whether ``flat`` holds a run of at least codec.MIN_ZERO_RUN exact zeros (a device bool),
+    which the payload must carry as a zero run (core.codec.zero_runs)."""
+    import torch
+    run = core.MIN_ZERO_RUN
+    if not run <= flat.numel() <= core.MAX_RUNS_NUMEL:
+        return torch.zeros((), dtype=torch.bool, device=flat.device)
+    count_dtype = torch.int32 if flat.numel() < (1 << 31) else torch.int64
+    zeros = torch.cumsum((flat == 0).to(count_dtype), 0)
+    windows = zeros[run - 1:].clone()  # zeros among each run elements ending there
+    windows[1:] -= zeros[: -run]
+    return (windows == run).any()
 
 
 def _host_encode(flat, **args):
@@ -331,10 +348,11 @@ def _valid_expect(expect):
 
 def _fast_layout(buf, expect):
     """(payload size, number of payloads, [(key, step)] for rotated ones) when every payload in
-    ``buf`` is exactly ``expect`` without exceptions (and exponent 0); None otherwise."""
+    ``buf`` is exactly ``expect`` without exceptions (and exponent 0) or zero runs; None
+    otherwise."""
     if not _valid_expect(expect):
         return None
-    plain = replace(expect, num_exceptions=0)
+    plain = replace(expect, num_exceptions=0, zero_runs=0, zeros=0)
     size = plain.total_size
     if buf.numel() == 0 or buf.numel() % size:
         return None
@@ -390,7 +408,7 @@ def decode_sum(payloads, expect, factor=1.0, out_dtype=None, out=None):
     result = out.view(-1) if out is not None else torch.empty(n, dtype=out_dtype, device=device)
     if n == 0:
         return (result if out is None else out), count
-    plain = replace(expect, num_exceptions=0)
+    plain = replace(expect, num_exceptions=0, zero_runs=0, zeros=0)
     nb, bits = plain.num_buckets, plain.bits
     itemsize = plain.scale_dtype.itemsize
     at = core.HEADER.size + plain.rotation_size

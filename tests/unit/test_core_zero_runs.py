@@ -1,0 +1,175 @@
+"""Exact zeros: runs of at least MIN_ZERO_RUN exact zeros (embedding rows no rank touched, the
+gradients of frozen parameters) travel as (start, length) and decode to exactly 0, for every
+scheme with level tables, on the numpy reference and the compiled kernel alike."""
+
+import numpy as np
+import pytest
+
+from horovod_tnq import core
+from horovod_tnq.core import codec, native
+
+RUN = codec.MIN_ZERO_RUN
+CASES = [(name, bits) for name, scheme in core.SCHEMES.items() if scheme.body is None
+         for bits in (1, 2, 4, 8) if core.supports(name, bits)]
+
+
+def embedding_gradient(rows=300, dim=48, touched=40, dtype=np.float32, seed=0):
+    """An embedding's gradient: most rows untouched (exactly zero), the rest dense."""
+    rng = np.random.default_rng(seed)
+    grad = np.zeros((rows, dim), dtype=dtype)
+    grad[rng.choice(rows, touched, replace=False)] = rng.standard_normal((touched, dim))
+    return grad
+
+
+def runs_of(flat):
+    """The maximal runs of zeros of length >= RUN, by a plain loop (the definition)."""
+    runs, start = [], None
+    for i, value in enumerate(list(flat) + [1.0]):
+        if value == 0 and start is None:
+            start = i
+        elif value != 0 and start is not None:
+            if i - start >= RUN:
+                runs.append((start, i - start))
+            start = None
+    return runs
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("seed", range(6))
+def test_zero_runs_are_the_maximal_long_runs_on_both_paths(dtype, seed):
+    rng = np.random.default_rng(seed)
+    flat = rng.standard_normal(5000).astype(dtype)
+    for _ in range(25):  # runs of every length around RUN and the scan's block of 64
+        start, length = rng.integers(0, 5000), rng.integers(1, 3 * RUN + 70)
+        flat[start: start + length] = rng.choice([0.0, -0.0])
+    flat[:RUN] = 0.0  # at the start, and up to the end
+    flat[-RUN - 1:] = -0.0
+    flat[2000] = np.nan  # NaN is not a zero
+    expected = runs_of(flat)
+    assert [tuple(r) for r in codec.zero_runs(flat)] == expected
+    assert [tuple(r) for r in native.zero_runs(flat, RUN)] == expected
+    mask = codec.coded_mask(flat.size, codec.zero_runs(flat))
+    assert mask.sum() == flat.size - sum(length for _, length in expected)
+    assert np.all(flat[~mask] == 0)
+
+
+@pytest.mark.parametrize("name,bits", CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_zero_rows_decode_to_exactly_zero(name, bits, dtype):
+    grad = embedding_gradient(dtype=dtype)
+    flat = grad.reshape(-1)
+    options = dict(scheme=name, bits=bits, bucket_size=64 if name != "tnq-rht" else 128,
+                   key=core.stream_key(3, 0, "embed"), step=2, shape=grad.shape)
+    payload = core.encode(grad, **options)
+    assert np.array_equal(payload, core.encode(grad, reference=True, **options))
+    header = core.read_header(payload)
+    runs = codec.zero_runs(flat)
+    assert header.zero_runs == len(runs) > 0
+    assert header.coded_numel == np.count_nonzero(flat)
+    values, _, _ = core.decode(payload)
+    untouched = ~grad.any(axis=1)
+    assert np.all(values.reshape(grad.shape)[untouched] == 0)
+    # the other elements decode as a payload of just them would
+    mask = codec.coded_mask(flat.size, runs)
+    coded_only = core.encode(flat[mask], **options)
+    assert np.array_equal(values[mask], core.decode(coded_only)[0])
+    # and the payload is that one's plus the run section (8 bytes a run, 4 for the count)
+    assert payload.size == coded_only.size + 4 + 8 * len(runs)
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_decode_sum_adds_payloads_around_their_own_runs(reference):
+    grads = [embedding_gradient(seed=rank) for rank in range(3)] + \
+        [np.random.default_rng(9).standard_normal((300, 48)).astype(np.float32)]  # none
+    payloads = [core.encode(g, scheme="tnq-rht", bits=2, bucket_size=256,
+                            key=core.stream_key(1, rank, "e"), step=0)
+                for rank, g in enumerate(grads)]
+    buf = np.concatenate(payloads)
+    expect = core.PayloadHeader.describe("tnq-rht", 2, "float32", grads[0].size, 256,
+                                         grads[0].shape)
+    total, count = core.decode_sum(buf, expect, 0.25, np.float32, reference=reference)
+    assert count == 4
+    one_by_one = sum(core.decode(p)[0] for p in payloads) * 0.25
+    assert np.array_equal(total, one_by_one.astype(np.float32))
+    same, _ = core.decode_sum(buf, expect, 0.25, np.float32, reference=not reference)
+    assert same.tobytes() == total.tobytes()
+    out = np.full(grads[0].size, np.nan, np.float32)
+    core.decode_sum(buf[: sum(p.size for p in payloads[:3])], expect, 1.0, np.float32, out=out)
+    untouched_everywhere = ~np.any([g.any(axis=1) for g in grads[:3]], axis=0)
+    assert np.all(out.reshape(300, 48)[untouched_everywhere] == 0)
+
+
+@pytest.mark.parametrize("name", ["tnq-rht", "tnq", "maxmin"])
+def test_all_zero_tensor_and_short_runs(name):
+    zeros = np.zeros(1000, np.float32)
+    payload = core.encode(zeros, scheme=name, bits=2, bucket_size=128, key=1)
+    header = core.read_header(payload)
+    assert (header.zero_runs, header.coded_numel) == (1, 0)
+    assert np.all(core.decode(payload)[0] == 0)
+    assert core.estimate_error(payload) in (None, (0.0, 0.0))
+    short = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    short[100: 100 + RUN - 1] = 0  # one zero short of a run: coded as usual
+    assert core.read_header(core.encode(short, scheme=name, bits=2, bucket_size=128,
+                                        key=1)).zero_runs == 0
+
+
+def test_error_estimate_counts_only_coded_elements():
+    grad = embedding_gradient(rows=2000, dim=64, touched=200)
+    payload = core.encode(grad, scheme="tnq-rht", bits=2, bucket_size=512, key=7)
+    error, norm = core.estimate_error(payload)
+    decoded = core.decode(payload)[0]
+    assert 0.8 < norm / float(np.sum(grad.astype(np.float64) ** 2)) < 1.2
+    assert 0.7 < error / float(np.sum((decoded - grad.reshape(-1)) ** 2)) < 1.4
+
+
+def bad_runs(payload, runs):
+    """``payload`` (a zero-run payload of tnq) with its run pairs replaced."""
+    head = core.HEADER.size
+    out = payload.copy()
+    pairs = np.asarray(runs, dtype="<u4").reshape(-1).view(np.uint8)
+    out[head + 4: head + 4 + pairs.size] = pairs
+    return out
+
+
+@pytest.mark.parametrize("runs,why", [
+    ([(0, 40), (30, 40)], "ascending, apart"),  # overlapping
+    ([(0, 40), (40, 40)], "ascending, apart"),  # touching: not maximal
+    ([(0, 40), (100, 5)], "at least"),  # too short
+    ([(0, 40), (990, 40)], "within"),  # beyond the tensor
+])
+def test_invalid_zero_runs_are_refused(runs, why):
+    values = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    values[0:40] = 0
+    values[200:240] = 0
+    payload = core.encode(values, scheme="tnq", bits=2, bucket_size=128, key=1)
+    assert core.read_header(payload).zero_runs == 2
+    with pytest.raises(core.PayloadError, match=why):
+        core.decode(bad_runs(payload, runs))
+    flagged = core.encode(np.ones(1000, np.float32), scheme="tnq", bits=2, bucket_size=128,
+                          key=1).copy()
+    flagged[30] = codec.ZERO_RUNS_FLAG  # a flag without its section
+    with pytest.raises(core.PayloadError):
+        core.decode(flagged)
+
+
+def test_gpu_codec_makes_the_cores_zero_run_payloads():
+    """The GPU codec (core/gpu) gives such tensors to the core on the host (its rare path) and
+    decodes their payloads there too: the same bytes and sums either way."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    from horovod_tnq.core import gpu
+    if not gpu.available():
+        pytest.skip("the GPU codec is not available here")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    grad = embedding_gradient(rows=64, dim=40, touched=10)
+    key = core.stream_key(2, 0, "embed")
+    for scheme in ("tnq-rht", "tnq"):
+        payload = gpu.encode(torch.from_numpy(grad).to(device), scheme=scheme, bits=2,
+                             bucket_size=64, key=key, step=1)
+        expected = core.encode(grad, scheme=scheme, bits=2, bucket_size=64, key=key, step=1)
+        assert np.array_equal(payload.cpu().numpy(), expected)
+        expect = core.PayloadHeader.describe(scheme, 2, "float32", grad.size, 64, grad.shape)
+        total, count = gpu.decode_sum(payload, expect, 1.0, out_dtype=torch.float32)
+        assert count == 1
+        assert np.array_equal(total.cpu().numpy(), core.decode_sum(expected, expect, 1.0,
+                                                                  np.float32)[0])
