@@ -7,7 +7,7 @@ So each compressor, inside the stock interface:
    every rank pairs the same tensors, and picks its exchange and payloads (plan.py);
 2. encodes each payload (state.py: error feedback, the step that seeds the random stream) and
    starts its allgather, or the alltoall of the reduce-scatter;
-3. returns a three-element *probe* instead of the gradient, which Horovod allreduces with the
+3. returns a small *probe* instead of the gradient, which Horovod allreduces with the
    caller's op and scale factors (probe.py);
 4. in ``decompress(probe, ctx)`` waits for the exchange, decodes and sums every rank's payload,
    and scales the sum by what the probe reveals.
@@ -22,20 +22,23 @@ from .naming import CollectiveNamer, gradient_owner, horovod_call_site
 from .overrides import TENSOR_SETTINGS, TensorSettings
 from .plan import (REDUCED, WHOLE, Pending, choose_exchange, chunk_bounds, part_bounds,
                    part_names, plan)
-from .probe import (MISMATCH, PROBE_TOLERANCE, UNSUPPORTED_OP, plan_code, probe_values,
-                    reduction_scale)
+from .probe import (JOINED, MISMATCH, PROBE_TOLERANCE, UNSUPPORTED_OP, ProbeReading,
+                    cached_exchange_under_join, exchange_refused_by_join, plan_code,
+                    probe_values, read_probe, reduction_scale)
 from .settings import (DEFAULT_SCHEME, EXCHANGES, SETTINGS_BYTES, CompressorConfig,
                        check_settings_agree, scheme_option_names, settings_buffer,
                        settings_differences, settings_text)
 from .state import CompressorState, new_stats
 
 __all__ = [
-    "DEFAULT_SCHEME", "EXCHANGES", "MISMATCH", "PROBE_TOLERANCE", "REDUCED", "SETTINGS_BYTES",
-    "UNSUPPORTED_OP", "WHOLE", "CollectiveNamer", "CompressorBase", "CompressorConfig",
-    "CompressorState", "DefaultInstanceMethod", "Pending", "choose_exchange", "chunk_bounds",
+    "DEFAULT_SCHEME", "EXCHANGES", "JOINED", "MISMATCH", "PROBE_TOLERANCE", "REDUCED",
+    "SETTINGS_BYTES", "UNSUPPORTED_OP", "WHOLE", "CollectiveNamer", "CompressorBase",
+    "CompressorConfig",
+    "CompressorState", "DefaultInstanceMethod", "Pending", "ProbeReading",
+    "cached_exchange_under_join", "exchange_refused_by_join", "choose_exchange", "chunk_bounds",
     "TENSOR_SETTINGS", "TensorSettings", "check_settings_agree", "compressor_registry",
     "gradient_owner",
     "horovod_call_site", "new_stats", "part_bounds", "part_names", "plan",
-    "plan_code", "probe_values", "reduction_scale", "scheme_option_names",
+    "plan_code", "probe_values", "read_probe", "reduction_scale", "scheme_option_names",
     "settings_buffer", "settings_differences", "settings_text",
 ]

@@ -21,9 +21,10 @@ from horovod.tensorflow.compression import Compressor
 
 from .. import core
 from ..core import native
-from ..protocol import (REDUCED, CompressorBase, DefaultInstanceMethod, Pending,
-                        check_settings_agree, gradient_owner, horovod_call_site, plan, plan_code,
-                        probe_values, reduction_scale, settings_buffer)
+from ..protocol import (JOINED, REDUCED, CompressorBase, DefaultInstanceMethod, Pending,
+                        cached_exchange_under_join, check_settings_agree,
+                        exchange_refused_by_join, gradient_owner, horovod_call_site, plan,
+                        plan_code, probe_values, read_probe, reduction_scale, settings_buffer)
 
 # What the core reads: float64 stays, every other float goes as float32, which holds float16 and
 # bfloat16 exactly (numpy has no bfloat16), as in the PyTorch adapter.
@@ -99,6 +100,9 @@ class _Pending(Pending):
     runtime_shape: Any = None  # the tensor's shape as a tensor, where its static shape is partial
     source: Any = None  # the tensor compress() was given (see _without_gradient)
     config: Any = None  # the tensor's settings (the compressor's overrides)
+    # eager: this rank's payloads (allgather: one per part; reduce-scatter: (payload, splits)),
+    # summed by allreduce where Horovod refused the exchange because a rank has joined
+    sent: Any = None
 
 
 class TNQCompressor(CompressorBase, Compressor):
@@ -158,9 +162,11 @@ class TNQCompressor(CompressorBase, Compressor):
         with tf.init_scope():
             if not tf.executing_eagerly():  # TF1-style graphs: the probe checks each tensor
                 return
-            gathered = hvd.allgather(
+            gathered = _eager_exchange(lambda: hvd.allgather(
                 tf.constant(settings_buffer(self.config, self.settings.describe())),
-                name=f"horovod_tnq.settings.tf.{self._instance}", process_set=process_set)
+                name=f"horovod_tnq.settings.tf.{self._instance}", process_set=process_set))
+            if gathered is None:  # a rank has joined: checked again at the next compress()
+                return
             check_settings_agree(self.config, gathered.numpy(), self.settings.describe())
         self._settings_agreed = True
 
@@ -171,7 +177,8 @@ class TNQCompressor(CompressorBase, Compressor):
         (one small allreduce per tensor and process; graphs check the probe after the
         exchange, whose ops do not block the Python thread)."""
         code = plan_code(kind, bounds)
-        probe = hvd.allreduce(tf.constant(probe_values(process_set.rank(), code), tf.float32),
+        probe = hvd.allreduce(tf.constant(probe_values(process_set.rank(), code,
+                                                       process_set.size()), tf.float32),
                               op=hvd.Sum, name=_op_name(collective_name + ".plan"),
                               process_set=process_set)
         reduction_scale(probe.numpy().tolist(), process_set.size(), code)
@@ -259,13 +266,14 @@ class TNQCompressor(CompressorBase, Compressor):
             return payloads
 
         if kind == "allgather":  # one allgather per part: each goes once it is encoded
-            exchange = []
+            exchange, sent = [], []
             for job, part in zip(jobs, parts):
                 payload = numpy_call(lambda v, s, job=job: encode(v, s, [job])[0],
                                      [values, step], tf.uint8)
                 payload.set_shape([None])  # non-finite elements and some schemes add bytes
-                exchange.append(hvd.allgather(payload, name=_op_name(collective_name + part),
-                                              process_set=process_set))
+                sent.append(payload)
+                exchange.append(_eager_exchange(lambda payload=payload, part=part: hvd.allgather(
+                    payload, name=_op_name(collective_name + part), process_set=process_set)))
         else:  # one alltoall: the chunk for each owner rank, in rank order
             def encode_chunks(values, step):
                 payloads = encode(values, step, jobs)
@@ -274,14 +282,18 @@ class TNQCompressor(CompressorBase, Compressor):
             payload, splits = numpy_call(encode_chunks, [values, step], [tf.uint8, tf.int32])
             payload.set_shape([None])
             splits.set_shape([len(jobs)])
-            exchange, _ = hvd.alltoall(payload, splits=splits, name=collective_name,
-                                       process_set=process_set)
+            sent = (payload, splits)
+            exchange = _eager_exchange(lambda: hvd.alltoall(payload, splits=splits,
+                                                            name=collective_name,
+                                                            process_set=process_set))
+            exchange = None if exchange is None else exchange[0]
         runtime_shape = None if tensor.shape.is_fully_defined() else tf.shape(tensor,
                                                                               tf.int64)
         pending = _Pending(exchange, None, base_name, tensor.shape, tensor.dtype, process_set,
                            None, kind, bounds, collective_name, step, runtime_shape=runtime_shape,
-                           source=tensor, config=config, label=label)
-        probe = probe_values(process_set.rank(), plan_code(kind, bounds))
+                           source=tensor, config=config, label=label,
+                           sent=sent if eager else None)
+        probe = probe_values(process_set.rank(), plan_code(kind, bounds), process_set.size())
         return tf.constant(probe, tf.float32), pending
 
     @DefaultInstanceMethod
@@ -293,8 +305,15 @@ class TNQCompressor(CompressorBase, Compressor):
         size = ctx.process_set.size()
         code = plan_code(ctx.kind, ctx.bounds)
         if tf.executing_eagerly():
-            scale = reduction_scale(np.asarray(tensor).tolist(), size, code)
-            total = self._reduce(ctx, scale)
+            reading = read_probe(np.asarray(tensor).tolist(), size, code)
+            joined = sorted(set(range(size)) - set(reading.ranks))
+            if _refused_by_join(ctx):
+                total = self._sum_joined(ctx, reading.scale)
+            elif joined:
+                exchange = "allgather" if ctx.kind == "allgather" else "alltoall"
+                raise RuntimeError(cached_exchange_under_join(joined, exchange))
+            else:
+                total = self._reduce(ctx, reading.scale)
         else:
             # No check may fail before both collectives have completed on this rank: a rank
             # that aborted its graph early would leave the others waiting in Horovod forever.
@@ -317,6 +336,35 @@ class TNQCompressor(CompressorBase, Compressor):
         if count != expected_count:
             raise core.PayloadError(f"received {count} payloads, expected {expected_count}")
         return total
+
+    def _sum_joined(self, ctx, scale):
+        """Eagerly, ``scale`` times the sum of the contributing ranks' payloads of ``ctx``, where
+        Horovod refused the exchange because a rank has called hvd.join(): each contributing
+        rank decodes its own payloads and one allreduce, to which the joined ranks contribute
+        zeros, sums them (as the PyTorch adapter's _sum_joined, which says why)."""
+        shape = tuple(ctx.shape) if ctx.runtime_shape is None else \
+            tuple(int(d) for d in ctx.runtime_shape)
+        numel = int(np.prod(shape))
+        bounds = [(start, numel if stop is None else stop) for start, stop in ctx.bounds]
+        out_dtype = np.float32 if ctx.dtype == tf.float32 else np.float64
+        if ctx.kind == "allgather":
+            payloads = list(ctx.sent)
+        else:
+            payload, splits = (np.asarray(x) for x in ctx.sent)
+            payloads = np.split(payload, np.cumsum(splits)[:-1])
+
+        def decode_own(*payloads):
+            own = aligned_empty(numel, out_dtype)
+            for (start, stop), payload in zip(bounds, payloads):
+                self._decode_sum(ctx, payload, self._expect(ctx.config, stop - start,
+                                                            ctx.dtype.name, shape),
+                                 1.0, out_dtype, 1, out=own[start:stop])
+            return own.reshape(shape)
+
+        own = numpy_call(decode_own, payloads, _TF[out_dtype])
+        summed = hvd.allreduce(own, op=hvd.Sum, name=_op_name(ctx.collective_name + JOINED),
+                               process_set=ctx.process_set)
+        return summed * tf.constant(scale, summed.dtype)
 
     def _reduce(self, ctx, scale):
         """``scale`` times the sum over ranks of the tensor of ``ctx``, in its shape, float32
@@ -393,7 +441,30 @@ class TNQCompressor(CompressorBase, Compressor):
 _TF = {np.float32: tf.float32, np.float64: tf.float64}
 
 
+def _eager_exchange(start):
+    """start(), a collective of the exchange (an allgather or alltoall); eagerly, None where
+    Horovod refused it because a rank has called hvd.join() (it refuses it on every rank that
+    started it). In a graph the refusal fails the graph's run (docs/limits.md)."""
+    if not tf.executing_eagerly():
+        return start()
+    try:
+        return start()
+    except Exception as error:  # tf.errors.*, with Horovod's message
+        if exchange_refused_by_join(error):
+            return None
+        raise
 
+
+def _refused_by_join(ctx):
+    """Whether Horovod refused the eager exchange of ``ctx`` (all of it, or none: a rank that
+    joins has started all of a tensor's collectives or none)."""
+    answers = ctx.exchange if ctx.kind == "allgather" else [ctx.exchange]
+    refused = [answer is None for answer in answers]
+    if any(refused) and not all(refused):
+        raise RuntimeError(f"Horovod refused some of the allgathers of {ctx.base_name!r} "
+                           "because a rank has joined (hvd.join()), and ran others: its parts "
+                           "cannot be summed")
+    return all(refused)
 
 
 def _op_name(name):

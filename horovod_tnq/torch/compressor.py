@@ -10,6 +10,7 @@ codec runs where the tensor's data is best handled (``HostCodec``: the core on t
 import dataclasses
 import threading
 import time
+from typing import Any
 
 import horovod.torch as hvd
 import numpy as np
@@ -17,9 +18,10 @@ import torch
 from horovod.torch.compression import Compressor
 
 from .. import core
-from ..protocol import (REDUCED, CompressorBase, DefaultInstanceMethod, Pending,
-                        check_settings_agree, gradient_owner, horovod_call_site, plan, plan_code,
-                        probe_values, reduction_scale, settings_buffer)
+from ..protocol import (JOINED, REDUCED, CompressorBase, DefaultInstanceMethod, Pending,
+                        cached_exchange_under_join, check_settings_agree,
+                        exchange_refused_by_join, gradient_owner, horovod_call_site, plan,
+                        plan_code, probe_values, read_probe, settings_buffer)
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                 torch.float64: "float64"}
@@ -27,6 +29,18 @@ _SUPPORTED_DEVICES = ("cpu", "cuda")
 # Tests set this to run the GPU kernels' path on CPU tensors under Triton's interpreter, so
 # that the device path is exercised with real horovodrun workers on machines without a GPU.
 KERNELS_FOR_CPU_TENSORS = False
+
+
+@dataclasses.dataclass(eq=False)
+class _Pending(Pending):
+    # this rank's payloads on the codec's device, one per (start, stop) of ``bounds``: what it
+    # sums by allreduce where Horovod refuses the exchange because a rank has joined
+    sent: Any = None
+    joined: tuple = ()  # the ranks that the probe found joined (stock path)
+
+
+# ctx.second_round of a reduce-scatter whose alltoall Horovod refused (a rank has joined)
+_REFUSED_BY_JOIN = object()
 
 
 def host_values(tensor):
@@ -203,8 +217,10 @@ class TNQCompressor(CompressorBase, Compressor):
             return tensor, None
 
         pending = self.start(tensor, name, process_set, config, owner)
-        probe = torch.tensor(probe_values(pending.process_set.rank(),
-                                          plan_code(pending.kind, pending.bounds)),
+        process_set = pending.process_set
+        probe = torch.tensor(probe_values(process_set.rank(),
+                                          plan_code(pending.kind, pending.bounds),
+                                          process_set.size()),
                              dtype=torch.float32)
         return probe, pending
 
@@ -236,15 +252,16 @@ class TNQCompressor(CompressorBase, Compressor):
         state.count(elements=numel, compressed_tensors=1, **{kind: 1})
         codec = self.codec_for(tensor, config)
         values = codec.values(tensor)
-        pending = Pending(None, None, base_name, tensor.shape, tensor.dtype, process_set,
-                          tensor.device, kind, bounds, collective_name, step, codec=codec,
-                          label=label)
+        pending = _Pending(None, None, base_name, tensor.shape, tensor.dtype, process_set,
+                           tensor.device, kind, bounds, collective_name, step, codec=codec,
+                           label=label)
         if kind == "allgather":
             # each part goes out as soon as it is encoded, so it travels while the next encodes
-            pending.exchange, pending.header = [], []
+            pending.exchange, pending.header, pending.sent = [], [], []
             for (begin, stop), part in zip(bounds, parts):
                 payload = codec.encode(values[begin:stop], base_name + part, step, tensor.dtype,
                                        tensor.shape, label)
+                pending.sent.append(payload)
                 state.count(payload_bytes=payload.numel())
                 pending.exchange.append(hvd.allgather_async(
                     codec.for_horovod(payload), name=collective_name + part,
@@ -254,6 +271,7 @@ class TNQCompressor(CompressorBase, Compressor):
             return pending
         payloads = [codec.encode(values[begin:stop], base_name + part, step, tensor.dtype,
                                  tensor.shape, label) for (begin, stop), part in zip(bounds, parts)]
+        pending.sent = payloads
         splits = torch.tensor([p.numel() for p in payloads], dtype=torch.int32)
         state.count(payload_bytes=int(splits.sum()))
         pending.exchange = hvd.alltoall_async(codec.for_horovod(torch.cat(payloads)),
@@ -322,7 +340,10 @@ class TNQCompressor(CompressorBase, Compressor):
             if self._settings_agreed or self._settings_check is None:
                 return
             handle, self._settings_check = self._settings_check, None
-        check_settings_agree(self.config, wait(handle).numpy(), self.settings.describe())
+        gathered = wait_exchange(handle)
+        if gathered is None:  # a rank has joined: the check goes out again at the next start()
+            return
+        check_settings_agree(self.config, gathered.numpy(), self.settings.describe())
         self._settings_agreed = True
 
     @DefaultInstanceMethod
@@ -331,12 +352,13 @@ class TNQCompressor(CompressorBase, Compressor):
             return tensor
         try:
             self._check_settings()
-            scale = reduction_scale(tensor.tolist(), ctx.process_set.size(),
-                                    plan_code(ctx.kind, ctx.bounds))
+            size = ctx.process_set.size()
+            reading = read_probe(tensor.tolist(), size, plan_code(ctx.kind, ctx.bounds))
+            ctx.joined = tuple(sorted(set(range(size)) - set(reading.ranks)))
         except Exception:
             self._abandon(ctx)
             raise
-        return self.finish(ctx, scale)
+        return self.finish(ctx, reading.scale)
 
     def finish(self, ctx, scale, out=None):
         """Wait for the exchange of ``ctx`` (from start()), decode and sum every rank's
@@ -353,10 +375,16 @@ class TNQCompressor(CompressorBase, Compressor):
             self._check_settings()  # (decompress() checked them already; the fused optimizer)
             total = _decode_target(out, ctx)
             if ctx.kind == "allgather":
-                _decode_parts(ctx, scale, total)
+                if not _decode_parts(ctx, scale, total):
+                    _sum_joined(ctx, scale, total)
             else:
                 self._start_second_rounds()
-                self._decode_reduced_chunks(ctx, scale, total)
+                if ctx.second_round is _REFUSED_BY_JOIN:
+                    _sum_joined(ctx, scale, total)
+                elif ctx.joined:
+                    raise RuntimeError(cached_exchange_under_join(ctx.joined, "alltoall"))
+                else:
+                    self._decode_reduced_chunks(ctx, scale, total)
         finally:
             self._abandon(ctx)
         return total.to(ctx.dtype).reshape(ctx.shape).to(ctx.device)
@@ -376,13 +404,19 @@ class TNQCompressor(CompressorBase, Compressor):
         alltoall waited on here completes; and since every rank starts all second rounds before
         waiting on any, ranks that decompress tensors in different orders (Horovod fills in
         missing gradients in set order) cannot wait on each other forever. The allgathers also
-        go out together, where Horovod can fuse them.
+        go out together, where Horovod can fuse them. An alltoall that Horovod refused because a
+        rank has joined is refused on every rank that started it, so they all sum that tensor
+        by allreduce instead (_sum_joined).
         """
         with self._in_flight_lock:
             waiting = [ctx for ctx in self._in_flight if ctx.second_round is None]
         for ctx in waiting:
             codec = ctx.codec
-            received = codec.received(wait(ctx.exchange)[0])
+            answer = wait_exchange(ctx.exchange)
+            if answer is None:
+                ctx.second_round = _REFUSED_BY_JOIN
+                continue
+            received = codec.received(answer[0])
             chunk_sum = _empty(ctx.header.numel,
                                torch.float64 if ctx.dtype == torch.float64 else torch.float32,
                                codec.device)
@@ -432,6 +466,17 @@ def wait(handle):
     return hvd.synchronize(handle)
 
 
+def wait_exchange(handle):
+    """wait(handle) for a collective of the exchange (an allgather or alltoall), or None where
+    Horovod refused it because a rank has called hvd.join() (probe.exchange_refused_by_join)."""
+    try:
+        return wait(handle)
+    except Exception as error:  # Horovod's HorovodInternalError, or its RuntimeError
+        if exchange_refused_by_join(error):
+            return None
+        raise
+
+
 def _decode_target(out, ctx):
     """The flat tensor to sum into: ``out`` where it can take the result (see finish()), else a
     new one on the codec's device."""
@@ -458,11 +503,42 @@ def _empty(numel, dtype, device):
 
 def _decode_parts(ctx, scale, total):
     """Each part of an allgathered tensor decoded as soon as it arrives (while later parts are
-    still on the wire), into its place in ``total``."""
+    still on the wire), into its place in ``total``; False, with nothing decoded, where Horovod
+    refused the allgathers because a rank has joined (it refuses all of a tensor's parts: a
+    rank that joins has started all of them or none)."""
     size = ctx.process_set.size()
-    for (start, stop), handle, header in zip(ctx.bounds, ctx.exchange, ctx.header):
-        _decode_sum(ctx, ctx.codec.received(wait(handle)), header, scale, total[start:stop],
-                    size)
+    for index, ((start, stop), handle, header) in enumerate(zip(ctx.bounds, ctx.exchange,
+                                                                 ctx.header)):
+        received = wait_exchange(handle)
+        if received is None:
+            later = [wait_exchange(other) for other in ctx.exchange[index + 1:]]
+            if index or any(answer is not None for answer in later):
+                raise RuntimeError(f"Horovod refused some of the allgathers of {ctx.base_name!r} "
+                                   "because a rank has joined (hvd.join()), and ran others: "
+                                   "its parts cannot be summed")
+            return False
+        if ctx.joined:
+            raise RuntimeError(cached_exchange_under_join(ctx.joined, "allgather"))
+        _decode_sum(ctx, ctx.codec.received(received), header, scale, total[start:stop], size)
+    return True
+
+
+def _sum_joined(ctx, scale, total):
+    """``scale`` times the sum of the contributing ranks' payloads of ``ctx`` into ``total``,
+    where Horovod refused the exchange because a rank has called hvd.join(). Horovod runs
+    allreduces then, the joined ranks contributing zeros, so each contributing rank decodes its
+    own payloads and one allreduce sums them: the sum the exchange would have decoded (in
+    another order; the reduce-scatter's sums are not quantized again), with the error-feedback
+    residuals and the privacy noise as encoded. It moves the tensor uncompressed, in the
+    decoder's dtype, and only while a rank has joined."""
+    codec = ctx.codec
+    for (start, stop), payload in zip(ctx.bounds, ctx.sent):
+        header = codec.header(payload, stop - start, ctx.dtype, ctx.shape)
+        _decode_sum(ctx, payload, header, 1.0, total[start:stop], 1)
+    summed = wait(hvd.allreduce_async(codec.for_horovod(total), op=hvd.Sum,
+                                      name=ctx.collective_name + JOINED,
+                                      process_set=ctx.process_set))
+    total.copy_(codec.received(summed)).mul_(scale)
 
 
 def _decode_sum(ctx, received, expect, factor, out, expected_count):

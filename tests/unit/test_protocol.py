@@ -70,7 +70,7 @@ def allreduced(probes, average=True, scale=1.0):
 @pytest.mark.parametrize("average", [True, False])
 def test_probe_gives_horovods_factor_when_ranks_agree(average):
     code = plan_code("allgather", [(0, 4096), (4096, 5000)])
-    probes = [probe_values(rank, code) for rank in range(8)]
+    probes = [probe_values(rank, code, 8) for rank in range(8)]
     scale = reduction_scale(allreduced(probes, average, 0.5), 8, code)
     assert scale == pytest.approx(0.5 / 8 if average else 0.5)
 
@@ -80,7 +80,8 @@ def test_probe_catches_one_rank_that_cuts_the_tensor_differently():
     theirs = plan_code("allgather", part_bounds(60000, 0, 512))
     assert ours != theirs
     for size in (2, 3, 8, 64):
-        probes = [probe_values(r, theirs if r == size - 1 else ours) for r in range(size)]
+        probes = [probe_values(r, theirs if r == size - 1 else ours, size)
+                  for r in range(size)]
         with pytest.raises(ValueError, match="cut or send this tensor differently"):
             reduction_scale(allreduced(probes), size, ours)
 
