@@ -1,6 +1,7 @@
 """The settings every rank of a job must share, validated once (no framework imports)."""
 
 import json
+import numbers
 import zlib
 
 import numpy as np
@@ -22,6 +23,8 @@ DEFAULT_SCHEME = "tnq-rht"
 #   allgather returns the reduced chunks. Per-rank traffic stays ~2 payloads whatever the number
 #   of ranks, like a ring allreduce, at the price of a second quantization and a second round.
 EXCHANGES = ("auto", "allgather", "reduce-scatter")
+
+MAX_SEED = 2**64 - 1  # core.stream_key takes the seed as 64 bits
 
 
 def scheme_option_names():
@@ -51,6 +54,12 @@ class CompressorConfig:
 
     def __init__(self, bits=4, scheme=DEFAULT_SCHEME, bucket_size=512, min_numel=1024, seed=0,
                  error_feedback=None, exchange="auto", part_elements=1 << 21, **scheme_options):
+        bits, bucket_size, min_numel = (_integer("bits", bits),
+                                        _integer("bucket_size", bucket_size),
+                                        _integer("min_numel", min_numel))
+        seed, part_elements = _integer("seed", seed), _integer("part_elements", part_elements)
+        error_feedback = plain_number(error_feedback)
+        scheme_options = {name: plain_number(value) for name, value in scheme_options.items()}
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; known: {sorted(SCHEMES)}")
         check_scheme_bits(scheme, bits)
@@ -70,8 +79,12 @@ class CompressorConfig:
     def _check(self, spec):
         for field in ("bucket_size", "min_numel", "seed", "part_elements"):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if value < 0:
                 raise ValueError(f"{field} must be a non-negative int, got {value!r}")
+        if self.seed > MAX_SEED:
+            # the random streams take the seed as 64 bits: a larger one would silently equal
+            # another seed (2**64 + 1 draws what 1 draws)
+            raise ValueError(f"seed must be in [0, 2**64 - 1], got {self.seed}")
         feedback = self.error_feedback
         if isinstance(feedback, bool) or not isinstance(feedback, (int, float)) or \
                 not 0.0 <= feedback <= 1.0:
@@ -102,6 +115,27 @@ class CompressorConfig:
         32-byte header and, for schemes that fit them, 2**bits float32 levels); level-table
         schemes only (core.encoded_size covers the others)."""
         return self.bits + 32.0 * get_scheme(self.scheme).bucket_params / self.bucket_size
+
+
+def plain_number(value):
+    """A numpy scalar (or other numbers.Integral / numbers.Real) as the Python int or float it
+    holds; bools and anything else as they are. Settings are compared across ranks and saved
+    as JSON, which takes Python numbers only."""
+    if isinstance(value, (bool, np.bool_)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
+def _integer(name, value):
+    """``value`` of integer setting ``name`` as a Python int: any numbers.Integral (numpy
+    integers included) is taken, a bool or anything else is refused."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
 
 
 def _scheme_options(spec, given):
