@@ -49,14 +49,14 @@ def adam_first_step(grad, lr=1e-3, eps=1e-8):
 
 
 def measure(grad, bits, runs):
-    original = codec.zero_runs
+    original = codec.MIN_ZERO_RUN
     if not runs:
-        codec.zero_runs = lambda flat, use_native=False: codec._NO_RUNS
+        codec.MIN_ZERO_RUN = grad.size + 1  # no run is that long
     try:
         payload = core.encode(grad, scheme="tnq-rht", bits=bits, bucket_size=512,
                               key=core.stream_key(0, 0, "embed"))
     finally:
-        codec.zero_runs = original
+        codec.MIN_ZERO_RUN = original
     decoded = core.decode(payload)[0].reshape(grad.shape)
     untouched = ~grad.any(axis=1)
     error = decoded - grad
@@ -90,7 +90,7 @@ def main():
     rng = np.random.default_rng(0)
     for n in (1 << 20, 1 << 24):
         x = rng.standard_normal(n).astype(np.float32)
-        scan = _best(lambda: codec.zero_runs(x, use_native=native.LIBRARY is not None))
+        scan = _best(lambda: codec.scan(x, use_native=native.LIBRARY is not None))
         encode = _best(lambda: core.encode(x, scheme="tnq-rht", bits=2, bucket_size=512, key=1))
         print(f"  {n:>9} elements: scan {scan * 1e3:.2f} ms, tnq-rht 2-bit encode "
               f"{encode * 1e3:.1f} ms (scan {scan / encode:.1%} of it)")

@@ -16,7 +16,9 @@ as ``offset[i] + scale[i] * table[code]``. Layout (little-endian), format versio
     24     4     shape tag (crc32 of the shape, to catch mismatched tensors)
     28     2     number of levels sent: 0 (the scheme's fixed table) or 2**bits (a fitted table)
     30     2     flags: bit 0 set when a zero-run section follows (other bits 0)
-    32     16    rotating schemes only (Scheme.rotation): the sender's stream key (uint64), step
+    32     8     amax: the largest |finite element| of the values encoded (float64; 0 if none),
+                 which bounds every sum the decoder forms (see OVERFLOW_LIMITS)
+    40     16    rotating schemes only (Scheme.rotation): the sender's stream key (uint64), step
                  (uint32) and exponent e (int32; see SAFE_NORMS): what the decoder needs to undo
                  the rotation; the values decode times 2**e
            ...   zero runs, if flagged: their count k (uint32), then k (start, length) pairs
@@ -31,9 +33,9 @@ as ``offset[i] + scale[i] * table[code]``. Layout (little-endian), format versio
                  (rotation.padded_size elements), and bucket i decodes as the inverse rotation
                  of scale[i] * table[code]
 
-Version 4 added the zero runs (embedding rows that no rank touched, gradients of frozen or
+Version 4 added amax and the zero runs (embedding rows that no rank touched, gradients of frozen or
 unused parameters: a rotation would otherwise spread its bucket's error into them, and Adam turns
-that noise into full steps); without zero runs its payloads are version 3's but for the magic.
+that noise into full steps).
 Version 3 added the rotation section; version 2 payloads of other schemes are laid out the same.
 Version 1 had no levels and one scale per bucket (bytes 7 and 28-31 reserved).
 
@@ -41,10 +43,11 @@ Non-finite gradient elements are carried exactly (index + value) and overwrite t
 so NaN and +-Inf reach the reduced gradient exactly where uncompressed Horovod would put them
 (mixed-precision loss scalers depend on that). Statistics are taken over the finite elements.
 
-Schemes with their own payload body (Scheme.body: adaptive Top-K, binomial DP) keep the 32-byte
+Schemes with their own payload body (Scheme.body: adaptive Top-K, binomial DP) keep the 40-byte
 header and the non-finite exceptions, followed by the body their module lays out.
 """
 
+import math
 import struct
 import zlib
 from dataclasses import dataclass, field, replace
@@ -63,8 +66,10 @@ from .rng import key_words, uniform_noise
 
 FORMAT_VERSION = 4
 MAGIC = b"TNQ" + bytes([FORMAT_VERSION])
-HEADER = struct.Struct("<4sBBBBQIIIHH")
-assert HEADER.size == 32
+HEADER = struct.Struct("<4sBBBBQIIIHHd")
+assert HEADER.size == 40
+AMAX = struct.Struct("<d")
+AMAX_OFFSET = 32  # of amax in the header
 ROTATION = struct.Struct("<QIi")  # the sender's stream key, step, power-of-two exponent
 # A rotated bucket sums up to bucket_size elements: float32 sums of elements near float32's
 # largest overflow, and tiny ones lose their mantissa. Tensors whose bucket norms leave this
@@ -252,6 +257,7 @@ class PayloadHeader:
     body_size: int = None  # bytes of the body, for schemes with their own body (Scheme.body)
     zero_runs: int = 0  # runs of zeros in the zero-run section (none: no section)
     zeros: int = 0  # elements in those runs
+    amax: float = 0.0  # largest |finite element| encoded
 
     @property
     def coded_numel(self):
@@ -319,7 +325,8 @@ class PayloadHeader:
     def pack(self):
         return HEADER.pack(MAGIC, self.scheme_id, self.bits, self.dtype_code, self.bucket_params,
                            self.numel, self.bucket_size, self.num_exceptions, self.shape_tag,
-                           self.num_levels, ZERO_RUNS_FLAG if self.zero_runs else 0)
+                           self.num_levels, ZERO_RUNS_FLAG if self.zero_runs else 0,
+                           self.amax)
 
 
 def encoded_size(numel, bits, bucket_size, dtype_name="float32", num_exceptions=0,
@@ -364,32 +371,38 @@ def encode(values, *, scheme="tnq", bits, bucket_size, key, step=0, dtype_name=N
     flat = values.reshape(-1).astype(work, copy=False)
     use_native = native.LIBRARY is not None and not reference and scheme.body is None
     shape = values.shape if shape is None else shape
-    runs = zero_runs(flat, use_native) if scheme.body is None else _NO_RUNS
-    if runs.size:
+    runs, amax = scan(flat, native.LIBRARY is not None and not reference)
+    if scheme.body is None and runs.size:
         coded = flat[coded_mask(flat.size, runs)]
         payload = _encode_flat(coded, scheme, bits, bucket_size, key, step, dtype_name, shape,
                                options, use_native)
-        return _with_zero_runs(payload, flat.size, runs, scheme.rotation)
-    return _encode_flat(flat, scheme, bits, bucket_size, key, step, dtype_name, shape, options,
-                        use_native)
+        payload = _with_zero_runs(payload, flat.size, runs, scheme.rotation)
+    else:
+        payload = _encode_flat(flat, scheme, bits, bucket_size, key, step, dtype_name, shape,
+                               options, use_native)
+    payload[AMAX_OFFSET: AMAX_OFFSET + AMAX.size] = np.frombuffer(AMAX.pack(amax), np.uint8)
+    return payload
 
 
 _NO_RUNS = np.zeros((0, 2), dtype=np.int64)
 
 
-def zero_runs(flat, use_native=False):
-    """(start, length) rows, int64, of the maximal runs of at least MIN_ZERO_RUN exact zeros
-    (+0 or -0) in ``flat``; none for arrays of MAX_RUNS_NUMEL elements or more. ``use_native``:
-    the compiled kernel's single pass (the same runs)."""
-    if not MIN_ZERO_RUN <= flat.size <= MAX_RUNS_NUMEL:
-        return _NO_RUNS
+def scan(flat, use_native=False):
+    """What encode() reads off ``flat`` before quantizing it: ((start, length) rows, int64, of
+    its maximal runs of at least MIN_ZERO_RUN exact zeros, +0 or -0; largest |finite element|
+    as a float, 0 if none). No runs for arrays of more than MAX_RUNS_NUMEL elements.
+    ``use_native``: the compiled kernel's single pass (the same results)."""
     if use_native:
-        return native.zero_runs(flat, MIN_ZERO_RUN)
-    zero = np.concatenate(([False], flat == 0, [False]))
-    edges = np.flatnonzero(zero[1:] != zero[:-1])
-    starts, lengths = edges[0::2], edges[1::2] - edges[0::2]
-    long = lengths >= MIN_ZERO_RUN
-    return np.stack([starts[long], lengths[long]], axis=1).astype(np.int64)
+        runs, amax = native.scan(flat, MIN_ZERO_RUN)
+    else:
+        finite = np.abs(flat[np.isfinite(flat)])
+        amax = float(finite.max()) if finite.size else 0.0
+        zero = np.concatenate(([False], flat == 0, [False]))
+        edges = np.flatnonzero(zero[1:] != zero[:-1])
+        starts, lengths = edges[0::2], edges[1::2] - edges[0::2]
+        long = lengths >= MIN_ZERO_RUN
+        runs = np.stack([starts[long], lengths[long]], axis=1).astype(np.int64)
+    return (runs if flat.size <= MAX_RUNS_NUMEL else _NO_RUNS), amax
 
 
 def coded_mask(numel, runs):
@@ -596,7 +609,7 @@ def read_header(buf, offset=0, max_numel=None):
         raise PayloadError(f"truncated payload: {len(buf) - offset} bytes left at offset "
                            f"{offset}, a header needs {HEADER.size}")
     (magic, scheme_id, bits, dtype_code, bucket_params, numel, bucket, n_exc, tag, num_levels,
-     flags) = HEADER.unpack_from(buf, offset)
+     flags, amax) = HEADER.unpack_from(buf, offset)
     if magic[:3] != MAGIC[:3]:
         raise PayloadError(f"not a horovod_tnq payload (magic {magic!r} at offset {offset}); "
                            "corrupted data, or ranks disagree on which tensors are compressed")
@@ -610,9 +623,9 @@ def read_header(buf, offset=0, max_numel=None):
         raise PayloadError(f"invalid bits {bits} in payload")
     if dtype_code not in DTYPE_NAMES:
         raise PayloadError(f"invalid dtype code {dtype_code} in payload")
-    if not 1 <= bucket <= MAX_BUCKET_SIZE or n_exc > numel:
+    if not 1 <= bucket <= MAX_BUCKET_SIZE or n_exc > numel or not 0.0 <= amax < math.inf:
         raise PayloadError(f"invalid payload header (bucket size {bucket}, {n_exc} exceptions "
-                           f"for {numel} elements)")
+                           f"for {numel} elements, amax {amax})")
     if max_numel is not None and numel > max_numel:
         raise PayloadError(f"payload declares numel={numel}, more than the {max_numel} "
                            "elements this rank expects: corrupted, or ranks disagree on the "
@@ -630,7 +643,7 @@ def read_header(buf, offset=0, max_numel=None):
             f"levels sent and flags {flags}, scheme {scheme.name!r} at {bits} bits has "
             f"{scheme.bucket_params} and {scheme.levels_sent(bits)}")
     header = PayloadHeader(scheme_id, bits, dtype_code, numel, bucket, n_exc, tag,
-                           bucket_params, num_levels)
+                           bucket_params, num_levels, amax=amax)
     if flags:
         runs = _read_runs(buf, offset + HEADER.size + header.rotation_size, numel)
         header = replace(header, zero_runs=len(runs), zeros=int(runs[:, 1].sum()))
@@ -808,27 +821,59 @@ def value_bound(header, scale_max, level_max, exponent=0, offset_max=0.0):
     return scale_max * level_max * spread + offset_max
 
 
-def sum_may_overshoot(bounds, factor, out_dtype):
-    """Whether a float32 sum of payloads whose values are bounded by ``bounds`` could round
-    beyond float32's range. Quantization error can carry a sum of values near the largest
-    float32 (finite uncompressed) past it, where rounding would make it infinite; decoders hold
-    such sums at the largest finite value instead. This cheap bound rules it out for all but
-    tensors near that range, so the common case pays no pass over the result."""
-    if np.dtype(out_dtype) != np.float32:
-        return False  # float64 sums do not overflow from float32 inputs
-    return not sum(bounds) * abs(factor) < float(np.finfo(np.float32).max) / 2
+# Where a sum leaves each dtype's range: its largest finite value, and the smallest magnitude
+# that rounds beyond it (half a unit in the last place above the largest). Horovod sums in the
+# tensor's dtype, so its sum is infinite from there on. bfloat16's largest is (2 - 2**-7) * 2**127.
+OVERFLOW_LIMITS = {
+    "float16": (65504.0, 65520.0),
+    "bfloat16": (3.3895313892515355e38, 3.3895313892515355e38 + 2.0 ** 119),
+    "float32": (float(np.finfo(np.float32).max), float(np.finfo(np.float32).max) + 2.0 ** 103),
+    "float64": (float(np.finfo(np.float64).max), math.inf),  # float64 sums round as Horovod's
+}
 
 
-def _may_overshoot(payloads, factor, out_dtype):
-    if any(sections.table is None for sections in payloads):
-        return np.dtype(out_dtype) == np.float32  # own bodies: bounded by their own codes
-    return sum_may_overshoot(
-        [value_bound(p.header, float(np.max(np.abs(p.scales), initial=0.0)),
-                     float(np.max(np.abs(p.table))),
-                     p.rotation[2] if p.rotation is not None else 0,
-                     float(np.max(np.abs(p.offsets), initial=0.0))
-                     if p.offsets is not None else 0.0) for p in payloads],
-        factor, out_dtype)
+def overflow_rule(dtype_name, factor, amax_sum, bound=math.inf):
+    """How a decoder settles results beyond the range of the tensor's dtype, as Horovod's sum
+    would: None when there is nothing to do, else (threshold, value): every result r = factor *
+    S (S the decoded sum) with |r| >= threshold becomes copysign(value, r).
+
+    The ranks' true sum at each element is at most ``amax_sum`` (the sum of the payloads'
+    amax) in magnitude. Where that is below the dtype's limit, no sum of Horovod's overflows,
+    and an S beyond the limit is quantization error: it is held at the largest finite value.
+    Otherwise an S beyond the limit is taken as the overflow that Horovod's sum has there, and
+    becomes infinite (within the quantization error of the limit, Horovod's answer could be
+    either). The overflow is judged on the sum before ``factor``, as Horovod's op=Average
+    divides after summing (a prescale factor is taken as a postscale one). ``bound``: a bound
+    on |S| (value_bound); below the limit nothing can reach it, and the result needs no pass.
+    """
+    largest, limit = OVERFLOW_LIMITS[dtype_name]
+    if factor == 0 or bound < limit or math.isinf(limit):
+        return None
+    return limit * abs(factor), largest * abs(factor) if amax_sum < limit else math.inf
+
+
+def _settle_overflow(total, payloads, factor, dtype_name):
+    """overflow_rule applied in place to ``total`` (numpy), the decoded sum of ``payloads``;
+    infinities that came as exceptions stay as they are."""
+    bound = 0.0
+    for p in payloads:
+        if p.table is None:  # own bodies: no cheap bound
+            bound = math.inf
+            break
+        bound += value_bound(p.header, float(np.max(np.abs(p.scales), initial=0.0)),
+                             float(np.max(np.abs(p.table))),
+                             p.rotation[2] if p.rotation is not None else 0,
+                             float(np.max(np.abs(p.offsets), initial=0.0))
+                             if p.offsets is not None else 0.0)
+    rule = overflow_rule(dtype_name, factor, sum(p.header.amax for p in payloads), bound)
+    if rule is None:
+        return
+    threshold, value = rule
+    with np.errstate(invalid="ignore"):
+        over = np.abs(total) >= threshold
+    if math.isfinite(value) and any(p.exception_indices.size for p in payloads):
+        over &= np.isfinite(total)
+    total[over] = np.copysign(value, total[over])
 
 
 def _native_decode_sum(payloads, numel, factor, out_dtype, out=None):
@@ -892,9 +937,7 @@ def decode_sum(buf, expect, factor=1.0, out_dtype=np.float64, reference=False, o
         total, invalid = _native_decode_sum(payloads, expect.numel, factor, out_dtype, out)
         for sections, count in zip(payloads, invalid):
             _check_codes(count, sections.header, sections.table)
-        if _may_overshoot(payloads, factor, out_dtype):  # no exceptions here: every inf is one
-            overshoot = np.isinf(total)
-            total[overshoot] = np.copysign(np.finfo(out_dtype).max, total[overshoot])
+        _settle_overflow(total, payloads, factor, expect.dtype_name)
         return total, len(payloads)
     total = _spread(_payload_values(payloads[0], use_native), payloads[0])
     for sections in payloads[1:]:
@@ -904,10 +947,7 @@ def decode_sum(buf, expect, factor=1.0, out_dtype=np.float64, reference=False, o
         else:
             total[coded_mask(sections.header.numel, sections.zero_runs)] += values
     total *= factor
-    if _may_overshoot(payloads, factor, out_dtype):
-        limit = np.finfo(out_dtype).max
-        finite = np.isfinite(total)
-        total[finite] = np.clip(total[finite], -limit, limit)
+    _settle_overflow(total, payloads, factor, expect.dtype_name)
     if out is None:
         return total.astype(out_dtype, copy=False), len(payloads)
     if out.dtype != out_dtype or out.shape != total.shape:

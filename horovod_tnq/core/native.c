@@ -1187,46 +1187,57 @@ HOT void tnq_rotated_decode_sum(int payloads, const uint8_t *const *packed, cons
     }
 }
 
-/* Runs of at least min_run consecutive exact zeros (+0 or -0; NaN is not zero) in x[0..n): their
- * (start, length) pairs, in order, go to runs[0..2*capacity) and the number of runs found is
- * returned (which may exceed capacity: callers count first with capacity 0, then fill). Blocks of
- * ZERO_SCAN elements without a zero are skipped by a min-reduction the compiler vectorizes, so a
- * dense gradient costs one streaming read. Bits are compared with the sign masked off. */
+/* One streaming pass over x[0..n) for the payload's header and zero-run section: the largest
+ * |finite element| (to *amax, as a double; 0 if none) and the runs of at least min_run
+ * consecutive exact zeros (+0 or -0; NaN is not zero), whose (start, length) pairs, in order, go
+ * to runs[0..2*capacity). Returns the number of runs found, which may exceed capacity: callers
+ * count first with capacity 0, then fill. Each block of ZERO_SCAN elements is reduced by a min
+ * and a max the compiler vectorizes; only blocks holding a zero are walked one by one. Bits are
+ * compared with the sign masked off (finite non-negative floats order as their bits). */
 #define ZERO_SCAN 64
-#define DEFINE_ZERO_RUNS(NAME, U, MASK)                                                        \
+#define DEFINE_SCAN(NAME, T, U, MASK, INF)                                                     \
     HOT int64_t NAME(const void *data, int64_t n, int64_t min_run, int64_t *runs,              \
-                     int64_t capacity) {                                                       \
+                     int64_t capacity, double *amax) {                                         \
         const U *u = (const U *)data;                                                          \
+        U most = 0;                                                                            \
         int64_t count = 0, i = 0;                                                              \
         while (i < n) {                                                                        \
-            if (i + ZERO_SCAN <= n) {                                                          \
-                U least = (U)~(U)0;                                                            \
-                for (int64_t j = 0; j < ZERO_SCAN; j++) {                                      \
-                    U m = u[i + j] & (MASK);                                                   \
-                    least = m < least ? m : least;                                             \
-                }                                                                              \
-                if (least != 0) {                                                              \
-                    i += ZERO_SCAN;                                                            \
+            int64_t stop = i + ZERO_SCAN < n ? i + ZERO_SCAN : n;                              \
+            U least = (U)~(U)0, block_most = 0;                                                \
+            for (int64_t j = i; j < stop; j++) {                                               \
+                U m = u[j] & (MASK);                                                           \
+                U finite = m < (INF) ? m : 0;                                                  \
+                least = m < least ? m : least;                                                 \
+                block_most = finite > block_most ? finite : block_most;                        \
+            }                                                                                  \
+            most = block_most > most ? block_most : most;                                      \
+            if (least != 0) {                                                                  \
+                i = stop;                                                                      \
+                continue;                                                                      \
+            }                                                                                  \
+            while (i < stop) { /* runs that start in this block (they may go on past it) */    \
+                if ((u[i] & (MASK)) != 0) {                                                    \
+                    i++;                                                                       \
                     continue;                                                                  \
                 }                                                                              \
-            }                                                                                  \
-            int64_t stop = i + ZERO_SCAN < n ? i + ZERO_SCAN : n;                              \
-            while (i < stop && (u[i] & (MASK)) != 0) i++;                                      \
-            if (i == stop) continue;                                                           \
-            int64_t start = i;                                                                 \
-            while (i < n && (u[i] & (MASK)) == 0) i++;                                         \
-            if (i - start >= min_run) {                                                        \
-                if (count < capacity) {                                                        \
-                    runs[2 * count] = start;                                                   \
-                    runs[2 * count + 1] = i - start;                                           \
+                int64_t start = i;                                                             \
+                while (i < n && (u[i] & (MASK)) == 0) i++;                                     \
+                if (i - start >= min_run) {                                                    \
+                    if (count < capacity) {                                                    \
+                        runs[2 * count] = start;                                               \
+                        runs[2 * count + 1] = i - start;                                       \
+                    }                                                                          \
+                    count++;                                                                   \
                 }                                                                              \
-                count++;                                                                       \
             }                                                                                  \
         }                                                                                      \
+        T largest;                                                                             \
+        memcpy(&largest, &most, sizeof largest);                                               \
+        *amax = (double)largest;                                                               \
         return count;                                                                          \
     }
-DEFINE_ZERO_RUNS(tnq_zero_runs_f32, uint32_t, 0x7FFFFFFFu)
-DEFINE_ZERO_RUNS(tnq_zero_runs_f64, uint64_t, 0x7FFFFFFFFFFFFFFFull)
+DEFINE_SCAN(tnq_scan_f32, float, uint32_t, 0x7FFFFFFFu, 0x7F800000u)
+DEFINE_SCAN(tnq_scan_f64, double, uint64_t, 0x7FFFFFFFFFFFFFFFull, 0x7FF0000000000000ull)
 
 #ifdef TNQ_PYTHON_MODULE
 /* setup.py builds this file as a Python extension so that pip places it in the package; it is

@@ -47,8 +47,8 @@ def _load():
                                                _ptr, _ptr, _i64, _i64, _i32, _f64, _ptr, _ptr,
                                                _ptr, _ptr, _ptr]
     library.tnq_rotated_decode_sum.restype = None
-    for name in ("tnq_zero_runs_f32", "tnq_zero_runs_f64"):
-        getattr(library, name).argtypes = [_ptr, _i64, _i64, _ptr, _i64]
+    for name in ("tnq_scan_f32", "tnq_scan_f64"):
+        getattr(library, name).argtypes = [_ptr, _i64, _i64, _ptr, _i64, _ptr]
         getattr(library, name).restype = _i64
     library.tnq_set_vector_path.argtypes = [_i32]
     library.tnq_set_vector_path.restype = _i32
@@ -126,16 +126,17 @@ def quantize_pack(flat, bucket_size, divisors, table, key_words, step, bits, off
     return out
 
 
-def zero_runs(flat, min_run):
-    """codec.zero_runs in one streaming pass: (start, length) rows of flat's runs of at least
-    ``min_run`` exact zeros, as int64."""
+def scan(flat, min_run):
+    """codec.scan in one streaming pass: ((start, length) rows, int64, of flat's maximal runs of
+    at least ``min_run`` exact zeros, largest |finite element| as a float)."""
     flat = np.ascontiguousarray(flat)
-    function = getattr(LIBRARY, f"tnq_zero_runs_{_suffix(flat.dtype)}")
-    count = function(_address(flat), flat.size, min_run, None, 0)
+    function = getattr(LIBRARY, f"tnq_scan_{_suffix(flat.dtype)}")
+    amax = ctypes.c_double(0.0)
+    count = function(_address(flat), flat.size, min_run, None, 0, ctypes.byref(amax))
     runs = np.empty((count, 2), dtype=np.int64)
     if count:
-        function(_address(flat), flat.size, min_run, _address(runs), count)
-    return runs
+        function(_address(flat), flat.size, min_run, _address(runs), count, ctypes.byref(amax))
+    return runs, amax.value
 
 
 def set_vector_path(avx512):

@@ -7,7 +7,7 @@ training), and choose the degree of sparsification of every step by minimising t
 a communication constraint. This module does the same at the level of one payload, counting
 every byte that goes on the wire:
 
-* the budget is the scheme's ``bits``: a payload (32-byte header, this body, indices, values)
+* the budget is the scheme's ``bits``: a payload (40-byte header, this body, indices, values)
   never exceeds ``bits * n / 8`` bytes, so "bits per element sent" is at most ``bits``;
 * the per-step term of the bound is the *exact* expected error of the payload,
 

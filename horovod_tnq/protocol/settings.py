@@ -112,7 +112,7 @@ class CompressorConfig:
 
     def bits_per_element(self):
         """Codes plus per-bucket parameters, ignoring what each tensor's payload adds once (its
-        32-byte header and, for schemes that fit them, 2**bits float32 levels); level-table
+        40-byte header and, for schemes that fit them, 2**bits float32 levels); level-table
         schemes only (core.encoded_size covers the others)."""
         return self.bits + 32.0 * get_scheme(self.scheme).bucket_params / self.bucket_size
 

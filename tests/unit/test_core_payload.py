@@ -11,7 +11,7 @@ def payload(bits=3, n=1000, bucket_size=256, key=7, shape=None):
 
 def test_size_is_header_scales_and_packed_codes():
     p = payload(bits=3, n=1000, bucket_size=256)
-    assert p.size == 32 + 4 * 4 + (1000 * 3 + 7) // 8
+    assert p.size == core.HEADER.size + 4 * 4 + (1000 * 3 + 7) // 8
     assert core.encoded_size(1000, 3, 256) == p.size
 
 
@@ -54,7 +54,7 @@ def test_exception_index_out_of_range_is_reported():
     x = np.ones(100, dtype=np.float32)
     x[5] = np.nan
     p = core.encode(x, bits=2, bucket_size=64, key=0).copy()
-    start = 32 + 2 * 4
+    start = core.HEADER.size + 2 * 4
     p[start: start + 8] = np.frombuffer(np.uint64(1000).tobytes(), dtype=np.uint8)
     with pytest.raises(core.PayloadError, match="out of range"):
         core.decode(p)
@@ -66,7 +66,7 @@ def test_size_counts_offsets_and_fitted_levels(scheme, bits, extra):
     """maxmin and bingrad add one offset per bucket, orq and tnq-opt a table of 2**bits float32."""
     x = np.random.default_rng(0).normal(size=1000).astype(np.float32)
     p = core.encode(x, scheme=scheme, bits=bits, bucket_size=256, key=0)
-    assert p.size == 32 + 4 * 4 + extra + (1000 * bits + 7) // 8
+    assert p.size == core.HEADER.size + 4 * 4 + extra + (1000 * bits + 7) // 8
     assert core.encoded_size(1000, bits, 256, scheme=scheme) == p.size
     header = core.read_header(p)
     assert (header.bucket_params, header.num_levels) == (
@@ -89,7 +89,7 @@ def orq_payload():
 @pytest.mark.parametrize("level, value", [(3, np.nan), (3, -5.0), (7, np.inf)])
 def test_unordered_or_non_finite_levels_are_reported(level, value):
     p = orq_payload()
-    table = p[32: 32 + 8 * 4].view("<f4")
+    table = p[core.HEADER.size: core.HEADER.size + 8 * 4].view("<f4")
     table[level] = value
     with pytest.raises(core.PayloadError, match="level table"):
         core.decode(p)

@@ -89,7 +89,7 @@ def test_maxmin_levels_span_each_buckets_min_to_max():
         levels = part.min() + (part.max() - part.min()) * np.arange(4) / 3
         np.testing.assert_allclose(np.unique(seen), levels, rtol=1e-6)
     payload = core.encode(x, scheme="maxmin", bits=2, bucket_size=1000, key=0)
-    assert payload.size == 32 + 2 * 3 * 4 + 3000 * 2 // 8
+    assert payload.size == core.HEADER.size + 2 * 3 * 4 + 3000 * 2 // 8
 
 
 def test_bingrad_meets_the_binary_optimal_condition():

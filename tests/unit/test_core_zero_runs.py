@@ -36,7 +36,7 @@ def runs_of(flat):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("seed", range(6))
-def test_zero_runs_are_the_maximal_long_runs_on_both_paths(dtype, seed):
+def test_scan_finds_the_maximal_long_runs_and_amax_on_both_paths(dtype, seed):
     rng = np.random.default_rng(seed)
     flat = rng.standard_normal(5000).astype(dtype)
     for _ in range(25):  # runs of every length around RUN and the scan's block of 64
@@ -45,10 +45,13 @@ def test_zero_runs_are_the_maximal_long_runs_on_both_paths(dtype, seed):
     flat[:RUN] = 0.0  # at the start, and up to the end
     flat[-RUN - 1:] = -0.0
     flat[2000] = np.nan  # NaN is not a zero
+    flat[3000] = np.inf  # nor is it finite: amax skips it
     expected = runs_of(flat)
-    assert [tuple(r) for r in codec.zero_runs(flat)] == expected
-    assert [tuple(r) for r in native.zero_runs(flat, RUN)] == expected
-    mask = codec.coded_mask(flat.size, codec.zero_runs(flat))
+    amax = float(np.abs(flat[np.isfinite(flat)]).max())
+    for runs, largest in (codec.scan(flat), native.scan(flat, RUN)):
+        assert [tuple(r) for r in runs] == expected
+        assert largest == amax
+    mask = codec.coded_mask(flat.size, codec.scan(flat)[0])
     assert mask.sum() == flat.size - sum(length for _, length in expected)
     assert np.all(flat[~mask] == 0)
 
@@ -63,7 +66,7 @@ def test_zero_rows_decode_to_exactly_zero(name, bits, dtype):
     payload = core.encode(grad, **options)
     assert np.array_equal(payload, core.encode(grad, reference=True, **options))
     header = core.read_header(payload)
-    runs = codec.zero_runs(flat)
+    runs = codec.scan(flat)[0]
     assert header.zero_runs == len(runs) > 0
     assert header.coded_numel == np.count_nonzero(flat)
     values, _, _ = core.decode(payload)

@@ -3,7 +3,7 @@ Triton kernels of kernels.py, byte for byte what core.codec.encode / decode_sum 
 
 The element data never leaves the device. The host builds the header bytes (core.codec's
 PayloadHeader), reads back one flag per encode (whether a rare path below is needed) and, per
-decode, the payloads' 48-byte heads to check them against ``expect``.
+decode, the payloads' 56-byte heads (header and rotation section) to check them against ``expect``.
 
 Rare paths run the core on the host and copy the result back (the same bytes, so ranks mixing
 both still agree):
@@ -227,10 +227,22 @@ def encode(tensor, *, scheme="tnq-rht", bits, bucket_size, key, step=0, dtype_na
         payload, rare = _encode_tnq(kernels, flat, header, key, step)
     zero_run = _zero_run_found(flat)
     rare = zero_run if rare is None else rare | zero_run
+    _write_amax(payload, flat)
     # One small read-back per tensor: whether a rare path (module docstring) is needed.
     if bool(rare.item()):
         return _host_encode(flat, **args)
     return payload
+
+
+def _write_amax(payload, flat):
+    """The header's amax (core.AMAX_OFFSET), the largest |finite element| as float64, written
+    on the device."""
+    import torch
+    if flat.numel():
+        magnitudes = torch.where(torch.isfinite(flat), flat.abs(), torch.zeros_like(flat))
+        amax = magnitudes.max().to(torch.float64).reshape(1)
+        payload[core.AMAX_OFFSET: core.AMAX_OFFSET + core.AMAX.size].copy_(
+            amax.view(torch.uint8))
 
 
 def _zero_run_found(flat):
@@ -347,9 +359,9 @@ def _valid_expect(expect):
 
 
 def _fast_layout(buf, expect):
-    """(payload size, number of payloads, [(key, step)] for rotated ones) when every payload in
-    ``buf`` is exactly ``expect`` without exceptions (and exponent 0) or zero runs; None
-    otherwise."""
+    """(payload size, number of payloads, [(key, step)] for rotated ones, sum of their amax) when
+    every payload in ``buf`` is exactly ``expect`` without exceptions (and exponent 0) or zero
+    runs, but for its amax; None otherwise."""
     if not _valid_expect(expect):
         return None
     plain = replace(expect, num_exceptions=0, zero_runs=0, zeros=0)
@@ -359,9 +371,13 @@ def _fast_layout(buf, expect):
     count = buf.numel() // size
     head = core.HEADER.size + plain.rotation_size
     heads = buf.view(count, size)[:, :head].cpu().numpy()  # the only read-back of a decode
-    if not np.array_equal(heads[:, : core.HEADER.size],
-                          np.broadcast_to(np.frombuffer(plain.pack(), dtype=np.uint8),
-                                          (count, core.HEADER.size))):
+    fixed = core.AMAX_OFFSET  # the header's bytes before amax
+    if not np.array_equal(heads[:, :fixed],
+                          np.broadcast_to(np.frombuffer(plain.pack()[:fixed], dtype=np.uint8),
+                                          (count, fixed))):
+        return None
+    amaxes = np.ascontiguousarray(heads[:, fixed: fixed + core.AMAX.size]).view("<f8")
+    if not np.all((amaxes >= 0) & np.isfinite(amaxes)):
         return None
     turns = []
     if plain.rotated:
@@ -370,7 +386,7 @@ def _fast_layout(buf, expect):
             if exponent:
                 return None
             turns.append((key, step))
-    return size, count, turns
+    return size, count, turns, float(amaxes.sum())
 
 
 def decode_sum(payloads, expect, factor=1.0, out_dtype=None, out=None):
@@ -404,7 +420,7 @@ def decode_sum(payloads, expect, factor=1.0, out_dtype=None, out=None):
     layout = _fast_layout(buf, expect)
     if layout is None:
         return _host_decode_sum(buf, expect, factor, out_dtype, out)
-    size, count, turns = layout
+    size, count, turns, amax_sum = layout
     result = out.view(-1) if out is not None else torch.empty(n, dtype=out_dtype, device=device)
     if n == 0:
         return (result if out is None else out), count
@@ -439,15 +455,16 @@ def decode_sum(payloads, expect, factor=1.0, out_dtype=None, out=None):
         _launch(kernels.tnq_decode_kernel, (-(-n // TNQ_BLOCK),), buf, buf, size, codes_offset,
                 codes_size, scales.to(torch.float64), table, result, float(factor), n, bucket,
                 nb, count, BLOCK=TNQ_BLOCK, BITS=bits, OUT_F64=out_f64, num_warps=8)
-    if not out_f64 and nb:
-        # as core.codec.decode_sum: a finite sum that rounding would overflow is held at the
-        # largest float32 (these payloads have no exceptions, so every inf is such a sum)
+    if nb:
+        # results beyond the dtype's range settled as core.codec.decode_sum does (these payloads
+        # have no exceptions: every infinity is a sum's)
         levels = core.level_table(plain.scheme_id, bits)
         bound = core.value_bound(plain, float(scales.abs().max()), float(np.abs(levels).max()))
-        if core.sum_may_overshoot([bound] * count, factor, np.float32):
-            largest = torch.finfo(torch.float32).max
-            result.copy_(torch.where(torch.isinf(result), torch.copysign(
-                torch.full_like(result, largest), result), result))
+        rule = core.overflow_rule(plain.dtype_name, factor, amax_sum, bound * count)
+        if rule is not None:
+            threshold, value = rule
+            result.copy_(torch.where(result.abs() >= threshold, torch.copysign(
+                torch.full_like(result, value), result), result))
     return (result if out is None else out), count
 
 
