@@ -11,6 +11,7 @@ import dataclasses
 import threading
 import time
 from typing import Any
+import warnings
 
 import horovod.torch as hvd
 import numpy as np
@@ -107,25 +108,57 @@ class HostCodec:
 class DeviceCodec(HostCodec):
     """The GPU kernels (core/gpu) on the tensor's device: the float data never leaves it. Only
     the packed payloads reach Horovod, on the device where Horovod has NCCL, else through host
-    memory; headers are built on the host (a few bytes)."""
+    memory; headers are built on the host (a few bytes).
+
+    If a kernel fails to compile or launch (core.gpu.KernelError), the kernels are off for the
+    rest of the process, with one warning naming the error: the payload being encoded is made
+    by the core on the host instead, before anything reaches Horovod, and received payloads are
+    decoded there from the same bytes; later tensors take the HostCodec (codec_for). The core
+    makes the same bytes and sums, so results do not change and ranks still agree."""
+
+    failure = None  # the first KernelError in this process, once the kernels are off
+    _failure_lock = threading.Lock()
 
     def __init__(self, compressor, config, device):
         super().__init__(compressor, config)
         self.device = device
 
+    @staticmethod
+    def kernels_failed(error):
+        """Turn the kernels off for this process after ``error`` (a core.gpu.KernelError),
+        warning once, whichever thread fails first."""
+        with DeviceCodec._failure_lock:
+            if DeviceCodec.failure is not None:
+                return
+            DeviceCodec.failure = error
+        warnings.warn(f"horovod_tnq: {error}. The GPU codec is off for the rest of this "
+                      "process: the host codec encodes and decodes instead (the same bytes and "
+                      "results, with copies between the device and the host)", RuntimeWarning,
+                      stacklevel=3)
+
     def values(self, tensor):
         return tensor.detach().reshape(-1)
 
     def encode(self, values, slot, step, dtype, shape, record, first_round=True):
-        config, started = self.config, time.perf_counter()
-        payload = _gpu().encode(values, scheme=config.scheme, bits=config.bits,
-                                bucket_size=config.bucket_size, key=self.compressor.key(slot),
-                                step=step, dtype_name=_DTYPE_NAMES[dtype], shape=shape)
-        # (no error estimate: it would read the payload's bucket parameters back to the host)
-        self.compressor.state.record_payload(record, step, payload.numel(),
-                                             time.perf_counter() - started,
-                                             values.numel() if first_round else 0)
-        return payload
+        if DeviceCodec.failure is None:
+            config, started = self.config, time.perf_counter()
+            try:
+                payload = _gpu().encode(values, scheme=config.scheme, bits=config.bits,
+                                        bucket_size=config.bucket_size,
+                                        key=self.compressor.key(slot), step=step,
+                                        dtype_name=_DTYPE_NAMES[dtype], shape=shape)
+            except _gpu().KernelError as error:
+                self.kernels_failed(error)
+            else:
+                # (no error estimate: it would read the payload's bucket parameters back to
+                # the host)
+                self.compressor.state.record_payload(record, step, payload.numel(),
+                                                     time.perf_counter() - started,
+                                                     values.numel() if first_round else 0)
+                return payload
+        payload = HostCodec.encode(self, HostCodec.values(self, values), slot, step, dtype,
+                                   shape, record, first_round)
+        return payload.to(self.device)  # where the kernels' payloads are (torch.cat of parts)
 
     def header(self, payload, numel, dtype, shape):
         config = self.config
@@ -133,7 +166,15 @@ class DeviceCodec(HostCodec):
                                            numel, config.bucket_size, shape)
 
     def decode_sum(self, received, expect, factor, out):
-        _, count = _gpu().decode_sum(received, expect, factor, out_dtype=out.dtype, out=out)
+        if DeviceCodec.failure is None:
+            try:
+                return _gpu().decode_sum(received, expect, factor, out_dtype=out.dtype,
+                                         out=out)[1]
+            except _gpu().KernelError as error:
+                self.kernels_failed(error)
+        total = torch.empty(out.numel(), dtype=out.dtype)
+        count = HostCodec.decode_sum(self, received.cpu(), expect, factor, total)
+        out.view(-1).copy_(total)
         return count
 
     def for_horovod(self, payload):
@@ -298,10 +339,11 @@ class TNQCompressor(CompressorBase, Compressor):
     def codec_for(self, tensor, config=None):
         """Where ``tensor``'s payloads are made and decoded, with ``config`` (the compressor's
         by default): on its device by the GPU kernels (core/gpu) for CUDA tensors of the schemes
-        they have, without error feedback (whose residuals the state keeps on the host); by the
-        core on the host otherwise."""
+        they have, without error feedback (whose residuals the state keeps on the host), unless
+        a kernel has failed in this process (DeviceCodec); by the core on the host otherwise."""
         config = config or self.config
-        if (tensor.is_cuda or KERNELS_FOR_CPU_TENSORS) and not config.error_feedback:
+        if (tensor.is_cuda or KERNELS_FOR_CPU_TENSORS) and not config.error_feedback and \
+                DeviceCodec.failure is None:
             gpu = _gpu()
             if gpu.available() and config.scheme in gpu.SCHEMES:
                 return DeviceCodec(self, config, tensor.device)

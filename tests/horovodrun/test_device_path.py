@@ -1,9 +1,11 @@
 """The PyTorch compressor's GPU-kernel path over real horovodrun workers: the same results as
-the host path, bit for bit (under Triton's interpreter on CPU tensors where there is no GPU)."""
+the host path, bit for bit (under Triton's interpreter on CPU tensors where there is no GPU),
+also when a kernel fails on one rank and that rank falls back to the host codec."""
 
 import pytest
 from launch import run_workers
 
+pytestmark = pytest.mark.horovodrun
 pytest.importorskip("triton")
 
 
@@ -28,3 +30,19 @@ def check_cases(cases):
 
 def test_fused_optimizer_on_the_device_path_matches_the_host_path(reports):
     assert all(report["fused_equal"] for report in reports)
+
+
+@pytest.mark.parametrize("stage, broken_rank", [("encode", 1), ("decode", 0)])
+def test_a_failing_kernel_falls_back_to_the_host_with_one_warning(reports, stage, broken_rank):
+    """A kernel launch forced to fail on one rank: that rank warns once, naming the error, and
+    goes on with the host codec; both ranks get the host path's results bit for bit."""
+    for rank, report in enumerate(reports):
+        case = report["fallback"][stage]
+        assert case["equal"] and case["exchanges"] == 3, (rank, case)
+        if rank == broken_rank:
+            assert len(case["warnings"]) == 1, case["warnings"]
+            assert f"rht_{stage}_kernel" in case["warnings"][0]
+            assert "PTX assembly failed" in case["warnings"][0]
+            assert case["codec_after"] == "HostCodec"
+        else:
+            assert case["warnings"] == [] and case["codec_after"] == "DeviceCodec"

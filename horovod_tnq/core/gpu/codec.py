@@ -13,6 +13,10 @@ both still agree):
   (their payload carries the runs: embedding gradients, every step);
 * decode_sum: payloads with exceptions or a nonzero exponent, and anything that is not exactly
   the expected header (the core then raises its PayloadError, naming the field).
+
+A kernel that fails to compile or launch raises KernelError; encode and decode_sum do not fall
+back themselves (a test of the kernels must not pass on the host's bytes): the PyTorch adapter
+does (torch/compressor.py, DeviceCodec).
 """
 
 import math
@@ -119,15 +123,28 @@ def _check_device(tensor):
                          "tensors run only under Triton's interpreter, TRITON_INTERPRET=1)")
 
 
+class KernelError(RuntimeError):
+    """A kernel failed to compile or to launch on this device (Triton or the driver raised). The
+    payload it worked on is unchanged for the caller: core.codec makes the same bytes on the
+    host (the PyTorch adapter falls back to it)."""
+
+
 def _launch(kernel, grid, tensor, *args, **kwargs):
     """Launch on the tensor's device, without FMA contraction (the reference rounds every
-    multiply and add)."""
+    multiply and add). Whatever the launch raises (compilation, resources, the driver) comes
+    out as a KernelError naming the kernel, the device and the error; errors that a device
+    reports later, asynchronously, are not caught here."""
     import torch
-    if tensor.device.type == "cuda":
-        with torch.cuda.device(tensor.device):
-            kernel[grid](*args, enable_fp_fusion=False, enable_reflect_ftz=False, **kwargs)
-    else:
-        kernel[grid](*args, enable_fp_fusion=False, **kwargs)
+    try:
+        if tensor.device.type == "cuda":
+            with torch.cuda.device(tensor.device):
+                kernel[grid](*args, enable_fp_fusion=False, enable_reflect_ftz=False, **kwargs)
+        else:
+            kernel[grid](*args, enable_fp_fusion=False, **kwargs)
+    except Exception as exc:
+        name = getattr(getattr(kernel, "fn", kernel), "__name__", repr(kernel))
+        raise KernelError(f"the Triton kernel {name} failed to compile or launch on "
+                          f"{tensor.device}: {type(exc).__name__}: {exc}") from exc
 
 
 def _lowbias32(x):

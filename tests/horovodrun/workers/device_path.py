@@ -9,6 +9,7 @@ bit for bit: the kernels make the core's bytes. Each rank writes OUT_DIR/rank<r>
 import json
 import os
 import sys
+import warnings
 
 import torch
 
@@ -18,6 +19,7 @@ if not torch.cuda.is_available():
 import horovod.torch as hvd  # noqa: E402
 
 from horovod_tnq.torch import DistributedOptimizer, TNQCompressor  # noqa: E402
+from horovod_tnq.core.gpu import kernels  # noqa: E402
 from horovod_tnq.torch import compressor as torch_compressor  # noqa: E402
 
 OUT_DIR = sys.argv[1]
@@ -61,6 +63,41 @@ def fused_step(on_device):
     return [p.grad.cpu() for p in model.parameters()]
 
 
+class FailingKernel:
+    """A kernel whose launch raises, as Triton does when it cannot compile for a device."""
+
+    def __init__(self, kernel):
+        self.fn = kernel.fn
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise RuntimeError("forced: PTX assembly failed")
+        return launch
+
+
+def fallback_case(broken_rank, broken, scheme, bits, exchange):
+    """The kernels named ``broken`` fail on rank ``broken_rank`` only (the other rank keeps the
+    kernels: the ranks exchange payloads made on different paths); the results against the
+    host path's, and the horovod_tnq warnings each rank gave."""
+    torch_compressor.DeviceCodec.failure = None  # the kernels on again, as in a new process
+    originals = {name: getattr(kernels, name) for name in broken}
+    if hvd.rank() == broken_rank:
+        for name, kernel in originals.items():
+            setattr(kernels, name, FailingKernel(kernel))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            device, stats = reduce_all(True, scheme, bits, exchange, torch.float32)
+    finally:
+        for name, kernel in originals.items():
+            setattr(kernels, name, kernel)
+    host, _ = reduce_all(False, scheme, bits, exchange, torch.float32)
+    return {"equal": all(torch.equal(device[n].cpu(), host[n].cpu()) for n in SIZES),
+            "warnings": [str(w.message) for w in caught
+                         if str(w.message).startswith("horovod_tnq:")],
+            "codec_after": stats["codec"], "exchanges": stats[exchange]}
+
+
 def main():
     hvd.init()
     report = {"device": DEVICE, "cases": {}}
@@ -80,6 +117,12 @@ def main():
             }
     fused_device, fused_host = fused_step(True), fused_step(False)
     report["fused_equal"] = all(torch.equal(a, b) for a, b in zip(fused_device, fused_host))
+    # a kernel failing on one rank, at its first encode (reduce-scatter: both rounds) or at its
+    # first decode (allgather of parts: the same received bytes decoded on the host)
+    report["fallback"] = {
+        "encode": fallback_case(1, ["rht_encode_kernel"], "tnq-rht", 3, "reduce-scatter"),
+        "decode": fallback_case(0, ["rht_decode_kernel"], "tnq-rht", 4, "allgather"),
+    }
     with open(os.path.join(OUT_DIR, f"rank{hvd.rank()}.json"), "w") as f:
         json.dump(report, f)
 
