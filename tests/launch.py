@@ -32,6 +32,25 @@ def mpi_unavailable():
     return None
 
 
+# a command run after this prefix runs in a new network namespace with only loopback, up: the
+# loopback interface then carries that command's traffic and nothing else
+PRIVATE_NETWORK = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+
+
+@functools.cache
+def private_network_unavailable():
+    """Why this environment cannot run a command in a private network namespace (unshare -n
+    needs root or user namespaces), or None when it can."""
+    try:
+        done = subprocess.run(PRIVATE_NETWORK + ["true"], capture_output=True, text=True,
+                              timeout=60)
+    except OSError as exc:
+        return f"cannot run unshare: {exc}"
+    if done.returncode != 0:
+        return f"unshare --net failed (needs root or user namespaces): {done.stderr.strip()}"
+    return None
+
+
 def worker_runs(*runs):
     """pytest params for a fixture that launches workers: (controller, num_proc) pairs, with ids
     np2 for Gloo (the ids the tests had before MPI), mpi-np2 for MPI."""
@@ -41,14 +60,18 @@ def worker_runs(*runs):
 
 
 def run_workers(script, num_proc, out_dir, timeout=600, extra_env=None, args=(),
-                controller="gloo"):
+                controller="gloo", private_network=False):
     """Run tests/horovodrun/workers/<script> under horovodrun with the given controller ("gloo"
     or "mpi": `horovodrun --mpi`, skipping the calling test with the reason when this
-    environment has no MPI); return each rank's JSON report."""
+    environment has no MPI); return each rank's JSON report. ``private_network``: the job runs
+    in a network namespace of its own (PRIVATE_NETWORK; the test skips where it cannot)."""
     if controller == "mpi" and mpi_unavailable():
         pytest.skip(f"MPI: {mpi_unavailable()}")
+    if private_network and private_network_unavailable():
+        pytest.skip(f"private network: {private_network_unavailable()}")
     horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    command = [horovodrun, "-np", str(num_proc), "-H", f"localhost:{num_proc}", f"--{controller}",
+    command = [*(PRIVATE_NETWORK if private_network else []),
+               horovodrun, "-np", str(num_proc), "-H", f"localhost:{num_proc}", f"--{controller}",
                sys.executable, os.path.join(WORKERS, script), str(out_dir),
                *args]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2",

@@ -1,26 +1,40 @@
-"""Bytes that cross the (loopback) network with real horovodrun workers: TNQ 4-bit vs none."""
+"""Bytes that cross the (loopback) network with real horovodrun workers: TNQ 4-bit against
+uncompressed, counted in one run between barriers (workers/wire_bytes.py says why that, and not a
+difference of two runs, is what the machine's load cannot move).
 
-import json
-import subprocess
-import sys
+Traffic besides the collectives' own (Horovod's coordination, about 0.3 MB/s even while idle,
+which grows with the time the steps take) only adds to the count, so the lower bounds hold
+whatever the load. The upper bound leaves about 6 MB for it in the TNQ window, some 20 s of
+coordination, where 0.06 to 0.18 MB was measured at load 8 to 12 on 2 cores (the TNQ window
+itself then lasted about half a second)."""
 
 import pytest
-
-from launch import ROOT
+from launch import run_workers
 
 pytestmark = pytest.mark.horovodrun
 
 
-def test_tnq_4bit_sends_at_most_a_fifth_of_uncompressed(tmp_path):
-    out = tmp_path / "wire.json"
-    done = subprocess.run([sys.executable, "-m", "benchmarks.wire_bytes",
-                           "--quick", "--json", str(out)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = {row["compression"]: row for row in json.loads(out.read_text())}
-    none, tnq = rows["none"], rows["tnq"]
-    # the counters saw the gradients: both ranks send at least their own payloads
-    # (1.9, not 2: the per-step figure is a difference of two runs, and varies by about 1%)
-    assert none["wire_bytes_per_step"] >= 1.9 * none["fp32_bytes_per_step"]
-    assert tnq["wire_bytes_per_step"] >= 2 * tnq["payload_bytes_per_step"]
-    assert tnq["vs_uncompressed"] <= 0.2, rows
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    reports = run_workers("wire_bytes.py", 2, tmp_path_factory.mktemp("wire"),
+                          private_network=True)
+    # the loopback counter is the namespace's: rank 0's reading stands for both; the bytes
+    # handed to Horovod are each rank's own
+    first = dict(reports[0])
+    for kind in ("none", "tnq"):
+        first[kind] = dict(first[kind], handed_to_horovod=sum(r[kind]["handed_to_horovod"]
+                                                              for r in reports))
+    return first
+
+
+def test_every_byte_handed_to_horovod_crosses_the_network(report):
+    # 2 ranks: each rank's payloads reach the other one whole (uncompressed: each rank must
+    # receive the other's gradient, however Horovod's allreduce splits it)
+    for kind in ("none", "tnq"):
+        assert report[kind]["wire_bytes"] >= report[kind]["handed_to_horovod"], report
+
+
+def test_tnq_4bit_sends_at_most_a_fifth_of_uncompressed(report):
+    # 4 bits of 32, and a scale per bucket: about 0.13 of the payload bytes
+    assert report["tnq"]["handed_to_horovod"] <= 0.14 * report["none"]["handed_to_horovod"]
+    assert report["tnq"]["wire_bytes"] <= 0.2 * report["none"]["wire_bytes"], report
