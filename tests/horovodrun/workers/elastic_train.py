@@ -22,7 +22,7 @@ import horovod.torch as hvd
 import torch
 
 import horovod_tnq.torch as tnq
-from elastic_hosts import set_hosts
+from elastic_hosts import set_hosts, wait_for_size
 
 OUT_DIR, MODE, HOSTS_FILE, STEPS, EVENT = (sys.argv[1], sys.argv[2], sys.argv[3],
                                            int(sys.argv[4]), sys.argv[5])
@@ -56,6 +56,11 @@ def main():
     def train(state):
         while state.batch < STEPS:
             last = state.batch == STEPS - 1
+            # each change of the world happens at a known step, however slowly Horovod acts
+            if EVENT == "resize" and state.batch == SHRINK_AT + 1:
+                wait_for_size(state, hvd.size(), 1)  # the slot taken away at SHRINK_AT
+            if last:
+                wait_for_size(state, hvd.size(), 2)  # the worker back for the last step
             # the last step: the same data on every rank, so the average is each rank's own
             seed = 10_000 + state.batch if last else 100 * state.batch + hvd.rank()
             x = torch.randn(16, 32, generator=torch.Generator().manual_seed(seed))

@@ -40,7 +40,7 @@ import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
 from horovod_tnq.tensorflow import TNQCompressor  # noqa: E402
-from elastic_hosts import set_hosts  # noqa: E402
+from elastic_hosts import set_hosts, wait_for_size  # noqa: E402
 
 OUT_DIR, HOSTS_FILE, STEPS, EVENT = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 WORKERS = int(sys.argv[5]) if len(sys.argv) > 5 else 2
@@ -86,6 +86,11 @@ def main():
         run["entries"] += 1
         run["fresh_since"] = state.batch
         while state.batch < STEPS:
+            # each change of the world happens at a known step, however slowly Horovod acts
+            if EVENT == "resize" and state.batch == SHRINK_AT + 1:
+                wait_for_size(state, hvd.size(), WORKERS - 1)  # the slot taken away at SHRINK_AT
+            if state.batch == STEPS - 1:
+                wait_for_size(state, hvd.size(), WORKERS)  # the worker back for the last step
             shrunk, last = hvd.size() < WORKERS, state.batch == STEPS - 1
             # the last step and those in the shrunk world: the same data on every rank, so the
             # average is each rank's own
