@@ -10,10 +10,15 @@ gradients suffered, estimated from each payload's header and per-bucket paramete
 (core.estimate_error: no extra pass over the data). The reduce-scatter's second quantization,
 of the owners' chunk sums, counts in bytes and seconds but not in the error estimate, which is
 about each rank's own gradient.
+
+Tensors Horovod did not name (naming.is_anonymous: a new name at every call) share the record
+"unnamed", which holds the latest such exchange (its "step": the number of that unnamed
+tensor), so the records stay as many as the named tensors however many unnamed calls come.
 """
 
 import threading
 
+from .naming import UNNAMED, anonymous_number, is_anonymous, record_name
 from .picklable import LockedState
 
 AMOUNTS = ("payload_bytes", "passthrough_bytes", "compressed_elements", "passthrough_elements",
@@ -32,6 +37,8 @@ class CompressionMetrics(LockedState):
     def add(self, name, step, **amounts):
         """Add ``amounts`` (keys of AMOUNTS) to tensor ``name``'s record of exchange ``step``
         (a new record when the step changed; ``step`` None: always a new one)."""
+        if is_anonymous(name):  # its step is always 0; its number tells its exchanges apart
+            name, step = UNNAMED, anonymous_number(name)
         with self._lock:
             record = self.last.get(name)
             if record is None or step is None or record["step"] != step:
@@ -44,6 +51,7 @@ class CompressionMetrics(LockedState):
     def add_to_last(self, name, **amounts):
         """Add ``amounts`` to tensor ``name``'s latest record (its decoding, after its
         encoding: the exchange is the same)."""
+        name = record_name(name)
         with self._lock:
             record = self.last.get(name)
             if record is None:

@@ -17,6 +17,13 @@ of their own. Per rank it holds
    quantization error, for live training metrics;
 5. the collective namer (naming.py), whose counter of unnamed tensors is saved too.
 
+Names key all of it (CollectiveNamer's base names). A tensor Horovod did not name (e.g.
+``hvd.allreduce(t, compression=c)`` without ``name=``) gets a new one at every call
+(naming.is_anonymous), so nothing of 1-2 is kept for it: its step is always 0 (its fresh name
+already gives it a fresh random stream), error feedback is skipped with one warning (a residual
+would never be applied), its dp-binomial releases are counted by size, and the metrics keep
+its latest exchange under "unnamed". The state stays bounded however many such calls come.
+
 ``state_dict()`` / ``load_state_dict()`` carry 1-3 and the settings they were made with, as
 numpy arrays and plain Python values; ``reset()`` forgets them all (e.g. when an elastic job's
 membership changes).
@@ -24,12 +31,13 @@ membership changes).
 
 import threading
 import time
+import warnings
 
 import numpy as np
 
 from .. import core
 from .metrics import CompressionMetrics
-from .naming import CollectiveNamer
+from .naming import UNNAMED, CollectiveNamer, is_anonymous
 from .picklable import LockedState
 from .settings import CompressorConfig, scheme_option_names
 
@@ -53,11 +61,16 @@ class CompressorState(LockedState):
         self.steps = {}  # tensor name -> exchanges so far
         self.residuals = {}  # payload name -> error-feedback residual (numpy float32/64)
         self.released = {}  # tensor name -> elements per release (dp-binomial)
+        self.unnamed_releases = {}  # elements -> releases of that many by unnamed tensors
         self.stats = new_stats()
         self.metrics = CompressionMetrics()
+        self._warned_unnamed = False
 
     def next_step(self, name):
-        """This exchange's step of tensor ``name`` (0, 1, 2, ...)."""
+        """This exchange's step of tensor ``name`` (0, 1, 2, ...; always 0 for an unnamed
+        tensor, whose name is new at every call)."""
+        if is_anonymous(name):
+            return 0
         with self._lock:
             step = self.steps.get(name, 0)
             self.steps[name] = step + 1
@@ -71,13 +84,16 @@ class CompressorState(LockedState):
     def passthrough(self, name, elements, nbytes):
         """Tensor ``name`` (None: unnamed) went to Horovod uncompressed."""
         self.count(elements=elements, passthrough_tensors=1, passthrough_bytes=nbytes)
-        self.metrics.add(name or "unnamed", None, passthrough_elements=elements,
+        self.metrics.add(name or UNNAMED, None, passthrough_elements=elements,
                          passthrough_bytes=nbytes)
 
     def note_release(self, name, numel, config=None):
         if (config or self.config).scheme == "dp-binomial":
             with self._lock:
-                self.released[name] = int(numel)
+                if is_anonymous(name):
+                    _count_release(self.unnamed_releases, numel)
+                else:
+                    self.released[name] = int(numel)
 
     def encode(self, chunk, slot, key, step, dtype_name, shape, config=None, record=None,
                first_round=True):
@@ -94,6 +110,9 @@ class CompressorState(LockedState):
         started = time.perf_counter()
         config = config or self.config
         feedback = config.error_feedback
+        if feedback and is_anonymous(slot):
+            self._warn_unnamed()
+            feedback = 0.0
         if feedback:
             residual = self.residuals.get(slot)
             if residual is not None:
@@ -118,6 +137,15 @@ class CompressorState(LockedState):
                                 payload if first_round else None)
         return payload
 
+    def _warn_unnamed(self):
+        if not self._warned_unnamed:
+            self._warned_unnamed = True
+            warnings.warn(
+                "error feedback needs named tensors: a tensor allreduced without a name gets a "
+                "new name at every call, so its quantization error cannot be carried to its "
+                "next call; it is sent without error feedback (pass name= to hvd.allreduce)",
+                stacklevel=2)
+
     def record_payload(self, name, step, nbytes, seconds, elements=0, payload=None):
         """Metrics of one payload of tensor ``name`` at exchange ``step``: ``nbytes`` handed to
         Horovod, ``seconds`` to encode, ``elements`` of the gradient it carries, and the error
@@ -131,15 +159,24 @@ class CompressorState(LockedState):
 
     def privacy_spent(self):
         """The (epsilon, delta) this rank's dp-binomial payloads have spent so far, per step and
-        composed over the steps (core/privacy.py documents the accounting)."""
+        composed over the steps (core/privacy.py documents the accounting); releases of
+        unnamed tensors (``unnamed_releases``) add theirs to the totals."""
         if self.config.scheme != "dp-binomial":
             raise ValueError(f"privacy_spent() needs scheme 'dp-binomial', this compressor uses "
                              f"{self.config.scheme!r}")
+        options = self.config.scheme_options()
         with self._lock:
             steps = max((self.steps.get(name, 0) for name in self.released), default=0)
             released = list(self.released.values())
-        return core.privacy.account(released, steps, self.config.bits,
-                                    **self.config.scheme_options())
+            unnamed = dict(self.unnamed_releases)
+        spent = core.privacy.account(released, steps, self.config.bits, **options)
+        # each unnamed tensor is released once: its size's releases compose with the named
+        # tensors' by adding up (sequential composition)
+        for numel, releases in sorted(unnamed.items()):
+            more = core.privacy.account([numel], releases, self.config.bits, **options)
+            spent["epsilon"] += more["epsilon"]
+            spent["delta"] += more["delta"]
+        return spent
 
     def state_dict(self, rank=None, size=None):
         """Settings, steps, residuals (numpy copies) and privacy accounting of this rank
@@ -151,7 +188,8 @@ class CompressorState(LockedState):
                     "steps": dict(self.steps),
                     "anonymous": self.namer.anonymous,
                     "residuals": {slot: r.copy() for slot, r in self.residuals.items()},
-                    "released": dict(self.released)}
+                    "released": dict(self.released),
+                    "unnamed_releases": dict(self.unnamed_releases)}
 
     def load_state_dict(self, state, rank=None, size=None, any_rank=False):
         """Restore what state_dict() returned on this ``rank`` of ``size``; the settings must be
@@ -187,18 +225,33 @@ class CompressorState(LockedState):
                 raise ValueError(f"checkpoint's error-feedback residual for {slot!r} is not "
                                  "finite: a corrupted checkpoint")
         with self._lock:
-            self.steps = {str(name): int(step) for name, step in state["steps"].items()}
+            # (earlier versions kept steps, residuals and releases of unnamed tensors by name)
+            self.steps = {str(name): int(step) for name, step in state["steps"].items()
+                          if not is_anonymous(name)}
             self.namer.anonymous = int(state["anonymous"])
-            self.residuals = {slot: np.array(r) for slot, r in state["residuals"].items()}
-            self.released = {str(name): int(n) for name, n in state["released"].items()}
+            self.residuals = {slot: np.array(r) for slot, r in state["residuals"].items()
+                              if not is_anonymous(slot)}
+            self.released = {str(name): int(n) for name, n in state["released"].items()
+                             if not is_anonymous(name)}
+            self.unnamed_releases = {int(numel): int(n) for numel, n in
+                                     state.get("unnamed_releases", {}).items()}
+            for name, numel in state["released"].items():
+                if is_anonymous(name):
+                    _count_release(self.unnamed_releases, numel)
 
     def reset(self):
         """Forget steps, residuals, accounting and stats, as a new compressor would have them."""
         with self._lock:
             self.namer = CollectiveNamer()
             self.steps, self.residuals, self.released = {}, {}, {}
+            self.unnamed_releases = {}
             self.stats = new_stats()
             self.metrics = CompressionMetrics()
+
+
+def _count_release(releases, numel):
+    """One more release of ``numel`` elements in ``releases`` ({elements: releases})."""
+    releases[int(numel)] = releases.get(int(numel), 0) + 1
 
 
 def _upgraded(state):

@@ -21,6 +21,7 @@ from horovod.tensorflow.compression import Compressor
 
 from .. import core
 from ..core import native
+from ..protocol.naming import record_name
 from ..protocol import (JOINED, REDUCED, CompressorBase, DefaultInstanceMethod, Pending,
                         cached_exchange_under_join, check_settings_agree,
                         exchange_refused_by_join, gradient_owner, horovod_call_site, plan,
@@ -225,7 +226,7 @@ class TNQCompressor(CompressorBase, Compressor):
         else:
             kind, bounds, parts = plan(config, numel, process_set.size())
             # at most this for schemes whose payload size depends on the data
-            self.bytes_by_tensor[base_name] = sum(
+            self.bytes_by_tensor[record_name(base_name)] = sum(
                 core.encoded_size(stop - start, config.bits, config.bucket_size, dtype_name,
                                   scheme=config.scheme, options=config.scheme_options())
                 for start, stop in bounds)
@@ -237,7 +238,7 @@ class TNQCompressor(CompressorBase, Compressor):
                 except Exception:
                     state.namer.release(base_name)
                     raise
-                self._plans_checked.add(base_name)
+                self._plans_checked.add(record_name(base_name))
             step = state.next_step(base_name)
         else:  # drawn each time the graph runs; every payload of this tensor shares it
             traced_in = self._generation

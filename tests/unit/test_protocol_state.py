@@ -1,5 +1,6 @@
 """CompressorState: the one object holding what a compressor carries between steps."""
 
+import gc
 import pickle
 
 import numpy as np
@@ -8,7 +9,8 @@ import pytest
 from horovod_tnq import CompressorConfig, core
 from horovod_tnq.core.codec import SCHEMES, SCHEMES_BY_ID, Scheme, register_scheme
 from horovod_tnq.core.levels import qsgd_levels
-from horovod_tnq.protocol import CompressorState
+from horovod_tnq.protocol import CollectiveNamer, CompressorState
+from horovod_tnq.protocol.naming import CallSiteName
 
 
 def chunk(seed, n=4096):
@@ -190,3 +192,143 @@ def test_residuals_of_a_job_of_another_size_are_refused():
     with pytest.raises(ValueError, match="of a 4-rank job loaded in a 2-rank one"):
         CompressorState(CompressorConfig(error_feedback=1.0)).load_state_dict(
             state.state_dict(rank=0, size=4), rank=0, size=2)
+
+
+def unnamed_exchange(state, values, encode=True):
+    """What an adapter does for a tensor Horovod did not name: a fresh base name, its step, its
+    payload (or, where ``encode`` is False, just its metrics), its decoding, its release."""
+    base, collective = state.namer.acquire(None)
+    step = state.next_step(base)
+    state.note_release(base, values.size)
+    if encode:
+        state.encode(values, base, key=1, step=step, dtype_name="float32", shape=values.shape,
+                     record=base)
+    else:
+        state.record_payload(base, step, 40, 0.0, values.size)
+    state.metrics.add_to_last(base, decode_seconds=0.0)
+    state.namer.release(base)
+    return base, collective
+
+
+def entries(state):
+    """Every per-name entry the state holds."""
+    return (len(state.steps) + len(state.residuals) + len(state.released) +
+            len(state.unnamed_releases) + len(state.metrics.last) +
+            len(state.namer._in_flight) + len(state.namer._owners))
+
+
+def test_unnamed_tensors_keep_no_entries_over_100k_calls():
+    state = CompressorState(CompressorConfig(error_feedback=1.0, bucket_size=16))
+    values = chunk(3, 16)
+    with pytest.warns(UserWarning, match="error feedback needs named tensors") as caught:
+        for call in range(100_000):  # every 100th through the encoder (the residual's path)
+            base, collective = unnamed_exchange(state, values, encode=call % 100 == 0)
+    assert len([w for w in caught if "named tensors" in str(w.message)]) == 1  # once
+    assert (base, collective) == ("noname.99999", "tnq.noname.99999.0")  # names still unique
+    assert state.namer.anonymous == 100_000
+    assert entries(state) == 1  # metrics' "unnamed" record, nothing else
+    summary = state.metrics.summary()
+    assert list(summary["tensors"]) == ["unnamed"]
+    assert summary["tensors"]["unnamed"]["step"] == 99_999  # the latest unnamed exchange
+    assert summary["total"]["exchanges"] == 100_000
+    assert summary["total"]["compressed_elements"] == 100_000 * 16
+    # a named tensor beside them keeps its step and residual as before
+    state.encode(chunk(4), "w", key=1, step=state.next_step("w"), dtype_name="float32",
+                 shape=(4096,))
+    assert state.steps == {"w": 1} and set(state.residuals) == {"w"}
+
+
+def test_an_unnamed_tensor_is_encoded_without_error_feedback():
+    config = CompressorConfig(bits=2, error_feedback=1.0)
+    values = chunk(5)
+    with pytest.warns(UserWarning, match="error feedback needs named tensors"):
+        payload = CompressorState(config).encode(values, "noname.7#p1", key=3, step=0,
+                                                 dtype_name="float32", shape=values.shape)
+    plain = CompressorState(CompressorConfig(bits=2)).encode(
+        values, "noname.7#p1", key=3, step=0, dtype_name="float32", shape=values.shape)
+    assert np.array_equal(payload, plain)
+
+
+def test_unnamed_dp_releases_are_counted_by_size_and_composed():
+    config = CompressorConfig(scheme="dp-binomial", bits=4, dp_clip=1.0, dp_sensitivity=0.05)
+    state = CompressorState(config)
+    for _ in range(3):
+        state.note_release("w", 4096)
+        state.next_step("w")
+    for numel in (2048, 2048, 512):
+        unnamed_exchange(state, chunk(0, numel), encode=False)
+    assert state.unnamed_releases == {2048: 2, 512: 1} and state.released == {"w": 4096}
+    options = config.scheme_options()
+    parts = [core.privacy.account([4096], 3, 4, **options),
+             core.privacy.account([2048], 2, 4, **options),
+             core.privacy.account([512], 1, 4, **options)]
+    spent = state.privacy_spent()
+    assert spent["epsilon"] == pytest.approx(sum(p["epsilon"] for p in parts))
+    assert spent["delta"] == pytest.approx(sum(p["delta"] for p in parts))
+    restored = CompressorState(config)
+    restored.load_state_dict(state.state_dict())
+    assert restored.privacy_spent() == spent
+
+
+def test_a_checkpoint_with_unnamed_entries_of_earlier_versions_loads_without_them():
+    state = CompressorState(CompressorConfig(error_feedback=1.0))
+    saved = state.state_dict()
+    saved.update(steps={"w": 2, "noname.0": 1, "noname.1": 1},
+                 residuals={"w": np.ones(8, np.float32), "noname.1#p0": np.ones(8, np.float32)})
+    state.load_state_dict(saved)
+    assert state.steps == {"w": 2} and set(state.residuals) == {"w"}
+
+
+class Parameter:
+    """Stands for a framework's parameter: weakly referenceable, compared by identity."""
+
+
+def test_parameters_of_two_models_with_one_name_get_their_own_base_names():
+    namer = CollectiveNamer()
+    generator, discriminator = Parameter(), Parameter()
+    # the first parameter keeps Horovod's name; the collective names stay Horovod's
+    assert namer.acquire(CallSiteName("0.weight", generator)) == ("0.weight", "tnq.0.weight.0")
+    assert namer.acquire(CallSiteName("0.weight", discriminator)) == \
+        ("0.weight@1", "tnq.0.weight.1")
+    namer.release("0.weight@1")
+    namer.release("0.weight")
+    assert namer._in_flight == {}
+    for _ in range(2):  # later steps: the same base names
+        assert namer.acquire(CallSiteName("0.weight", discriminator))[0] == "0.weight@1"
+        namer.release("0.weight@1")
+        assert namer.acquire(CallSiteName("0.weight", generator))[0] == "0.weight"
+        namer.release("0.weight")
+    # no parameter: the name as it is; a parameter that is gone gives its number up
+    assert namer.acquire("0.weight")[0] == "0.weight"
+    del discriminator
+    gc.collect()
+    rebuilt, another = Parameter(), Parameter()
+    assert namer.acquire(CallSiteName("0.weight", rebuilt))[0] == "0.weight@1"
+    assert namer.acquire(CallSiteName("0.weight", another))[0] == "0.weight@2"
+    assert namer.acquire(CallSiteName("0.weight", generator))[0] == "0.weight"
+
+
+def test_a_shared_compressor_keeps_each_models_residuals_and_streams_apart():
+    state = CompressorState(CompressorConfig(bits=2, error_feedback=1.0))
+    models = [Parameter(), Parameter()]
+    for step in range(2):
+        for index, model in enumerate(models):
+            base, _ = state.namer.acquire(CallSiteName("w", model))
+            state.encode(chunk(10 * index + step), base, key=core.stream_key(0, 0, base),
+                         step=state.next_step(base), dtype_name="float32", shape=(4096,))
+            state.namer.release(base)
+    assert state.steps == {"w": 2, "w@1": 2}
+    alone = CompressorState(CompressorConfig(bits=2, error_feedback=1.0))
+    for step in range(2):
+        alone.encode(chunk(10 + step), "w", key=core.stream_key(0, 0, "w@1"),
+                     step=alone.next_step("w"), dtype_name="float32", shape=(4096,))
+    assert np.array_equal(state.residuals["w@1"], alone.residuals["w"])
+
+
+def test_a_call_site_name_is_its_name_and_pickles_as_one():
+    parameter = Parameter()
+    name = CallSiteName("0.weight", parameter)
+    assert name == "0.weight" and hash(name) == hash("0.weight")
+    assert name.owner() is parameter
+    copy = pickle.loads(pickle.dumps({name: 1}))
+    assert copy == {"0.weight": 1} and type(next(iter(copy))) is str
