@@ -16,7 +16,7 @@ pytestmark = pytest.mark.horovodrun
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    # (33-77 s measured at load 8-12 on 2 cores, two horovodrun start-ups included)
+    # (33-77 s measured at load 8-12 on 2 cores, the horovodrun start-up included)
     reports = run_workers("wire_bytes.py", 2, tmp_path_factory.mktemp("wire"), timeout=300,
                           private_network=True)
     # the loopback counter is the namespace's: rank 0's reading stands for both; the bytes
