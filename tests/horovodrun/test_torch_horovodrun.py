@@ -150,7 +150,8 @@ def test_fused_optimizer_reduces_into_gradients_of_any_kind(checks):
         fused = report["decode_into"]["fused"]
         assert fused["lone"]["keeps_memory"]  # decoded into the gradient backward made
         assert fused["bfloat16"]["dtype"] == "torch.bfloat16"
-        assert fused["sparse"]["dense"]  # sparse_as_dense=True
+        # sparse_as_dense=True: reduced dense, handed back sparse, as Horovod does
+        assert not fused["sparse"]["dense"]
     for key in ("allgather.torch.float32.digest", "reduce-scatter.torch.float32.digest",
                 "allgather.torch.bfloat16.digest", "reduce-scatter.torch.bfloat16.digest"):
         assert len({report["decode_into"][key] for report in checks}) == 1, key

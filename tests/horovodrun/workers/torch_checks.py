@@ -237,10 +237,11 @@ def decode_into(inputs, rank):
         grad = model.weight.grad
         before = grad.data_ptr() if not grad.is_sparse else None
         optimizer.synchronize()
-        fused[case] = {"keeps_memory": model.weight.grad.data_ptr() == before,
-                       "dense": not model.weight.grad.is_sparse,
-                       "dtype": str(model.weight.grad.dtype),
-                       "digest": digest(model.weight.grad)}
+        reduced = model.weight.grad
+        fused[case] = {"keeps_memory": None if reduced.is_sparse else reduced.data_ptr() == before,
+                       "dense": not reduced.is_sparse,
+                       "dtype": str(reduced.dtype),
+                       "digest": digest(reduced.to_dense() if reduced.is_sparse else reduced)}
     report["fused"] = fused
     return report
 
