@@ -15,7 +15,8 @@ exchange) in turn. It reports
 * ratio = single / averaged: about N where the ranks' errors are independent and unbiased (each
   rank rotates or rounds with its own random stream), about 1 where they share a floor (a bias
   that every rank makes alike, e.g. truncation). The reduce-scatter exchange quantizes each
-  chunk's sum a second time, so its ratio is at most about N / (N + 1) of the allgather's.
+  chunk's sum a second time, at protocol.plan.second_bits (wider), so its ratio stays within
+  about a sixteenth of the allgather's.
 
 Prints a markdown table; every number in it comes from the same run.
 """

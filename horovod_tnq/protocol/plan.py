@@ -3,26 +3,65 @@
 from dataclasses import dataclass
 from typing import Any
 
-from ..core import get_scheme
+from ..core import MAX_BITS, get_scheme, supports
+
+
+def second_bits(scheme, bits, size):
+    """The width at which the reduce-scatter's second round quantizes each owner's chunk sum
+    among ``size`` ranks, for a tensor sent at ``bits`` with ``scheme``.
+
+    The first round's errors are unbiased and independent across ranks, so the average of N
+    ranks keeps 1/N of one rank's: NMSE(b) / N. The second round quantizes the chunk's sum once
+    more, and that error does not average away: at the same width it is as large as one rank's
+    whole error, N times the averaged one (measured, 8 ranks at 2 bits: the averaged gradient
+    9x worse than the allgather's). Each bit quarters these schemes' error (tnq-rht's NMSE
+    0.128, 0.034, 0.0092, 0.0024 at 2 to 5 bits: 4^-b), so asking the second error to stay
+    under a sixteenth of the averaged first, NMSE(b2) <= NMSE(b) / (16 N), gives
+    4^(b2 - b) >= 16 N: b2 = b + 2 + ceil(log4 N), at most 8 bits (from 65 ranks at 2 bits the
+    cap holds the second error to about 1/6 of the averaged first at 512 ranks; wider first
+    codes reach the cap earlier). A quarter (b + 1 + ceil(log4 N)) measured 1.26x the
+    allgather's averaged error at 64 ranks and 2 bits, a sixteenth 1.05-1.1x, for one more bit
+    in the second round (benchmarks/scale_simulator.py). A scheme without that width takes its
+    widest one in between.
+    """
+    extra = 2
+    while 4 ** (extra - 2) < size:
+        extra += 1
+    for wide in range(min(bits + extra, MAX_BITS), bits, -1):
+        if supports(scheme, wide):
+            return wide
+    return bits
 
 
 def choose_exchange(config, numel, size):
     """The exchange for a tensor of ``numel`` elements among ``size`` ranks.
 
-    Per rank and tensor, with P the bytes of one full payload, the allgather sends and receives
-    (size - 1) P, the reduce-scatter about 2 (size - 1) / size P plus a header per chunk. So
-    with 2 ranks they move the same bytes and the allgather wins (one round, one quantization);
-    from 3 ranks on the reduce-scatter moves fewer, and "auto" takes it for every tensor big
-    enough that each rank owns at least one full bucket. All ranks see the same arguments, so
+    Per rank and element, the allgather sends (size - 1) b bits (every other rank gets this
+    rank's payload), the reduce-scatter (size - 1) / size (b + b2) (one chunk to each owner,
+    then the owner's sum at b2 = second_bits(...) to every rank), plus headers. Their errors
+    are alike: the allgather's averaged one, NMSE(b) / N, and the reduce-scatter's about a
+    sixteenth more (second_bits). So "auto" takes the reduce-scatter where it sends fewer bits,
+    for tensors big enough that each rank owns at least one full bucket: from 4 ranks at 2 and
+    3 bits (at 3 ranks the bits are no fewer, and the allgather needs one round and one
+    quantization fewer), from 3 ranks at 4 bits and more. All ranks see the same arguments, so
     they all choose the same.
     """
     if config.exchange != "auto":
         return config.exchange
     if get_scheme(config.scheme).body is not None:
         return "allgather"  # see CompressorConfig: such schemes do not re-quantize sums
-    if size >= 3 and numel >= size * config.bucket_size:
+    fewer_bits = config.bits + second_bits(config.scheme, config.bits, size) < \
+        size * config.bits
+    if size >= 3 and numel >= size * config.bucket_size and fewer_bits:
         return "reduce-scatter"
     return "allgather"
+
+
+def second_round_config(config, size):
+    """``config`` with the second round's width (second_bits) among ``size`` ranks: the
+    settings that each owner's chunk sum is quantized with, and decoded with."""
+    bits = second_bits(config.scheme, config.bits, size)
+    return config if bits == config.bits else config.with_bits(bits)
 
 
 # Names of a tensor's payloads, appended to its base name: they key the random stream and the
@@ -91,5 +130,6 @@ class Pending:
     collective_name: str = ""
     step: int = 0
     second_round: Any = None  # reduce-scatter: the allgather of the reduced chunks
+    second_header: Any = None  # reduce-scatter: this rank's reduced chunk's header
     codec: Any = None  # the adapter's codec that encoded it, and decodes what arrives
     label: str = ""  # the tensor's name in the metrics (its parameter's name where known)

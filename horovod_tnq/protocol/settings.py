@@ -110,6 +110,13 @@ class CompressorConfig:
         """The scheme's own settings (passed to core.encode), defaults included."""
         return dict(self.options)
 
+    def with_bits(self, bits):
+        """These settings at another width (checked as any)."""
+        general = {name: getattr(self, name) for name in (
+            "scheme", "bucket_size", "min_numel", "seed", "error_feedback", "exchange",
+            "part_elements")}
+        return CompressorConfig(bits=bits, **general, **self.scheme_options())
+
     def bits_per_element(self):
         """Codes plus per-bucket parameters, ignoring what each tensor's payload adds once (its
         40-byte header and, for schemes that fit them, 2**bits float32 levels); level-table

@@ -25,7 +25,8 @@ from ..protocol.naming import record_name
 from ..protocol import (JOINED, REDUCED, CompressorBase, DefaultInstanceMethod, Pending,
                         cached_exchange_under_join, check_settings_agree,
                         exchange_refused_by_join, gradient_owner, horovod_call_site, plan,
-                        plan_code, probe_values, read_probe, reduction_scale, settings_buffer)
+                        plan_code, probe_values, read_probe, reduction_scale, second_round_config,
+                        settings_buffer)
 
 # What the core reads: float64 stays, every other float goes as float32, which holds float16 and
 # bfloat16 exactly (numpy has no bfloat16), as in the PyTorch adapter.
@@ -401,6 +402,7 @@ class TNQCompressor(CompressorBase, Compressor):
         rank, slot = ctx.process_set.rank(), ctx.base_name + REDUCED
         key = self._key(slot)
         work = np.float64 if ctx.dtype == tf.float64 else np.float32
+        wide = second_round_config(ctx.config, size)  # the owners' sums: plan.second_bits
 
         def reduce_own_chunk(received, step):
             shape, _, bounds = layout()
@@ -408,8 +410,8 @@ class TNQCompressor(CompressorBase, Compressor):
             chunk_sum = self._decode_sum(ctx, received, self._expect(ctx.config, stop - start,
                                                                      dtype_name, shape),
                                          1.0, work, size)
-            payload = self.state.encode(chunk_sum, slot, key, step, dtype_name, shape,
-                                        ctx.config, ctx.label, first_round=False)
+            payload = self.state.encode(chunk_sum, slot, key, step, dtype_name, shape, wide,
+                                        ctx.label, first_round=False)
             self.state.count(payload_bytes=payload.size)
             return payload
 
@@ -428,7 +430,7 @@ class TNQCompressor(CompressorBase, Compressor):
                                             f"{len(bounds)} ranks")
                 end = core.codec.split(gathered, offset).end
                 self._decode_sum(ctx, gathered[offset:end],
-                                 self._expect(ctx.config, stop - start, dtype_name, shape),
+                                 self._expect(wide, stop - start, dtype_name, shape),
                             float(scale), out_dtype, 1, out=total[start:stop])
                 offset = end
             if offset != gathered.size:

@@ -7,6 +7,7 @@ codec runs where the tensor's data is best handled (``HostCodec``: the core on t
 ``DeviceCodec``: the GPU kernels on the tensor's device); the exchange is written once for both.
 """
 
+import copy
 import dataclasses
 import threading
 import time
@@ -22,7 +23,8 @@ from .. import core
 from ..protocol import (JOINED, REDUCED, CompressorBase, DefaultInstanceMethod, Pending,
                         cached_exchange_under_join, check_settings_agree,
                         exchange_refused_by_join, gradient_owner, horovod_call_site, plan,
-                        plan_code, probe_values, read_probe, settings_buffer)
+                        plan_code, probe_values, read_probe, second_round_config,
+                        settings_buffer)
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                 torch.float64: "float64"}
@@ -90,6 +92,14 @@ class HostCodec:
 
     def header(self, payload, numel, dtype, shape):
         return core.read_header(payload.numpy())
+
+    def with_config(self, config):
+        """This codec with other settings (the reduce-scatter's second round)."""
+        if config is self.config:
+            return self
+        other = copy.copy(self)
+        other.config = config
+        return other
 
     def decode_sum(self, received, expect, factor, out):
         """``factor`` times the sum of the payloads in ``received`` into ``out`` (a contiguous
@@ -463,8 +473,11 @@ class TNQCompressor(CompressorBase, Compressor):
                                torch.float64 if ctx.dtype == torch.float64 else torch.float32,
                                codec.device)
             _decode_sum(ctx, received, ctx.header, 1.0, chunk_sum, ctx.process_set.size())
-            reduced = codec.encode(chunk_sum, ctx.base_name + REDUCED, ctx.step, ctx.dtype,
-                                   ctx.shape, ctx.label, first_round=False)
+            # the owner's sum, at the second round's wider codes (plan.second_bits)
+            wide = codec.with_config(second_round_config(codec.config, ctx.process_set.size()))
+            reduced = wide.encode(chunk_sum, ctx.base_name + REDUCED, ctx.step, ctx.dtype,
+                                  ctx.shape, ctx.label, first_round=False)
+            ctx.second_header = wide.header(reduced, chunk_sum.numel(), ctx.dtype, ctx.shape)
             self.state.count(payload_bytes=reduced.numel())
             ctx.second_round = hvd.allgather_async(codec.for_horovod(reduced),
                                                    name=ctx.collective_name + REDUCED,
@@ -481,7 +494,8 @@ class TNQCompressor(CompressorBase, Compressor):
                 raise core.PayloadError(f"received {owner} reduced chunks from "
                                         f"{len(ctx.bounds)} ranks")
             end = core.codec.split(heads, offset).end
-            expect = dataclasses.replace(ctx.header, numel=stop - start, num_exceptions=0)
+            expect = dataclasses.replace(ctx.second_header, numel=stop - start,
+                                         num_exceptions=0)
             _decode_sum(ctx, gathered[offset:end], expect, scale, total[start:stop], 1)
             offset = end
         if offset != heads.size:

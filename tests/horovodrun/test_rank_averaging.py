@@ -70,12 +70,13 @@ def test_rotated_errors_average_out_across_ranks(job):
 
 
 @pytest.mark.horovodrun
-def test_reduce_scatter_adds_one_quantization_of_the_sum(job):
+def test_reduce_scatter_keeps_averaging_like_one_over_n(job):
     size, reports = job
     entry, single = row(reports, "tnq-rht", "reduce-scatter")
-    # first round: single / N (independent), second round: the owner's sum quantized again
-    expected = single * (1 + 1 / size)
-    assert 0.85 * expected <= entry["nmse"] <= 1.15 * expected, (entry["nmse"], expected)
+    # first round: single / N (independent); the owners' sums are quantized again at
+    # protocol.plan.second_bits, whose error is about a sixteenth of that (at the first round's
+    # width it was one more single error: single * (1 + 1 / N))
+    assert 0.8 * single / size <= entry["nmse"] <= 1.3 * single / size, (entry["nmse"], single)
 
 
 @pytest.mark.horovodrun

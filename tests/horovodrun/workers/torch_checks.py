@@ -86,7 +86,7 @@ def exchanges(inputs, rank):
         out = hvd.allreduce(inputs[rank], name=f"exchange.{kind}", compression=compressor)
         report[kind] = error_report(out, inputs, False, bits=3, exchange=kind)
         report[kind].update(digest=digest(out), stats=compressor.stats)
-    compressor = TNQCompressor(bits=3)
+    compressor = TNQCompressor(bits=4)
     hvd.allreduce(inputs[rank], name="exchange.auto", compression=compressor)
     report["auto_stats"] = compressor.stats
     # 60,000 elements in parts of 8,192 (whole buckets): 8 payloads, each its own allgather
