@@ -70,7 +70,9 @@ def test_torch_metrics_count_what_was_sent(torch_job):
     for report in torch_job[0]:
         metrics = report["stock_metrics"]
         embed, fc = metrics["tensors"]["embed.weight"], metrics["tensors"]["fc.weight"]
-        assert 8 < embed["bits_per_element"] < 8.5 and 2 < fc["bits_per_element"] < 2.5
+        # 8 bits on the embedding, less the rows no token touched (they travel as zero runs,
+        # core/codec.py: about 28% of its 200 rows for 256 random tokens), 2 bits on fc
+        assert 5 < embed["bits_per_element"] < 8.5 and 2 < fc["bits_per_element"] < 2.5
         assert metrics["tensors"]["norm.weight"]["passthrough_bytes"] == 64 * 4
         step = metrics["last_step"]
         assert step["tensors"] == 5 and step["passthrough_elements"] == 128
@@ -97,7 +99,7 @@ def test_torch_log_metrics_writes_tensorboard_scalars(torch_job):
                 "horovod_tnq/tensors/fc.weight/bits_per_element"):
         assert tag in tags, tags
     bits = events(out, 0).Scalars("horovod_tnq/tensors/embed.weight/bits_per_element")
-    assert bits[0].step == 1 and 8 < bits[0].value < 8.5
+    assert bits[0].step == 1 and 5 < bits[0].value < 8.5  # (untouched rows: zero runs)
 
 
 def test_tf_tape_overrides_match_variable_names(tf_job):
@@ -144,7 +146,7 @@ def test_tf_metrics_count_each_graph_run(tf_job):
         assert metrics["total"]["passthrough_elements"] == 64
         assert metrics["total"]["payload_bytes"] == 2 * metrics["last_step"]["payload_bytes"]
         assert 0.05 < metrics["tensors"]["fc_kernel"]["relative_error"] < 0.3
-        assert metrics["tensors"]["embed"]["bits_per_element"] > 8
+        assert metrics["tensors"]["embed"]["bits_per_element"] > 5  # 8 bits, but zero runs
 
 
 def test_tf_log_metrics_writes_summaries(tf_job):
