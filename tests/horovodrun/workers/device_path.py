@@ -6,6 +6,7 @@ Without a GPU the kernels run under Triton's interpreter on CPU tensors
 bit for bit: the kernels make the core's bytes. Each rank writes OUT_DIR/rank<r>.json.
 """
 
+import itertools
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ if not torch.cuda.is_available():
 import horovod.torch as hvd  # noqa: E402
 
 from horovod_tnq.torch import DistributedOptimizer, TNQCompressor  # noqa: E402
+from horovod_tnq.torch import optimizer as fused_module  # noqa: E402
 from horovod_tnq.core.gpu import kernels  # noqa: E402
 from horovod_tnq.torch import compressor as torch_compressor  # noqa: E402
 
@@ -52,6 +54,9 @@ def reduce_all(on_device, scheme, bits, exchange, dtype):
 def fused_step(on_device):
     """One step of the fused optimizer on a small model: its gradients after the step."""
     torch_compressor.KERNELS_FOR_CPU_TENSORS = on_device
+    # each fused optimizer of a process names its buckets apart ("fused", "fused1", ...), and
+    # the names key the random streams: both paths must run as the process's first one
+    fused_module._INSTANCES = itertools.count()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 10)).to(DEVICE)
     optimizer = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
