@@ -392,17 +392,18 @@ def scan(flat, use_native=False):
     its maximal runs of at least MIN_ZERO_RUN exact zeros, +0 or -0; largest |finite element|
     as a float, 0 if none). No runs for arrays of more than MAX_RUNS_NUMEL elements.
     ``use_native``: the compiled kernel's single pass (the same results)."""
-    if use_native:
-        runs, amax = native.scan(flat, MIN_ZERO_RUN)
-    else:
-        finite = np.abs(flat[np.isfinite(flat)])
-        amax = float(finite.max()) if finite.size else 0.0
-        zero = np.concatenate(([False], flat == 0, [False]))
-        edges = np.flatnonzero(zero[1:] != zero[:-1])
-        starts, lengths = edges[0::2], edges[1::2] - edges[0::2]
-        long = lengths >= MIN_ZERO_RUN
-        runs = np.stack([starts[long], lengths[long]], axis=1).astype(np.int64)
-    return (runs if flat.size <= MAX_RUNS_NUMEL else _NO_RUNS), amax
+    fits = flat.size <= MAX_RUNS_NUMEL
+    if use_native:  # (a run longer than the array: none counted, none stored)
+        return native.scan(flat, MIN_ZERO_RUN if fits else flat.size + 1)
+    finite = np.abs(flat[np.isfinite(flat)])
+    amax = float(finite.max()) if finite.size else 0.0
+    if not fits:
+        return _NO_RUNS, amax
+    zero = np.concatenate(([False], flat == 0, [False]))
+    edges = np.flatnonzero(zero[1:] != zero[:-1])
+    starts, lengths = edges[0::2], edges[1::2] - edges[0::2]
+    long = lengths >= MIN_ZERO_RUN
+    return np.stack([starts[long], lengths[long]], axis=1).astype(np.int64), amax
 
 
 def coded_mask(numel, runs):
@@ -869,7 +870,7 @@ def _settle_overflow(total, payloads, factor, dtype_name):
     if rule is None:
         return
     threshold, value = rule
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):  # (a float32 total: beyond is inf)
         over = np.abs(total) >= threshold
     if math.isfinite(value) and any(p.exception_indices.size for p in payloads):
         over &= np.isfinite(total)

@@ -123,8 +123,10 @@ class DeviceCodec(HostCodec):
     If a kernel fails to compile or launch (core.gpu.KernelError), the kernels are off for the
     rest of the process, with one warning naming the error: the payload being encoded is made
     by the core on the host instead, before anything reaches Horovod, and received payloads are
-    decoded there from the same bytes; later tensors take the HostCodec (codec_for). The core
-    makes the same bytes and sums, so results do not change and ranks still agree."""
+    decoded there from the same bytes; so are later tensors'. Payloads still reach Horovod where
+    the other ranks' do (on the device with NCCL), so every rank hands each collective tensors
+    of one kind. The core makes the same bytes and sums, so results do not change and ranks
+    still agree."""
 
     failure = None  # the first KernelError in this process, once the kernels are off
     _failure_lock = threading.Lock()
@@ -349,11 +351,11 @@ class TNQCompressor(CompressorBase, Compressor):
     def codec_for(self, tensor, config=None):
         """Where ``tensor``'s payloads are made and decoded, with ``config`` (the compressor's
         by default): on its device by the GPU kernels (core/gpu) for CUDA tensors of the schemes
-        they have, without error feedback (whose residuals the state keeps on the host), unless
-        a kernel has failed in this process (DeviceCodec); by the core on the host otherwise."""
+        they have, without error feedback (whose residuals the state keeps on the host; after a
+        kernel failed in this process, DeviceCodec runs the core on the host but keeps the
+        device's place in Horovod's collectives); by the core on the host otherwise."""
         config = config or self.config
-        if (tensor.is_cuda or KERNELS_FOR_CPU_TENSORS) and not config.error_feedback and \
-                DeviceCodec.failure is None:
+        if (tensor.is_cuda or KERNELS_FOR_CPU_TENSORS) and not config.error_feedback:
             gpu = _gpu()
             if gpu.available() and config.scheme in gpu.SCHEMES:
                 return DeviceCodec(self, config, tensor.device)
@@ -494,8 +496,9 @@ class TNQCompressor(CompressorBase, Compressor):
                 raise core.PayloadError(f"received {owner} reduced chunks from "
                                         f"{len(ctx.bounds)} ranks")
             end = core.codec.split(heads, offset).end
+            # (this rank's own chunk's header: nothing of its data is expected of the others)
             expect = dataclasses.replace(ctx.second_header, numel=stop - start,
-                                         num_exceptions=0)
+                                         num_exceptions=0, zero_runs=0, zeros=0, amax=0.0)
             _decode_sum(ctx, gathered[offset:end], expect, scale, total[start:stop], 1)
             offset = end
         if offset != heads.size:

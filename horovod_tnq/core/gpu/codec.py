@@ -255,25 +255,25 @@ def _write_amax(payload, flat):
     """The header's amax (core.AMAX_OFFSET), the largest |finite element| as float64, written
     on the device."""
     import torch
-    if flat.numel():
-        magnitudes = torch.where(torch.isfinite(flat), flat.abs(), torch.zeros_like(flat))
-        amax = magnitudes.max().to(torch.float64).reshape(1)
+    if flat.numel():  # (one copy of the tensor: |x|, its NaN and inf zeroed in place)
+        magnitudes = flat.abs().nan_to_num_(nan=0.0, posinf=0.0)
+        amax = magnitudes.amax().to(torch.float64).reshape(1)
         payload[core.AMAX_OFFSET: core.AMAX_OFFSET + core.AMAX.size].copy_(
             amax.view(torch.uint8))
 
 
 def _zero_run_found(flat):
-    """Whether ``flat`` holds a run of at least codec.MIN_ZERO_RUN exact zeros (a device bool),
-    which the payload must carry as a zero run (core.codec.zero_runs)."""
+    """Whether ``flat`` may hold a run of at least codec.MIN_ZERO_RUN exact zeros (a device
+    bool), which the payload must carry as a zero run (core.codec.scan): every such run holds
+    an aligned block of MIN_ZERO_RUN / 2 zeros, which is what this looks for, with one bool per
+    element of memory. A block inside a shorter run sends the tensor to the core for nothing,
+    which makes the same bytes."""
     import torch
-    run = core.MIN_ZERO_RUN
-    if not run <= flat.numel() <= core.MAX_RUNS_NUMEL:
+    block = core.MIN_ZERO_RUN // 2
+    whole = flat.numel() // block * block
+    if not core.MIN_ZERO_RUN <= flat.numel() <= core.MAX_RUNS_NUMEL:
         return torch.zeros((), dtype=torch.bool, device=flat.device)
-    count_dtype = torch.int32 if flat.numel() < (1 << 31) else torch.int64
-    zeros = torch.cumsum((flat == 0).to(count_dtype), 0)
-    windows = zeros[run - 1:].clone()  # zeros among each run elements ending there
-    windows[1:] -= zeros[: -run]
-    return (windows == run).any()
+    return (flat[:whole] == 0).view(-1, block).all(dim=1).any()
 
 
 def _host_encode(flat, **args):
