@@ -223,10 +223,13 @@ def test_scaling_bytes_benchmark_two_and_three_workers(tmp_path):
                  for row in csv.DictReader(f)}
     # ring allreduce: 2(N-1)/N of the gradient per rank, 1 at N=2, 4/3 at N=3 (plus headers)
     assert 0.95 <= ratio[2, "none"] <= 1.1 and 1.25 <= ratio[3, "none"] <= 1.45
-    # allgather: N-1 payloads of ~1/8 of the gradient each, so it doubles from 2 to 3 ranks;
-    # the reduce-scatter's 2(N-1)/N payloads grow by a third
-    assert 0.11 <= ratio[2, allgather] <= 0.17 and 0.23 <= ratio[3, allgather] <= 0.31
-    assert ratio[3, scalable] < 0.8 * ratio[3, allgather]
+    # allgather: N-1 payloads of ~1/8 of the gradient each (less where zero runs are left out),
+    # so it doubles from 2 to 3 ranks
+    assert 0.10 <= ratio[2, allgather] <= 0.17
+    assert 1.8 <= ratio[3, allgather] / ratio[2, allgather] <= 2.2
+    # the reduce-scatter: (N-1)/N payloads at 4 bits and again at the second round's 7
+    # (protocol.plan.second_bits): fewer than the allgather's at 3 ranks, growing by a third
+    assert ratio[3, scalable] < ratio[3, allgather]
     assert ratio[3, scalable] < 1.6 * ratio[2, scalable]
     assert (tmp_path / "scaling_bytes.png").stat().st_size > 10_000
     assert "| 3 |" in out
