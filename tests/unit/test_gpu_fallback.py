@@ -22,22 +22,11 @@ from horovod_tnq.core.gpu import kernels  # noqa: E402
 from horovod_tnq.torch import TNQCompressor  # noqa: E402
 from horovod_tnq.torch import compressor as torch_compressor  # noqa: E402
 from horovod_tnq.torch.compressor import DeviceCodec, HostCodec  # noqa: E402
+from horovodrun.workers.common import FailingKernel  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ENCODE = {"tnq-rht": "rht_encode_kernel", "tnq": "tnq_encode_kernel"}
 DECODE = {"tnq-rht": "rht_decode_kernel", "tnq": "tnq_decode_kernel"}
-
-
-class FailingKernel:
-    """A kernel whose launch raises, as Triton does when it cannot compile for a device."""
-
-    def __init__(self, kernel):
-        self.fn = kernel.fn
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            raise RuntimeError("forced: PTX assembly failed")
-        return launch
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from horovod_tnq.torch import DistributedOptimizer, TNQCompressor  # noqa: E402
 from horovod_tnq.torch import optimizer as fused_module  # noqa: E402
 from horovod_tnq.core.gpu import kernels  # noqa: E402
 from horovod_tnq.torch import compressor as torch_compressor  # noqa: E402
+from common import FailingKernel  # noqa: E402
 
 OUT_DIR = sys.argv[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -66,18 +67,6 @@ def fused_step(on_device):
     model(x).square().mean().backward()
     optimizer.step()
     return [p.grad.cpu() for p in model.parameters()]
-
-
-class FailingKernel:
-    """A kernel whose launch raises, as Triton does when it cannot compile for a device."""
-
-    def __init__(self, kernel):
-        self.fn = kernel.fn
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            raise RuntimeError("forced: PTX assembly failed")
-        return launch
 
 
 def fallback_case(broken_rank, broken, scheme, bits, exchange):

@@ -27,6 +27,7 @@ import horovod.torch as hvd
 import torch
 
 import horovod_tnq.torch as tnq
+from common import expect_error, relative_error
 
 OUT_DIR, CASES = sys.argv[1], sys.argv[2].split(",")
 os.environ["HOROVOD_DYNAMIC_PROCESS_SETS"] = "1"  # (process_set adds one after hvd.init())
@@ -41,19 +42,6 @@ def digest(tensors):
 
 def flat(module):
     return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
-
-
-def relative_error(result, reference):
-    return float((result.double() - reference.double()).norm() /
-                 reference.double().norm().clamp_min(1e-30))
-
-
-def expect_error(function):
-    try:
-        function()
-    except Exception as exc:  # the message is what the test checks
-        return {"raised": type(exc).__name__, "message": str(exc)}
-    return {"raised": None}
 
 
 def named(model, prefix):

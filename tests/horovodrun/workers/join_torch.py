@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from horovod_tnq.torch import TNQCompressor
+from common import expect_error, relative_error
 
 OUT_DIR = sys.argv[1]
 STEPS, SHORT = 4, 2
@@ -33,18 +34,6 @@ def digest(tensor):
 def rank_input(rank, step, salt=0):
     x = np.random.default_rng([salt, rank, step]).laplace(scale=0.01, size=NUMEL)
     return torch.from_numpy(x.astype(np.float32))
-
-
-def relative_error(result, reference):
-    return float((result.double() - reference.double()).norm() / reference.double().norm())
-
-
-def expect_error(function):
-    try:
-        function()
-    except Exception as exc:  # the message is what the test checks
-        return {"raised": type(exc).__name__, "message": str(exc)}
-    return {"raised": None}
 
 
 def direct_steps(rank, size, steps):

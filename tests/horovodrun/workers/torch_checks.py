@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import bounds
+from common import expect_error
 from horovod_tnq import core
 from horovod_tnq.protocol import choose_exchange
 from horovod_tnq.torch import DistributedOptimizer, TNQCompressor, get_compressor
@@ -36,14 +37,6 @@ def rank_input(rank, dtype=torch.float32, n=N_ELEMENTS):
 def error_report(result, inputs, reduce_sum, bits, bucket_size=512, exchange="auto"):
     return bounds.error_report(result.double().numpy(), [t.double().numpy() for t in inputs],
                                reduce_sum, bits, bucket_size, exchange)
-
-
-def expect_error(function):
-    try:
-        function()
-    except Exception as exc:  # the message is what the test checks
-        return {"raised": type(exc).__name__, "message": str(exc)}
-    return {"raised": None}
 
 
 # settings for the schemes that need some, in the sweeps below
