@@ -33,8 +33,45 @@ def second_bits(scheme, bits, size):
     return bits
 
 
-def choose_exchange(config, numel, size):
-    """The exchange for a tensor of ``numel`` elements among ``size`` ranks.
+def host_bits(scheme, bits, local_size):
+    """The width at which the hierarchical exchange quantizes each host's sum, for a tensor sent
+    at ``bits`` with ``scheme`` by hosts of ``local_size`` ranks.
+
+    Inside a host the ranks sum in full precision, so a host's L gradients are quantized once,
+    not L times: the average of N = H L ranks carries H independent errors of the host sums
+    (each about L^2 times one rank's squared norm), NMSE(b_h) / H, where the flat exchanges
+    carry N errors of one rank's, NMSE(b) / N. Keeping the flat error asks NMSE(b_h) <=
+    NMSE(b) / L, and each bit quarters it (second_bits): b_h = b + ceil(log4 L), at most 8 (one
+    more bit for 2 to 4 ranks per host, two for 5 to 16). Each rank then encodes only 1/L of
+    the tensor, and what crosses between hosts grows with hosts, not ranks
+    (benchmarks/scale_simulator.py)."""
+    extra = 0
+    while 4 ** extra < local_size:
+        extra += 1
+    for wide in range(min(bits + extra, MAX_BITS), bits, -1):
+        if supports(scheme, wide):
+            return wide
+    return bits
+
+
+@dataclass(frozen=True)
+class Hosts:
+    """Where a job's ranks run, for the hierarchical exchange: ``local_size`` ranks on each of
+    ``cross_size`` hosts, this rank ``local_index``-th of its host; ``local`` and ``cross`` are
+    the adapter's process sets of this rank's host and of the ranks of the same local index on
+    every host (framework objects; this module only reads the sizes)."""
+
+    local_size: int
+    cross_size: int
+    local_index: int
+    local: Any = None
+    cross: Any = None
+
+
+def choose_exchange(config, numel, size, hosts=None):
+    """The exchange for a tensor of ``numel`` elements among ``size`` ranks; ``hosts``: a Hosts
+    where the hierarchical exchange is available (several hosts of several ranks each, process
+    sets registered), else None.
 
     Per rank and element, the allgather sends (size - 1) b bits (every other rank gets this
     rank's payload), the reduce-scatter (size - 1) / size (b + b2) (one chunk to each owner,
@@ -45,16 +82,43 @@ def choose_exchange(config, numel, size):
     3 bits (at 3 ranks the bits are no fewer, and the allgather needs one round and one
     quantization fewer), from 3 ranks at 4 bits and more. All ranks see the same arguments, so
     they all choose the same.
+
+    Where ``hosts`` is given, "auto" takes the hierarchical exchange for tensors of at least a
+    bucket per rank of a host: its error is the flat exchanges' (host_bits) and what crosses
+    between hosts is about 1/L of theirs per host. "hierarchical" without ``hosts`` (one host,
+    or no process sets) is the flat "auto" choice; the adapters warn once.
     """
-    if config.exchange != "auto":
+    if config.exchange not in ("auto", "hierarchical"):
         return config.exchange
     if get_scheme(config.scheme).body is not None:
         return "allgather"  # see CompressorConfig: such schemes do not re-quantize sums
+    if hosts is not None and numel >= hosts.local_size * config.bucket_size:
+        return "hierarchical"
     fewer_bits = config.bits + second_bits(config.scheme, config.bits, size) < \
         size * config.bits
     if size >= 3 and numel >= size * config.bucket_size and fewer_bits:
         return "reduce-scatter"
     return "allgather"
+
+
+def cross_config(config, hosts):
+    """The settings of the hierarchical exchange between hosts: ``config`` at host_bits(...),
+    its exchange among the hosts chosen as "auto" would (allgather or reduce-scatter)."""
+    return config.with_bits(host_bits(config.scheme, config.bits, hosts.local_size),
+                            exchange="auto")
+
+
+def local_bounds(numel, local_size):
+    """(start, stop) of the slice of a flat tensor that each rank of a host owns in the
+    hierarchical exchange: Horovod's reducescatter's split of the first dimension (the first
+    numel % L ranks one element more), in local order."""
+    base, extra = divmod(numel, local_size)
+    bounds, start = [], 0
+    for index in range(local_size):
+        stop = start + base + (index < extra)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
 
 
 def second_round_config(config, size):
@@ -102,14 +166,19 @@ def chunk_bounds(numel, size, bucket_size):
     return bounds
 
 
-def plan(config, numel, size):
+def plan(config, numel, size, hosts=None):
     """(exchange kind, (start, stop) of each payload, each payload's name suffix) of a tensor of
-    ``numel`` elements among ``size`` ranks."""
-    kind = choose_exchange(config, numel, size)
+    ``numel`` elements among ``size`` ranks (``hosts``: see choose_exchange). For the
+    hierarchical exchange, the bounds are the host's slices (local_bounds) and the one name
+    is this rank's slice's; its exchange between hosts is plan(cross_config(...), slice, H)."""
+    kind = choose_exchange(config, numel, size, hosts)
     if kind == "allgather":
         bounds = part_bounds(numel, config.part_elements, config.bucket_size)
-    else:
+    elif kind == "reduce-scatter":
         bounds = chunk_bounds(numel, size, config.bucket_size)
+    else:
+        bounds = local_bounds(numel, hosts.local_size)
+        return kind, bounds, [f"#h{hosts.local_index}"]
     return kind, bounds, part_names(kind, bounds)
 
 

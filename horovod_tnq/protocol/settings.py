@@ -22,7 +22,7 @@ DEFAULT_SCHEME = "tnq-rht"
 #   delivers them; each owner decodes and sums its chunk, quantizes the sum again, and an
 #   allgather returns the reduced chunks. Per-rank traffic stays ~2 payloads whatever the number
 #   of ranks, like a ring allreduce, at the price of a second quantization and a second round.
-EXCHANGES = ("auto", "allgather", "reduce-scatter")
+EXCHANGES = ("auto", "allgather", "reduce-scatter", "hierarchical")
 
 MAX_SEED = 2**64 - 1  # core.stream_key takes the seed as 64 bits
 
@@ -100,7 +100,7 @@ class CompressorConfig:
             rotation.check_bucket_size(self.bucket_size)
         if self.exchange not in EXCHANGES:
             raise ValueError(f"exchange must be one of {EXCHANGES}, got {self.exchange!r}")
-        if self.exchange == "reduce-scatter" and spec.body is not None:
+        if self.exchange in ("reduce-scatter", "hierarchical") and spec.body is not None:
             # A scheme with its own payload body would be applied again to the owners' sums:
             # Top-K of a sum of sparse chunks, or a second private release of dp-binomial's
             # noisy codes outside its accounting.
@@ -110,12 +110,12 @@ class CompressorConfig:
         """The scheme's own settings (passed to core.encode), defaults included."""
         return dict(self.options)
 
-    def with_bits(self, bits):
-        """These settings at another width (checked as any)."""
+    def with_bits(self, bits, exchange=None):
+        """These settings at another width (and exchange, where given; checked as any)."""
         general = {name: getattr(self, name) for name in (
-            "scheme", "bucket_size", "min_numel", "seed", "error_feedback", "exchange",
-            "part_elements")}
-        return CompressorConfig(bits=bits, **general, **self.scheme_options())
+            "scheme", "bucket_size", "min_numel", "seed", "error_feedback", "part_elements")}
+        return CompressorConfig(bits=bits, exchange=exchange or self.exchange, **general,
+                                **self.scheme_options())
 
     def bits_per_element(self):
         """Codes plus per-bucket parameters, ignoring what each tensor's payload adds once (its
