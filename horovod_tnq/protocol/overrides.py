@@ -58,6 +58,13 @@ class TensorSettings:
                 self._resolved[name] = self.config
         return self._resolved[name]
 
+    def may_use(self, exchange):
+        """Whether some tensor may take ``exchange`` ("hierarchical": also through "auto"): the
+        compressor's settings or an override's. Every rank answers alike."""
+        configs = [self.config] + [config for _, config in self.rules if config is not None]
+        accepted = (exchange, "auto") if exchange == "hierarchical" else (exchange,)
+        return any(config.exchange in accepted for config in configs)
+
     def resolved(self):
         """{tensor name: its CompressorConfig, or None when sent uncompressed} for every name
         resolved so far: to see what the patterns chose."""

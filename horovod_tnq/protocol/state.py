@@ -45,7 +45,8 @@ from .settings import CompressorConfig, scheme_option_names
 def new_stats():
     """Counters a compressor keeps: what it handed to Horovod, to report bytes on the wire."""
     return {"compressed_tensors": 0, "passthrough_tensors": 0, "payload_bytes": 0,
-            "passthrough_bytes": 0, "elements": 0, "allgather": 0, "reduce-scatter": 0}
+            "passthrough_bytes": 0, "elements": 0, "allgather": 0, "reduce-scatter": 0,
+            "hierarchical": 0}
 
 
 class CompressorState(LockedState):

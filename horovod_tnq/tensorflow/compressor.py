@@ -10,7 +10,6 @@ stream, and the error-feedback residuals) lives in the compressor's ``state``
 """
 
 import re
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +21,11 @@ from horovod.tensorflow.compression import Compressor
 from .. import core
 from ..core import native
 from ..protocol.naming import record_name
-from ..protocol import (JOINED, REDUCED, CompressorBase, DefaultInstanceMethod, Pending,
-                        cached_exchange_under_join, check_settings_agree,
-                        exchange_refused_by_join, gradient_owner, horovod_call_site, plan,
-                        plan_code, probe_values, read_probe, reduction_scale, second_round_config,
-                        settings_buffer)
+from ..protocol import (CompressorBase, DefaultInstanceMethod, Hosts, check_settings_agree,
+                        exchange_refused_by_join, gradient_owner, horovod_call_site, plan_code,
+                        probe_values, read_probe, reduction_scale, settings_buffer)
+from ..protocol.exchange import Exchange, Job, NumpyCodec
+from ..protocol.hosts import hosts_of_job
 
 # What the core reads: float64 stays, every other float goes as float32, which holds float16 and
 # bfloat16 exactly (numpy has no bfloat16), as in the PyTorch adapter.
@@ -46,8 +45,8 @@ def host_values(tensor):
 def aligned(array):
     """``array``, or a copy where TF could not take its buffer (eagerly, numpy copies 0.6 MB
     into an aligned buffer in 0.02 ms, tf.convert_to_tensor in 0.14 ms)."""
-    if array.ctypes.data % _ALIGN == 0 and array.flags.c_contiguous:
-        return array
+    if array.ctypes.data % _ALIGN == 0 and array.flags.c_contiguous and array.flags.writeable:
+        return array  # (dlpack refuses read-only arrays: views of TF's own tensors)
     copy = aligned_empty(array.size, array.dtype).reshape(array.shape)
     copy[...] = array
     return copy
@@ -98,13 +97,17 @@ def _from_numpy(array):
 
 
 @dataclass(eq=False)
-class _Pending(Pending):
-    runtime_shape: Any = None  # the tensor's shape as a tensor, where its static shape is partial
-    source: Any = None  # the tensor compress() was given (see _without_gradient)
-    config: Any = None  # the tensor's settings (the compressor's overrides)
-    # eager: this rank's payloads (allgather: one per part; reduce-scatter: (payload, splits)),
-    # summed by allreduce where Horovod refused the exchange because a rank has joined
-    sent: Any = None
+class _Pending:
+    """compress()'s context for decompress(): the tensor's Exchange (protocol/exchange.py) and
+    what the result is made into; ``source``: the tensor compress() was given (see
+    _without_gradient)."""
+
+    exchange: Any
+    base_name: str
+    shape: Any
+    dtype: Any
+    process_set: Any
+    source: Any
 
 
 class TNQCompressor(CompressorBase, Compressor):
@@ -128,6 +131,7 @@ class TNQCompressor(CompressorBase, Compressor):
         self._plans_checked = set()  # tensors whose exchange plan all ranks share (eager)
         self._settings_agreed = False
         self._generation = 0  # reset() count: a graph traced before a reset must not run
+        self._hosts = _UNKNOWN  # plan.Hosts of the hierarchical exchange, or None (flat)
 
     def should_compress(self, tensor, config=None):
         """Whether ``tensor`` is quantized with ``config`` (its settings; the compressor's by
@@ -152,6 +156,7 @@ class TNQCompressor(CompressorBase, Compressor):
         self._plans_checked = set()
         self._settings_agreed = False
         self._generation += 1
+        self._hosts = _UNKNOWN
 
     def _check_settings(self, process_set):
         """At the first compress() (and the first after a reset), eagerly even while a graph is
@@ -221,82 +226,71 @@ class TNQCompressor(CompressorBase, Compressor):
         base_name, collective_name = self.state.namer.acquire(name)
         label = owner or base_name
         collective_name = _op_name(collective_name)
-        dtype_name = tensor.dtype.name
-        if numel is None:  # the parts and chunks need the size: one payload, allgathered
-            kind, bounds, parts = "allgather", [(0, None)], [""]
-        else:
-            kind, bounds, parts = plan(config, numel, process_set.size())
-            # at most this for schemes whose payload size depends on the data
-            self.bytes_by_tensor[record_name(base_name)] = sum(
-                core.encoded_size(stop - start, config.bits, config.bucket_size, dtype_name,
-                                  scheme=config.scheme, options=config.scheme_options())
-                for start, stop in bounds)
         state = self.state
-        if eager:
-            if base_name not in self._plans_checked:
-                try:
-                    self._check_plan(kind, bounds, collective_name, process_set)
-                except Exception:
-                    state.namer.release(base_name)
-                    raise
+        try:
+            hosts = self._hosts_for(process_set)
+            if eager:
+                step = state.next_step(base_name)
+            else:  # drawn each time the graph runs; every payload of this tensor shares it
+                step = self._step_op(base_name)
+            shape = tuple(tensor.shape) if tensor.shape.is_fully_defined() else None
+            job = Job(host_values(tensor), numel, shape, tensor.dtype.name, config, base_name,
+                      collective_name, label, step, process_set, process_set.size(), hosts,
+                      runtime_shape=None if shape else tf.shape(tensor, tf.int64))
+            codec = NumpyCodec(state, self._key, tensor.dtype.name, empty=aligned_empty)
+            exchange = Exchange(job, codec, _Collectives())
+            if numel is not None:
+                # at most this for schemes whose payload size depends on the data
+                sent_config, bounds = exchange.payload_plan()
+                self.bytes_by_tensor[record_name(base_name)] = sum(
+                    core.encoded_size(stop - start, sent_config.bits, sent_config.bucket_size,
+                                      tensor.dtype.name, scheme=sent_config.scheme,
+                                      options=sent_config.scheme_options())
+                    for start, stop in bounds)
+            if eager and base_name not in self._plans_checked:
+                self._check_plan(exchange.kind, exchange.bounds, collective_name, process_set)
                 self._plans_checked.add(record_name(base_name))
-            step = state.next_step(base_name)
-        else:  # drawn each time the graph runs; every payload of this tensor shares it
-            traced_in = self._generation
-
-            def next_step():
-                if self._generation != traced_in:
-                    raise ValueError(STALE_GRAPH)
-                return np.int64(state.next_step(base_name))
-
-            step = tf.numpy_function(next_step, [], tf.int64, stateful=True)
-            step.set_shape([])
-        values = host_values(tensor)
-        jobs = [(start, stop, base_name + part, self._key(base_name + part))
-                for (start, stop), part in zip(bounds, parts)]
-
-        def encode(values, step, jobs):
-            state.note_release(base_name, values.size, config)
-            flat = values.reshape(-1)
-            payloads = [state.encode(flat[start:stop], slot, key, step, dtype_name, values.shape,
-                                     config, label)
-                        for start, stop, slot, key in jobs]
-            # counted when the graph runs (a tensor's first part counts the tensor)
-            counts = dict(compressed_tensors=1, elements=values.size, **{kind: 1}) \
-                if jobs[0][0] == 0 else {}
-            state.count(payload_bytes=sum(p.size for p in payloads), **counts)
-            return payloads
-
-        if kind == "allgather":  # one allgather per part: each goes once it is encoded
-            exchange, sent = [], []
-            for job, part in zip(jobs, parts):
-                payload = numpy_call(lambda v, s, job=job: encode(v, s, [job])[0],
-                                     [values, step], tf.uint8)
-                payload.set_shape([None])  # non-finite elements and some schemes add bytes
-                sent.append(payload)
-                exchange.append(_eager_exchange(lambda payload=payload, part=part: hvd.allgather(
-                    payload, name=_op_name(collective_name + part), process_set=process_set)))
-        else:  # one alltoall: the chunk for each owner rank, in rank order
-            def encode_chunks(values, step):
-                payloads = encode(values, step, jobs)
-                return np.concatenate(payloads), np.array([p.size for p in payloads], np.int32)
-
-            payload, splits = numpy_call(encode_chunks, [values, step], [tf.uint8, tf.int32])
-            payload.set_shape([None])
-            splits.set_shape([len(jobs)])
-            sent = (payload, splits)
-            exchange = _eager_exchange(lambda: hvd.alltoall(payload, splits=splits,
-                                                            name=collective_name,
-                                                            process_set=process_set))
-            exchange = None if exchange is None else exchange[0]
-        runtime_shape = None if tensor.shape.is_fully_defined() else tf.shape(tensor,
-                                                                              tf.int64)
-        pending = _Pending(exchange, None, base_name, tensor.shape, tensor.dtype, process_set,
-                           None, kind, bounds, collective_name, step, runtime_shape=runtime_shape,
-                           source=tensor, config=config, label=label,
-                           sent=sent if eager else None)
-        probe = probe_values(process_set.rank(), plan_code(kind, bounds), process_set.size())
+            exchange.start()
+        except Exception:
+            state.namer.release(base_name)
+            raise
+        pending = _Pending(exchange, base_name, tensor.shape, tensor.dtype, process_set,
+                           tensor)
+        probe = probe_values(process_set.rank(), plan_code(exchange.kind, exchange.bounds),
+                             process_set.size())
         return tf.constant(probe, tf.float32), pending
+
+    def _step_op(self, base_name):
+        """The tensor's step, drawn each time the graph runs; refuses graphs traced before a
+        reset()."""
+        state, traced_in = self.state, self._generation
+
+        def next_step():
+            if self._generation != traced_in:
+                raise ValueError(STALE_GRAPH)
+            return np.int64(state.next_step(base_name))
+
+        step = tf.numpy_function(next_step, [], tf.int64, stateful=True)
+        step.set_shape([])
+        return step
+
+    def _hosts_for(self, process_set):
+        """plan.Hosts where the hierarchical exchange may run, else None: as the PyTorch
+        adapter's, found eagerly at the first compress() (TF1-style graphs: never)."""
+        if process_set.process_set_id != hvd.global_process_set.process_set_id:
+            return None
+        if self._hosts is _UNKNOWN:
+            with tf.init_scope():
+                if not tf.executing_eagerly() or not self.settings.may_use("hierarchical"):
+                    self._hosts = None
+                else:
+                    self._hosts = hosts_of_job(hvd, self._gather_places, Hosts)
+        return self._hosts
+
+    def _gather_places(self):
+        place = tf.constant([[hvd.cross_rank(), hvd.local_rank()]], tf.int64)
+        return hvd.allgather(place, name=f"horovod_tnq.hosts.tf.{self._instance}").numpy() \
+            .tolist()
 
     @DefaultInstanceMethod
     @tf.autograph.experimental.do_not_convert
@@ -304,144 +298,74 @@ class TNQCompressor(CompressorBase, Compressor):
         if ctx is None:
             return tensor
         self.state.namer.release(ctx.base_name)
+        exchange = ctx.exchange
         size = ctx.process_set.size()
-        code = plan_code(ctx.kind, ctx.bounds)
+        code = plan_code(exchange.kind, exchange.bounds)
         if tf.executing_eagerly():
             reading = read_probe(np.asarray(tensor).tolist(), size, code)
-            joined = sorted(set(range(size)) - set(reading.ranks))
-            if _refused_by_join(ctx):
-                total = self._sum_joined(ctx, reading.scale)
-            elif joined:
-                exchange = "allgather" if ctx.kind == "allgather" else "alltoall"
-                raise RuntimeError(cached_exchange_under_join(joined, exchange))
-            else:
-                total = self._reduce(ctx, reading.scale)
+            exchange.joined = tuple(sorted(set(range(size)) - set(reading.ranks)))
+            total = exchange.finish(reading.scale)
         else:
-            # No check may fail before both collectives have completed on this rank: a rank
-            # that aborted its graph early would leave the others waiting in Horovod forever.
-            received = ctx.exchange if ctx.kind == "allgather" else [ctx.exchange]
-            with tf.control_dependencies([*received, tensor]):
+            # No check may fail before the first collectives have completed on this rank: a
+            # rank that aborted its graph early would leave the others waiting in Horovod
+            # forever.
+            with tf.control_dependencies([*exchange.waiting, tensor]):
                 scale = numpy_call(lambda probe: np.array(reduction_scale(probe.tolist(), size,
                                                                           code)),
                                    [tensor], tf.float64)
                 scale.set_shape([])
-                total = self._reduce(ctx, scale)
+                total = exchange.finish(scale)
+        job = exchange.job
+        total = tf.reshape(total, job.shape if job.shape is not None else job.runtime_shape)
+        if not tf.executing_eagerly():
             total.set_shape(ctx.shape)
         return _without_gradient(tf.cast(total, ctx.dtype), ctx.source)
 
-    def _decode_sum(self, ctx, buffer, expect, scale, out_dtype, expected_count, out=None):
-        """core.decode_sum(...), checking the number of payloads; its time goes to the tensor's
-        metrics."""
-        started = time.perf_counter()
-        total, count = core.decode_sum(buffer, expect, scale, out_dtype, out=out)
-        self.state.metrics.add_to_last(ctx.label, decode_seconds=time.perf_counter() - started)
-        if count != expected_count:
-            raise core.PayloadError(f"received {count} payloads, expected {expected_count}")
-        return total
 
-    def _sum_joined(self, ctx, scale):
-        """Eagerly, ``scale`` times the sum of the contributing ranks' payloads of ``ctx``, where
-        Horovod refused the exchange because a rank has called hvd.join(): each contributing
-        rank decodes its own payloads and one allreduce, to which the joined ranks contribute
-        zeros, sums them (as the PyTorch adapter's _sum_joined, which says why)."""
-        shape = tuple(ctx.shape) if ctx.runtime_shape is None else \
-            tuple(int(d) for d in ctx.runtime_shape)
-        numel = int(np.prod(shape))
-        bounds = [(start, numel if stop is None else stop) for start, stop in ctx.bounds]
-        out_dtype = np.float32 if ctx.dtype == tf.float32 else np.float64
-        if ctx.kind == "allgather":
-            payloads = list(ctx.sent)
-        else:
-            payload, splits = (np.asarray(x) for x in ctx.sent)
-            payloads = np.split(payload, np.cumsum(splits)[:-1])
+class _Collectives:
+    """Horovod's collectives for the exchange driver: TF ops (eagerly they run at once, and
+    return None where Horovod refused them because a rank has joined); array work through
+    numpy_call."""
 
-        def decode_own(*payloads):
-            own = aligned_empty(numel, out_dtype)
-            for (start, stop), payload in zip(bounds, payloads):
-                self._decode_sum(ctx, payload, self._expect(ctx.config, stop - start,
-                                                            ctx.dtype.name, shape),
-                                 1.0, out_dtype, 1, out=own[start:stop])
-            return own.reshape(shape)
+    pipelined = False  # a graph's decode is one op over every part
 
-        own = numpy_call(decode_own, payloads, _TF[out_dtype])
-        summed = hvd.allreduce(own, op=hvd.Sum, name=_op_name(ctx.collective_name + JOINED),
-                               process_set=ctx.process_set)
-        return summed * tf.constant(scale, summed.dtype)
+    @staticmethod
+    def compute(function, inputs, dtypes, shapes):
+        outputs = numpy_call(lambda *arrays: list(function(*arrays)), inputs,
+                             [_TF[np.dtype(dtype).type] for dtype in dtypes])
+        if not tf.executing_eagerly():
+            for output, shape in zip(outputs, shapes):
+                output.set_shape(shape)
+        return outputs
 
-    def _reduce(self, ctx, scale):
-        """``scale`` times the sum over ranks of the tensor of ``ctx``, in its shape, float32
-        for float32 tensors and float64 for others (rounded once, as in PyTorch), from what its
-        exchange received; for the reduce-scatter, after the second round: this rank's chunk
-        sum quantized again and the reduced chunks allgathered."""
-        size, dtype_name = ctx.process_set.size(), ctx.dtype.name
-        out_dtype = np.float32 if ctx.dtype == tf.float32 else np.float64
-        static_shape = tuple(ctx.shape) if ctx.runtime_shape is None else None
+    @staticmethod
+    def allgather(tensor, name, process_set):
+        return _eager_exchange(lambda: hvd.allgather(tensor, name=_op_name(name),
+                                                     process_set=process_set))
 
-        def layout(runtime_shape=None):
-            """(shape, numel, the (start, stop) of each payload) of the tensor."""
-            shape = static_shape if runtime_shape is None else tuple(int(d) for d in
-                                                                     runtime_shape)
-            numel = int(np.prod(shape))
-            return shape, numel, [(start, numel if stop is None else stop)
-                                  for start, stop in ctx.bounds]
+    @staticmethod
+    def alltoall(tensor, splits, name, process_set):
+        answer = _eager_exchange(lambda: hvd.alltoall(tensor, splits=splits, name=_op_name(name),
+                                                      process_set=process_set))
+        return None if answer is None else answer[0]
 
-        if ctx.kind == "allgather":
-            def decode_parts(scale, *inputs):  # every part's buffer, then the run-time shape
-                shape, numel, bounds = layout(*inputs[len(ctx.bounds):])
-                total = aligned_empty(numel, out_dtype)
-                for (start, stop), buffer in zip(bounds, inputs):
-                    self._decode_sum(ctx, buffer, self._expect(ctx.config, stop - start,
-                                                               dtype_name, shape),
-                                     float(scale), out_dtype, size, out=total[start:stop])
-                return total.reshape(shape)
+    @staticmethod
+    def allreduce_sum(tensor, name, process_set):
+        return hvd.allreduce(tensor, op=hvd.Sum, name=_op_name(name), process_set=process_set)
 
-            runtime_shape = [] if ctx.runtime_shape is None else [ctx.runtime_shape]
-            return numpy_call(decode_parts, [scale, *ctx.exchange, *runtime_shape],
-                              _TF[out_dtype])
+    @staticmethod
+    def reducescatter_sum(tensor, name, process_set):
+        return _eager_exchange(lambda: hvd.reducescatter(tensor, op=hvd.Sum,
+                                                         name=_op_name(name),
+                                                         process_set=process_set))
 
-        rank, slot = ctx.process_set.rank(), ctx.base_name + REDUCED
-        key = self._key(slot)
-        work = np.float64 if ctx.dtype == tf.float64 else np.float32
-        wide = second_round_config(ctx.config, size)  # the owners' sums: plan.second_bits
-
-        def reduce_own_chunk(received, step):
-            shape, _, bounds = layout()
-            start, stop = bounds[rank]
-            chunk_sum = self._decode_sum(ctx, received, self._expect(ctx.config, stop - start,
-                                                                     dtype_name, shape),
-                                         1.0, work, size)
-            payload = self.state.encode(chunk_sum, slot, key, step, dtype_name, shape, wide,
-                                        ctx.label, first_round=False)
-            self.state.count(payload_bytes=payload.size)
-            return payload
-
-        reduced = numpy_call(reduce_own_chunk, [ctx.exchange, ctx.step], tf.uint8)
-        reduced.set_shape([None])
-        gathered = hvd.allgather(reduced, name=_op_name(ctx.collective_name + REDUCED),
-                                 process_set=ctx.process_set)
-
-        def decode_chunks(scale, gathered):
-            shape, numel, bounds = layout()
-            total = aligned_empty(numel, out_dtype)
-            offset = 0
-            for owner, (start, stop) in enumerate(bounds):
-                if offset >= gathered.size:
-                    raise core.PayloadError(f"received {owner} reduced chunks from "
-                                            f"{len(bounds)} ranks")
-                end = core.codec.split(gathered, offset).end
-                self._decode_sum(ctx, gathered[offset:end],
-                                 self._expect(wide, stop - start, dtype_name, shape),
-                            float(scale), out_dtype, 1, out=total[start:stop])
-                offset = end
-            if offset != gathered.size:
-                raise core.PayloadError(f"received {gathered.size} bytes of reduced chunks, "
-                                        f"expected {offset}")
-            return total.reshape(shape)
-
-        return numpy_call(decode_chunks, [scale, gathered], _TF[out_dtype])
+    @staticmethod
+    def wait(handle):
+        return handle
 
 
-_TF = {np.float32: tf.float32, np.float64: tf.float64}
+_TF = {np.float32: tf.float32, np.float64: tf.float64, np.uint8: tf.uint8, np.int32: tf.int32}
+_UNKNOWN = object()  # the hosts of a compressor before its first compress() (or reset)
 
 
 def _eager_exchange(start):
@@ -456,18 +380,6 @@ def _eager_exchange(start):
         if exchange_refused_by_join(error):
             return None
         raise
-
-
-def _refused_by_join(ctx):
-    """Whether Horovod refused the eager exchange of ``ctx`` (all of it, or none: a rank that
-    joins has started all of a tensor's collectives or none)."""
-    answers = ctx.exchange if ctx.kind == "allgather" else [ctx.exchange]
-    refused = [answer is None for answer in answers]
-    if any(refused) and not all(refused):
-        raise RuntimeError(f"Horovod refused some of the allgathers of {ctx.base_name!r} "
-                           "because a rank has joined (hvd.join()), and ran others: its parts "
-                           "cannot be summed")
-    return all(refused)
 
 
 def _op_name(name):

@@ -7,7 +7,6 @@ codec runs where the tensor's data is best handled (``HostCodec``: the core on t
 ``DeviceCodec``: the GPU kernels on the tensor's device); the exchange is written once for both.
 """
 
-import copy
 import dataclasses
 import threading
 import time
@@ -20,11 +19,11 @@ import torch
 from horovod.torch.compression import Compressor
 
 from .. import core
-from ..protocol import (JOINED, REDUCED, CompressorBase, DefaultInstanceMethod, Pending,
-                        cached_exchange_under_join, check_settings_agree,
-                        exchange_refused_by_join, gradient_owner, horovod_call_site, plan,
-                        plan_code, probe_values, read_probe, second_round_config,
-                        settings_buffer)
+from ..protocol import (CompressorBase, DefaultInstanceMethod, Hosts, check_settings_agree,
+                        exchange_refused_by_join, gradient_owner, horovod_call_site, plan_code,
+                        probe_values, read_probe, settings_buffer)
+from ..protocol.exchange import Exchange, Job, NumpyCodec, run_to_end
+from ..protocol.hosts import hosts_of_job
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                 torch.float64: "float64"}
@@ -34,16 +33,28 @@ _SUPPORTED_DEVICES = ("cpu", "cuda")
 KERNELS_FOR_CPU_TENSORS = False
 
 
-@dataclasses.dataclass(eq=False)
-class _Pending(Pending):
-    # this rank's payloads on the codec's device, one per (start, stop) of ``bounds``: what it
-    # sums by allreduce where Horovod refuses the exchange because a rank has joined
-    sent: Any = None
-    joined: tuple = ()  # the ranks that the probe found joined (stock path)
+@dataclasses.dataclass(eq=False)  # compared by identity: contexts in flight are in a list
+class _Pending:
+    """start()'s context for finish(): the tensor's Exchange (protocol/exchange.py), what the
+    result is made into, and the ranks the probe found joined (stock path)."""
 
+    exchange: Exchange
+    base_name: str
+    shape: Any
+    dtype: Any
+    device: Any
+    process_set: Any
+    codec: Any
+    label: str = ""
+    joined: tuple = ()
 
-# ctx.second_round of a reduce-scatter whose alltoall Horovod refused (a rank has joined)
-_REFUSED_BY_JOIN = object()
+    @property
+    def kind(self):
+        return self.exchange.kind
+
+    @property
+    def bounds(self):
+        return self.exchange.bounds
 
 
 def host_values(tensor):
@@ -67,52 +78,35 @@ def sum_dtype(dtype):
     return torch.float32 if dtype == torch.float32 else torch.float64
 
 
-class HostCodec:
-    """The core on the host (numpy views of CPU tensors), with one tensor's settings
-    (``config``); error feedback in the state."""
+_TORCH = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+
+
+class HostCodec(NumpyCodec):
+    """The core on the host (numpy views of CPU tensors) for a tensor of ``dtype``; error
+    feedback in the compressor's state."""
 
     device = torch.device("cpu")
 
-    def __init__(self, compressor, config):
-        self.compressor = compressor
-        self.config = config
+    def __init__(self, compressor, dtype):
+        super().__init__(compressor.state, compressor.key, _DTYPE_NAMES[dtype])
 
     def values(self, tensor):
-        """``tensor`` flat, as this codec encodes it (a CPU tensor sharing host_values)."""
-        return torch.from_numpy(host_values(tensor))
+        """``tensor`` flat, as this codec encodes it (host_values)."""
+        return host_values(tensor)
 
-    def encode(self, values, slot, step, dtype, shape, record, first_round=True):
-        """The payload (uint8 tensor) of flat ``values`` (from values(), or a sum of decoded
-        chunks) named ``slot``, a part of a tensor of ``dtype`` and ``shape``; ``record``,
-        ``first_round``: as CompressorState.encode's (the metrics)."""
-        payload = self.compressor.state.encode(values.numpy(), slot, self.compressor.key(slot),
-                                               step, _DTYPE_NAMES[dtype], shape, self.config,
-                                               record, first_round)
-        return torch.from_numpy(payload)
+    def target(self, tensor):
+        """A result tensor as this codec writes into it."""
+        return tensor.numpy()
 
-    def header(self, payload, numel, dtype, shape):
-        return core.read_header(payload.numpy())
+    def result(self, array):
+        """A decoded array of this codec as a tensor (no copy)."""
+        return torch.from_numpy(array)
 
-    def with_config(self, config):
-        """This codec with other settings (the reduce-scatter's second round)."""
-        if config is self.config:
-            return self
-        other = copy.copy(self)
-        other.config = config
-        return other
-
-    def decode_sum(self, received, expect, factor, out):
-        """``factor`` times the sum of the payloads in ``received`` into ``out`` (a contiguous
-        float32/float64 CPU tensor); the number of payloads."""
-        _, count = core.decode_sum(received.numpy(), expect, factor, out.numpy().dtype,
-                                   out=out.numpy())
-        return count
-
-    def for_horovod(self, payload):
-        return payload
+    def for_horovod(self, array):
+        return torch.from_numpy(array)
 
     def received(self, tensor):
-        return tensor
+        return tensor.numpy()
 
 
 class DeviceCodec(HostCodec):
@@ -131,8 +125,8 @@ class DeviceCodec(HostCodec):
     failure = None  # the first KernelError in this process, once the kernels are off
     _failure_lock = threading.Lock()
 
-    def __init__(self, compressor, config, device):
-        super().__init__(compressor, config)
+    def __init__(self, compressor, dtype, device):
+        super().__init__(compressor, dtype)
         self.device = device
 
     @staticmethod
@@ -151,31 +145,25 @@ class DeviceCodec(HostCodec):
     def values(self, tensor):
         return tensor.detach().reshape(-1)
 
-    def encode(self, values, slot, step, dtype, shape, record, first_round=True):
+    def encode(self, values, slot, step, shape, config, record, first_round=True):
         if DeviceCodec.failure is None:
-            config, started = self.config, time.perf_counter()
+            started = time.perf_counter()
             try:
                 payload = _gpu().encode(values, scheme=config.scheme, bits=config.bits,
-                                        bucket_size=config.bucket_size,
-                                        key=self.compressor.key(slot), step=step,
-                                        dtype_name=_DTYPE_NAMES[dtype], shape=shape)
+                                        bucket_size=config.bucket_size, key=self.key(slot),
+                                        step=step, dtype_name=self.dtype_name, shape=shape)
             except _gpu().KernelError as error:
                 self.kernels_failed(error)
             else:
                 # (no error estimate: it would read the payload's bucket parameters back to
                 # the host)
-                self.compressor.state.record_payload(record, step, payload.numel(),
-                                                     time.perf_counter() - started,
-                                                     values.numel() if first_round else 0)
+                self.state.record_payload(record, step, payload.numel(),
+                                          time.perf_counter() - started,
+                                          values.numel() if first_round else 0)
                 return payload
-        payload = HostCodec.encode(self, HostCodec.values(self, values), slot, step, dtype,
-                                   shape, record, first_round)
-        return payload.to(self.device)  # where the kernels' payloads are (torch.cat of parts)
-
-    def header(self, payload, numel, dtype, shape):
-        config = self.config
-        return core.PayloadHeader.describe(config.scheme, config.bits, _DTYPE_NAMES[dtype],
-                                           numel, config.bucket_size, shape)
+        payload = HostCodec.encode(self, HostCodec.values(self, values), slot, step, shape,
+                                   config, record, first_round)
+        return torch.from_numpy(payload).to(self.device)  # where the kernels' payloads are
 
     def decode_sum(self, received, expect, factor, out):
         if DeviceCodec.failure is None:
@@ -184,16 +172,92 @@ class DeviceCodec(HostCodec):
                                          out=out)[1]
             except _gpu().KernelError as error:
                 self.kernels_failed(error)
-        total = torch.empty(out.numel(), dtype=out.dtype)
-        count = HostCodec.decode_sum(self, received.cpu(), expect, factor, total)
-        out.view(-1).copy_(total)
+        total = np.empty(out.numel(), _NUMPY_DTYPES[out.dtype])
+        count = HostCodec.decode_sum(self, received.cpu().numpy(), expect, factor, total)
+        out.view(-1).copy_(torch.from_numpy(total))
         return count
+
+    def empty(self, numel, dtype):
+        return torch.empty(numel, dtype=_TORCH[np.dtype(dtype)], device=self.device)
+
+    def full_precision(self, values):
+        return values.reshape(-1).to(_TORCH[np.dtype(self.chunk_dtype)])
+
+    def scale_into(self, out, values, scale):
+        return torch.mul(values.reshape(-1), scale, out=out)
+
+    @staticmethod
+    def concatenate(payloads):
+        return torch.cat(payloads)
+
+    @staticmethod
+    def sizes(payloads):
+        return torch.tensor([p.numel() for p in payloads], dtype=torch.int32)
+
+    @staticmethod
+    def split_sizes(payload, sizes):
+        return torch.split(payload, sizes.tolist())
+
+    @staticmethod
+    def nbytes(payload):
+        return payload.numel()
+
+    @staticmethod
+    def payload_ends(gathered, count):
+        return NumpyCodec.payload_ends(gathered.cpu().numpy(), count)
+
+    def target(self, tensor):
+        return tensor
+
+    def result(self, array):
+        return array
 
     def for_horovod(self, payload):
         return payload if payload.is_cuda and hvd.nccl_built() else payload.cpu()
 
     def received(self, tensor):
         return tensor.to(self.device)
+
+
+class _Collectives:
+    """Horovod's collectives on a codec's arrays, for the exchange driver: async, waited on
+    with wait_exchange; array work runs at once."""
+
+    pipelined = True  # parts are decoded as they arrive
+
+    def __init__(self, codec):
+        self.codec = codec
+
+    @staticmethod
+    def compute(function, inputs, dtypes, shapes):
+        return list(function(*inputs))
+
+    def allgather(self, array, name, process_set):
+        return hvd.allgather_async(self.codec.for_horovod(array), name=name,
+                                   process_set=process_set)
+
+    def alltoall(self, array, splits, name, process_set):
+        return hvd.alltoall_async(self.codec.for_horovod(array),
+                                  splits=torch.as_tensor(splits, dtype=torch.int32), name=name,
+                                  process_set=process_set)
+
+    def allreduce_sum(self, array, name, process_set):
+        return hvd.allreduce_async(self.codec.for_horovod(array), op=hvd.Sum, name=name,
+                                   process_set=process_set)
+
+    def reducescatter_sum(self, array, name, process_set):
+        return hvd.reducescatter_async(self.codec.for_horovod(array), op=hvd.Sum, name=name,
+                                       process_set=process_set)
+
+    def wait(self, handle):
+        """What the collective received, as the codec's array; None where Horovod refused it
+        because a rank has joined."""
+        answer = wait_exchange(handle)
+        if answer is None:
+            return None
+        if isinstance(answer, tuple):  # alltoall: (received, received splits)
+            answer = answer[0]
+        return self.codec.received(answer)
 
 
 class TNQCompressor(CompressorBase, Compressor):
@@ -247,6 +311,7 @@ class TNQCompressor(CompressorBase, Compressor):
         self._in_flight_lock = threading.Lock()
         self._settings_check = None  # the allgather of every rank's settings digest
         self._settings_agreed = False
+        self._hosts = _UNKNOWN  # plan.Hosts of the hierarchical exchange, or None (flat)
 
     def should_compress(self, tensor, config=None):
         """Whether ``tensor`` is quantized with ``config`` (its settings; the compressor's by
@@ -287,52 +352,22 @@ class TNQCompressor(CompressorBase, Compressor):
         """
         process_set = process_set or hvd.global_process_set
         self._start_settings_check(process_set)
+        hosts = self._hosts_for(process_set)
         state = self.state
         base_name, collective_name = state.namer.acquire(name)
         try:
-            return self._start(tensor, process_set, base_name, collective_name,
-                               config or self.config, label or base_name)
+            config = config or self.config
+            codec = self.codec_for(tensor, config)
+            job = Job(codec.values(tensor), tensor.numel(), tuple(tensor.shape),
+                      _DTYPE_NAMES[tensor.dtype], config, base_name, collective_name,
+                      label or base_name, state.next_step(base_name), process_set,
+                      process_set.size(), hosts)
+            pending = _Pending(Exchange(job, codec, _Collectives(codec)).start(), base_name,
+                               tensor.shape, tensor.dtype, tensor.device, process_set, codec,
+                               label or base_name)
         except Exception:
             state.namer.release(base_name)  # nothing of it is in flight
             raise
-
-    def _start(self, tensor, process_set, base_name, collective_name, config, label):
-        state = self.state
-        step = state.next_step(base_name)
-        numel = tensor.numel()
-        state.note_release(base_name, numel, config)
-        kind, bounds, parts = plan(config, numel, process_set.size())
-        state.count(elements=numel, compressed_tensors=1, **{kind: 1})
-        codec = self.codec_for(tensor, config)
-        values = codec.values(tensor)
-        pending = _Pending(None, None, base_name, tensor.shape, tensor.dtype, process_set,
-                           tensor.device, kind, bounds, collective_name, step, codec=codec,
-                           label=label)
-        if kind == "allgather":
-            # each part goes out as soon as it is encoded, so it travels while the next encodes
-            pending.exchange, pending.header, pending.sent = [], [], []
-            for (begin, stop), part in zip(bounds, parts):
-                payload = codec.encode(values[begin:stop], base_name + part, step, tensor.dtype,
-                                       tensor.shape, label)
-                pending.sent.append(payload)
-                state.count(payload_bytes=payload.numel())
-                pending.exchange.append(hvd.allgather_async(
-                    codec.for_horovod(payload), name=collective_name + part,
-                    process_set=process_set))
-                pending.header.append(codec.header(payload, stop - begin, tensor.dtype,
-                                                   tensor.shape))
-            return pending
-        payloads = [codec.encode(values[begin:stop], base_name + part, step, tensor.dtype,
-                                 tensor.shape, label) for (begin, stop), part in zip(bounds, parts)]
-        pending.sent = payloads
-        splits = torch.tensor([p.numel() for p in payloads], dtype=torch.int32)
-        state.count(payload_bytes=int(splits.sum()))
-        pending.exchange = hvd.alltoall_async(codec.for_horovod(torch.cat(payloads)),
-                                              splits=splits, name=collective_name,
-                                              process_set=process_set)
-        begin, stop = bounds[process_set.rank()]
-        pending.header = codec.header(payloads[process_set.rank()], stop - begin, tensor.dtype,
-                                      tensor.shape)
         with self._in_flight_lock:
             self._in_flight.append(pending)
         return pending
@@ -343,6 +378,7 @@ class TNQCompressor(CompressorBase, Compressor):
         with self._in_flight_lock:
             self._in_flight = []
             self._settings_check, self._settings_agreed = None, False
+            self._hosts = _UNKNOWN
 
     def key(self, slot):
         """The random stream's key of payload ``slot`` on this rank."""
@@ -358,8 +394,8 @@ class TNQCompressor(CompressorBase, Compressor):
         if (tensor.is_cuda or KERNELS_FOR_CPU_TENSORS) and not config.error_feedback:
             gpu = _gpu()
             if gpu.available() and config.scheme in gpu.SCHEMES:
-                return DeviceCodec(self, config, tensor.device)
-        return HostCodec(self, config)
+                return DeviceCodec(self, tensor.dtype, tensor.device)
+        return HostCodec(self, tensor.dtype)
 
     def state_dict(self):
         """CompressorState.state_dict() with the residuals as torch tensors, so a checkpoint
@@ -375,6 +411,24 @@ class TNQCompressor(CompressorBase, Compressor):
 
     def _world(self):
         return (hvd.rank(), hvd.size()) if hvd.is_initialized() else (None, None)
+
+    def _hosts_for(self, process_set):
+        """plan.Hosts for tensors reduced over ``process_set`` where the hierarchical exchange
+        may run (the global process set, several hosts of several ranks, dynamic process
+        sets), else None. Found at the first start(), on every rank (protocol/hosts.py)."""
+        if process_set is not hvd.global_process_set and \
+                process_set.process_set_id != hvd.global_process_set.process_set_id:
+            return None
+        if self._hosts is _UNKNOWN:
+            if self.settings.may_use("hierarchical"):
+                self._hosts = hosts_of_job(hvd, self._gather_places, Hosts)
+            else:
+                self._hosts = None
+        return self._hosts
+
+    def _gather_places(self):
+        place = torch.tensor([[hvd.cross_rank(), hvd.local_rank()]], dtype=torch.int64)
+        return hvd.allgather(place, name=f"horovod_tnq.hosts.{self._instance}").tolist()
 
     def _start_settings_check(self, process_set):
         """At the first start() (and the first after a reset): every rank's settings digest
@@ -427,18 +481,14 @@ class TNQCompressor(CompressorBase, Compressor):
         """
         try:
             self._check_settings()  # (decompress() checked them already; the fused optimizer)
-            total = _decode_target(out, ctx)
-            if ctx.kind == "allgather":
-                if not _decode_parts(ctx, scale, total):
-                    _sum_joined(ctx, scale, total)
-            else:
-                self._start_second_rounds()
-                if ctx.second_round is _REFUSED_BY_JOIN:
-                    _sum_joined(ctx, scale, total)
-                elif ctx.joined:
-                    raise RuntimeError(cached_exchange_under_join(ctx.joined, "alltoall"))
-                else:
-                    self._decode_reduced_chunks(ctx, scale, total)
+            exchange = ctx.exchange
+            exchange.joined = ctx.joined
+            exchange.scale = scale
+            target = _decode_target(out, ctx)
+            exchange.target = None if target is None else ctx.codec.target(target)
+            with self._in_flight_lock:
+                in_flight = [pending.exchange for pending in self._in_flight]
+            total = ctx.codec.result(run_to_end(exchange, in_flight))
         finally:
             self._abandon(ctx)
         return total.to(ctx.dtype).reshape(ctx.shape).to(ctx.device)
@@ -450,60 +500,8 @@ class TNQCompressor(CompressorBase, Compressor):
             if ctx in self._in_flight:
                 self._in_flight.remove(ctx)
 
-    def _start_second_rounds(self):
-        """Second round of the reduce-scatter for every tensor in flight, not just the one being
-        decompressed: sum the chunk this rank owns, quantize the sum, start its allgather.
 
-        Every rank finishes all its compress() calls before its first decompress(), so each
-        alltoall waited on here completes; and since every rank starts all second rounds before
-        waiting on any, ranks that decompress tensors in different orders (Horovod fills in
-        missing gradients in set order) cannot wait on each other forever. The allgathers also
-        go out together, where Horovod can fuse them. An alltoall that Horovod refused because a
-        rank has joined is refused on every rank that started it, so they all sum that tensor
-        by allreduce instead (_sum_joined).
-        """
-        with self._in_flight_lock:
-            waiting = [ctx for ctx in self._in_flight if ctx.second_round is None]
-        for ctx in waiting:
-            codec = ctx.codec
-            answer = wait_exchange(ctx.exchange)
-            if answer is None:
-                ctx.second_round = _REFUSED_BY_JOIN
-                continue
-            received = codec.received(answer[0])
-            chunk_sum = _empty(ctx.header.numel,
-                               torch.float64 if ctx.dtype == torch.float64 else torch.float32,
-                               codec.device)
-            _decode_sum(ctx, received, ctx.header, 1.0, chunk_sum, ctx.process_set.size())
-            # the owner's sum, at the second round's wider codes (plan.second_bits)
-            wide = codec.with_config(second_round_config(codec.config, ctx.process_set.size()))
-            reduced = wide.encode(chunk_sum, ctx.base_name + REDUCED, ctx.step, ctx.dtype,
-                                  ctx.shape, ctx.label, first_round=False)
-            ctx.second_header = wide.header(reduced, chunk_sum.numel(), ctx.dtype, ctx.shape)
-            self.state.count(payload_bytes=reduced.numel())
-            ctx.second_round = hvd.allgather_async(codec.for_horovod(reduced),
-                                                   name=ctx.collective_name + REDUCED,
-                                                   process_set=ctx.process_set)
-
-    def _decode_reduced_chunks(self, ctx, scale, total):
-        """Wait for the reduced chunks of ``ctx`` and decode them into place in ``total``,
-        times ``scale``. Their lengths are read from their headers (on the host: a few bytes)."""
-        gathered = ctx.codec.received(wait(ctx.second_round))
-        heads = gathered.cpu().numpy()  # (a view of it on the host codec)
-        offset = 0
-        for owner, (start, stop) in enumerate(ctx.bounds):
-            if offset >= heads.size:
-                raise core.PayloadError(f"received {owner} reduced chunks from "
-                                        f"{len(ctx.bounds)} ranks")
-            end = core.codec.split(heads, offset).end
-            # (this rank's own chunk's header: nothing of its data is expected of the others)
-            expect = dataclasses.replace(ctx.second_header, numel=stop - start,
-                                         num_exceptions=0, zero_runs=0, zeros=0, amax=0.0)
-            _decode_sum(ctx, gathered[offset:end], expect, scale, total[start:stop], 1)
-            offset = end
-        if offset != heads.size:
-            raise core.PayloadError(f"received {heads.size} bytes of reduced chunks, "
-                                    f"expected {offset}")
+_UNKNOWN = object()  # the hosts of a compressor before its first exchange (or reset)
 
 
 # Horovod's synchronize() polls without pause, so a waiting training thread keeps its core busy
@@ -537,75 +535,13 @@ def wait_exchange(handle):
 
 
 def _decode_target(out, ctx):
-    """The flat tensor to sum into: ``out`` where it can take the result (see finish()), else a
-    new one on the codec's device."""
-    work, numel = sum_dtype(ctx.dtype), ctx.bounds[-1][1]
+    """``out`` where it can take the result (see finish()), else None (a new array)."""
+    work, numel = sum_dtype(ctx.dtype), ctx.exchange.job.numel
     if out is None or out.dtype != work or out.dtype != ctx.dtype or \
             out.device != ctx.codec.device or out.is_sparse or out.requires_grad or \
             not out.is_contiguous() or out.numel() != numel:
-        return _empty(numel, work, ctx.codec.device)
+        return None
     return out.detach().reshape(-1)
 
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
-
-
-def _empty(numel, dtype, device):
-    """torch.empty(numel), allocated by numpy on the host: numpy asks the kernel for huge pages
-    for large arrays and torch's CPU allocator does not, and a fresh decode target is written
-    once, page by page (measured, a 16M-element float32 decode: 76 ms into torch.empty, 26 ms
-    into numpy's memory)."""
-    if device.type != "cpu":
-        return torch.empty(numel, dtype=dtype, device=device)
-    return torch.from_numpy(np.empty(numel, _NUMPY_DTYPES[dtype]))
-
-
-def _decode_parts(ctx, scale, total):
-    """Each part of an allgathered tensor decoded as soon as it arrives (while later parts are
-    still on the wire), into its place in ``total``; False, with nothing decoded, where Horovod
-    refused the allgathers because a rank has joined (it refuses all of a tensor's parts: a
-    rank that joins has started all of them or none)."""
-    size = ctx.process_set.size()
-    for index, ((start, stop), handle, header) in enumerate(zip(ctx.bounds, ctx.exchange,
-                                                                 ctx.header)):
-        received = wait_exchange(handle)
-        if received is None:
-            later = [wait_exchange(other) for other in ctx.exchange[index + 1:]]
-            if index or any(answer is not None for answer in later):
-                raise RuntimeError(f"Horovod refused some of the allgathers of {ctx.base_name!r} "
-                                   "because a rank has joined (hvd.join()), and ran others: "
-                                   "its parts cannot be summed")
-            return False
-        if ctx.joined:
-            raise RuntimeError(cached_exchange_under_join(ctx.joined, "allgather"))
-        _decode_sum(ctx, ctx.codec.received(received), header, scale, total[start:stop], size)
-    return True
-
-
-def _sum_joined(ctx, scale, total):
-    """``scale`` times the sum of the contributing ranks' payloads of ``ctx`` into ``total``,
-    where Horovod refused the exchange because a rank has called hvd.join(). Horovod runs
-    allreduces then, the joined ranks contributing zeros, so each contributing rank decodes its
-    own payloads and one allreduce sums them: the sum the exchange would have decoded (in
-    another order; the reduce-scatter's sums are not quantized again), with the error-feedback
-    residuals and the privacy noise as encoded. It moves the tensor uncompressed, in the
-    decoder's dtype, and only while a rank has joined."""
-    codec = ctx.codec
-    for (start, stop), payload in zip(ctx.bounds, ctx.sent):
-        header = codec.header(payload, stop - start, ctx.dtype, ctx.shape)
-        _decode_sum(ctx, payload, header, 1.0, total[start:stop], 1)
-    summed = wait(hvd.allreduce_async(codec.for_horovod(total), op=hvd.Sum,
-                                      name=ctx.collective_name + JOINED,
-                                      process_set=ctx.process_set))
-    total.copy_(codec.received(summed)).mul_(scale)
-
-
-def _decode_sum(ctx, received, expect, factor, out, expected_count):
-    """ctx.codec.decode_sum(...), checking it found ``expected_count`` payloads; its time goes to
-    the tensor's metrics."""
-    started = time.perf_counter()
-    count = ctx.codec.decode_sum(received, expect, factor, out)
-    ctx.codec.compressor.state.metrics.add_to_last(
-        ctx.label, decode_seconds=time.perf_counter() - started)
-    if count != expected_count:
-        raise core.PayloadError(f"received {count} payloads, expected {expected_count}")

@@ -27,6 +27,8 @@ class FakeHorovod:
     """What the compressors call of horovod.torch and horovod.tensorflow."""
 
     class ProcessSet:
+        process_set_id = 0  # the global process set
+
         def size(self):
             return 1
 
@@ -39,6 +41,11 @@ class FakeHorovod:
 
     def rank(self):
         return WORLD_RANK
+
+    def size(self):  # one host of one rank: no hierarchical exchange
+        return 1
+
+    local_size = cross_size = size
 
     # horovod.torch: handles are what synchronize() returns
     def allgather_async(self, tensor, name, process_set):

@@ -9,6 +9,7 @@ test_gpu_kernels.py; the real horovodrun case is in tests/horovodrun/test_device
 import os
 import warnings
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -38,10 +39,14 @@ def device_codec(monkeypatch):
 
     def make(scheme):
         compressor = TNQCompressor(scheme=scheme, bits=3, bucket_size=64, min_numel=1)
+        CONFIG[:] = [compressor.config]
         monkeypatch.setattr(compressor, "key",
                             lambda slot: core.stream_key(compressor.config.seed, 0, slot))
         return compressor
     return make
+
+
+CONFIG = []  # the settings the fixture's compressors were made with
 
 
 def break_kernel(monkeypatch, name):
@@ -54,13 +59,20 @@ def gradient(seed, n=1000, dtype=torch.float32):
 
 
 def encode(codec, tensor, slot="layer.weight"):
-    return codec.encode(codec.values(tensor), slot, 7, tensor.dtype, tensor.shape, slot)
+    """A payload as a tensor (the host codec's are numpy arrays)."""
+    payload = codec.encode(codec.values(tensor), slot, 7, tuple(tensor.shape), CONFIG[0], slot)
+    return torch.from_numpy(payload) if isinstance(payload, np.ndarray) else payload
 
 
 def decode(codec, payloads, tensor, dtype=torch.float32):
     out = torch.empty(tensor.numel(), dtype=dtype, device=codec.device)
-    expect = codec.header(payloads, tensor.numel(), tensor.dtype, tensor.shape)
-    return codec.decode_sum(payloads, expect, 0.5, out), out
+    config = CONFIG[0]
+    expect = core.PayloadHeader.describe(config.scheme, config.bits, codec.dtype_name,
+                                         tensor.numel(), config.bucket_size, tuple(tensor.shape))
+    count = codec.decode_sum(codec.received(payloads) if isinstance(codec, HostCodec) and
+                             not isinstance(codec, DeviceCodec) else payloads, expect, 0.5,
+                             codec.target(out))
+    return count, out
 
 
 def horovod_tnq_warnings(caught):
@@ -79,7 +91,7 @@ def test_a_failing_launch_raises_a_kernel_error_naming_the_kernel(monkeypatch):
 def test_an_encode_failure_falls_back_to_the_host_once(device_codec, monkeypatch, scheme, dtype):
     compressor, reference = device_codec(scheme), device_codec(scheme)
     tensors = [gradient(seed, dtype=dtype) for seed in range(3)]
-    host = HostCodec(reference, reference.config)
+    host = HostCodec(reference, dtype)
     expected = [encode(host, t, f"t{i}").numpy().tobytes() for i, t in enumerate(tensors)]
     codec = compressor.codec_for(tensors[0])
     assert isinstance(codec, DeviceCodec)
@@ -109,7 +121,7 @@ def test_a_decode_failure_decodes_the_same_bytes_on_the_host(device_codec, monke
     codec = compressor.codec_for(tensor)
     # two ranks' payloads, made by the kernels
     payloads = torch.cat([encode(codec, tensor, "a"), encode(codec, gradient(2), "a")])
-    expected_count, expected = decode(HostCodec(compressor, compressor.config), payloads.cpu(),
+    expected_count, expected = decode(HostCodec(compressor, tensor.dtype), payloads.cpu(),
                                       tensor)
     break_kernel(monkeypatch, DECODE[scheme])
     with warnings.catch_warnings(record=True) as caught:

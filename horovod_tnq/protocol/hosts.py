@@ -1,0 +1,96 @@
+"""Which ranks share a host, and the process sets of the hierarchical exchange (plan.Hosts).
+
+The hierarchical exchange needs two of Horovod's process sets per rank: its host's ranks, and the
+ranks of its local index on every host. Horovod registers process sets after hvd.init() only
+with dynamic process sets on (``hvd.init(process_sets="dynamic")``, or
+HOROVOD_DYNAMIC_PROCESS_SETS=1), every rank adding every set, in the same order. The adapters
+call ``hosts_of_job`` at their first exchange; it needs no framework: Horovod's module and a
+gather of small integers come as arguments.
+"""
+
+import os
+import warnings
+
+DYNAMIC = "HOROVOD_DYNAMIC_PROCESS_SETS"
+NOT_DYNAMIC = ("horovod_tnq: this job runs {ranks} ranks on {hosts} hosts, where the hierarchical "
+               "exchange (full precision inside a host, compressed between hosts) sends about "
+               "1/{local} of the flat exchanges' bytes between hosts; it needs Horovod's dynamic "
+               "process sets: call hvd.init(process_sets=\"dynamic\") (or set "
+               "HOROVOD_DYNAMIC_PROCESS_SETS=1). Until then the flat exchange runs "
+               "(docs/design.md#hierarchical-exchange)")
+NOT_HOMOGENEOUS = ("horovod_tnq: the hosts of this job run different numbers of ranks "
+                   "({sizes}); the hierarchical exchange needs the same number on every host, "
+                   "so the flat exchange runs")
+
+
+def applies(size, local_size, cross_size):
+    """Whether the hierarchical exchange can help: several hosts of several ranks each."""
+    return size > 1 and local_size > 1 and cross_size > 1
+
+
+def dynamic_process_sets():
+    return os.environ.get(DYNAMIC, "0") not in ("", "0")
+
+
+def host_groups(places):
+    """(the ranks of each host, the ranks of each local index across hosts), sorted, from
+    ``places``: (host index, local rank) of every rank in rank order (Horovod's cross_rank and
+    local_rank); None where hosts run different numbers of ranks."""
+    hosts = {}
+    for rank, (host, _) in enumerate(places):
+        hosts.setdefault(int(host), []).append(rank)
+    sizes = sorted({len(ranks) for ranks in hosts.values()})
+    if len(sizes) != 1:
+        return None
+    local = [sorted(ranks) for _, ranks in sorted(hosts.items())]
+    cross = [sorted(ranks[index] for ranks in local) for index in range(sizes[0])]
+    return local, cross
+
+
+def hosts_of_job(hvd, gather_places, hosts_class):
+    """plan.Hosts of this rank (``hosts_class``), with its process sets registered, or None
+    (with one warning saying why) where the hierarchical exchange does not apply or is not
+    available. Every rank must call it at the same point: it gathers every rank's place
+    (``gather_places()``: a list of (cross_rank, local_rank), one per rank) and adds process
+    sets."""
+    size, local_size, cross_size = hvd.size(), hvd.local_size(), hvd.cross_size()
+    if not applies(size, local_size, cross_size):
+        return None
+    if not dynamic_process_sets():
+        warnings.warn(NOT_DYNAMIC.format(ranks=size, hosts=cross_size, local=local_size),
+                      RuntimeWarning, stacklevel=4)
+        return None
+    groups = host_groups(gather_places())
+    if groups is None:
+        warnings.warn(NOT_HOMOGENEOUS.format(sizes=sorted({local_size})), RuntimeWarning,
+                      stacklevel=4)
+        return None
+    local_groups, cross_groups = groups
+    rank = hvd.rank()
+    sets = {}
+    for ranks in local_groups + cross_groups:  # every rank adds every set, in this order
+        sets[tuple(ranks)] = _add_process_set(hvd, ranks)
+    local = next(ranks for ranks in local_groups if rank in ranks)
+    cross = next(ranks for ranks in cross_groups if rank in ranks)
+    return hosts_class(len(local), len(cross), local.index(rank), sets[tuple(local)],
+                       sets[tuple(cross)])
+
+
+def _add_process_set(hvd, ranks):
+    """hvd.add_process_set(ranks), or the registered set of those ranks where one exists (the
+    user's, or this job's before an elastic reset)."""
+    added = None
+    try:
+        added = hvd.add_process_set(ranks)
+    except ValueError as error:
+        if "duplicate" not in str(error):
+            raise
+    if added is not None:
+        return added
+    from horovod.common import process_sets  # Horovod's registry (no public lookup)
+    for set_id, members in process_sets._basics._get_process_set_ids_and_ranks().items():
+        if list(members) == list(ranks):
+            found = process_sets._temp_process_set_object(set_id)
+            found.ranks = list(ranks)
+            return found
+    raise RuntimeError(f"Horovod refused the process set of ranks {ranks} and has none")
