@@ -49,7 +49,8 @@ import numpy as np
 
 from horovod_tnq import CompressorConfig, core
 from horovod_tnq.protocol import (Hosts, chunk_bounds, cross_config, plan,
-                                  second_round_config)
+                                  second_round_configs)
+from horovod_tnq.protocol.exchange import encode_in_stages
 
 SCHEME, BUCKET = "tnq-rht", 512
 FLOAT32 = 4  # bytes of one full-precision element, as the hierarchical exchange sends inside hosts
@@ -133,14 +134,32 @@ def _first_round(values, ranks, config, name, traffic):
     return bounds, sums
 
 
-def _second_round(bounds, sums, ranks, second, name, factor, traffic):
-    """Each owner quantizes its chunk's sum with ``second`` and every rank decodes them all."""
+def _second_round(bounds, sums, ranks, stages, name, factor, traffic):
+    """Each owner quantizes its chunk's sum with the settings ``stages`` (plan.second_widths:
+    one width, or two where the second quantizes what the first left) and every rank decodes
+    and adds them all."""
     result = np.empty(bounds[-1][1])
     for index, ((start, stop), chunk_sum) in enumerate(zip(bounds, sums)):
-        reduced = _encode(chunk_sum, second, ranks[index], f"{name}#reduced")
-        traffic.send(ranks[index], ranks, reduced.size)
-        result[start:stop] = _sum([reduced], stop - start, second, factor)
+        owner, numel = ranks[index], stop - start
+
+        def encode(values, stage, config):
+            return _encode(values, config, owner, f"{name}#reduced" + (f"#s{stage}" if stage
+                                                                       else ""))
+
+        def decode(payload, config):
+            return _sum([payload], numel, config).astype(np.float32)
+
+        payloads = encode_in_stages(encode, decode, chunk_sum, stages)
+        for payload in payloads:
+            traffic.send(owner, ranks, payload.size)
+        result[start:stop] = sum(_sum([payload], numel, config, factor)
+                                 for payload, config in zip(payloads, stages))
     return result
+
+
+def widths(stages):
+    """The second round's width as the tables print it: "6", or "8+1" in two stages."""
+    return "+".join(str(config.bits) for config in stages)
 
 
 def allgather(grads, config, traffic=None):
@@ -152,7 +171,7 @@ def allgather(grads, config, traffic=None):
 
 def reduce_scatter(grads, config, second, traffic=None):
     """(the averaged result, bytes each rank sends (the mean over ranks)), the owners' sums
-    quantized with ``second`` (settings)."""
+    quantized with ``second`` (the settings of each stage: plan.second_round_configs)."""
     traffic = traffic or Traffic(len(grads))
     ranks = list(range(len(grads)))
     bounds, sums = _first_round(grads, ranks, config, "t", traffic)
@@ -190,11 +209,12 @@ def hierarchical(grads, config, local_size, traffic=None):
                                             traffic)
             crossings.add(f"{cross.bits}-bit allgather")
         else:
-            second = second_round_config(cross, hosts)
+            second = second_round_configs(cross, hosts)
             split, sums = _first_round(host_sums, members, cross, name, traffic)
             result[start:stop] = _second_round(split, sums, members, second, name,
                                                1.0 / ranks, traffic)
-            crossings.add(f"{cross.bits}-bit reduce-scatter, second round {second.bits} bits")
+            crossings.add(f"{cross.bits}-bit reduce-scatter, second round {widths(second)} "
+                          "bits")
         for host, member in enumerate(members):  # the float32 allgather of the slices
             traffic.send(member, range(host * local_size, (host + 1) * local_size),
                          FLOAT32 * size)
@@ -247,10 +267,10 @@ def measure(ranks, bits, local_sizes=(1,), elements=1 << 20, noise=0.01, seed=0)
     if elements >= ranks * BUCKET:
         first = Traffic(ranks)
         bounds, sums = _first_round(grads, everyone, config, "t", first)
-        wide = second_round_config(config, ranks)
-        seconds = {f"reduce-scatter, second round {wide.bits} bits": wide}
-        if wide.bits != bits:
-            seconds[f"reduce-scatter, same bits ({bits})"] = config
+        wide = second_round_configs(config, ranks)
+        seconds = {f"reduce-scatter, second round {widths(wide)} bits": wide}
+        if widths(wide) != str(bits):
+            seconds[f"reduce-scatter, same bits ({bits})"] = [config]
         for name, second in seconds.items():
             traffic = first.copy()
             runs[name] = (_second_round(bounds, sums, everyone, second, "t", 1.0 / ranks,

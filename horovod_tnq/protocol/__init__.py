@@ -22,7 +22,7 @@ from .naming import CollectiveNamer, gradient_owner, horovod_call_site
 from .overrides import TENSOR_SETTINGS, TensorSettings
 from .plan import (REDUCED, WHOLE, Hosts, Pending, choose_exchange, chunk_bounds, cross_config,
                    host_bits, local_bounds, part_bounds,
-                   part_names, plan, second_bits, second_round_config)
+                   part_names, plan, second_bits, second_round_configs, second_widths)
 from .probe import (JOINED, MISMATCH, PROBE_TOLERANCE, UNSUPPORTED_OP, ProbeReading,
                     cached_exchange_under_join, exchange_refused_by_join, plan_code,
                     probe_values, read_probe, reduction_scale)
@@ -40,7 +40,8 @@ __all__ = [
     "TENSOR_SETTINGS", "TensorSettings", "check_settings_agree", "compressor_registry",
     "gradient_owner",
     "horovod_call_site", "new_stats", "part_bounds", "part_names", "plan",
-    "second_bits", "second_round_config", "Hosts", "cross_config", "host_bits", "local_bounds",
+    "second_bits", "second_round_configs", "second_widths", "Hosts", "cross_config", "host_bits",
+    "local_bounds",
     "plan_code", "probe_values", "read_probe", "reduction_scale", "scheme_option_names",
     "settings_buffer", "settings_differences", "settings_text",
 ]

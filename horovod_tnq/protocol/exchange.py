@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 from .. import core
-from .plan import REDUCED, cross_config, plan, second_round_config
+from .plan import REDUCED, STAGE, cross_config, plan, second_round_configs
 from .probe import JOINED, cached_exchange_under_join
 
 LOCAL = "#local"  # the hierarchical exchange's full-precision reducescatter inside a host
@@ -246,7 +246,7 @@ class Exchange:
                                [_PAYLOAD] * len(layout.bounds), [[None]] * len(layout.bounds))
             return (yield from self._sum_joined(sent, layout, round_, scaled))
         self._check_joined("alltoall")
-        wide = second_round_config(layout.config, layout.size)
+        stages = second_round_configs(layout.config, layout.size)
         rank = layout.process_set.rank()
         slot = slot_base + REDUCED
 
@@ -256,8 +256,19 @@ class Exchange:
             chunk_sum = codec.empty(stop - start, codec.chunk_dtype)
             self._decode_sum(received, self._expect(layout.config, stop - start, shape), 1.0,
                              chunk_sum, layout.size)
-            reduced = codec.encode(chunk_sum, slot, int(step), shape, wide, job.label,
-                                   first_round=False)
+
+            def encode(values, stage, config):
+                return codec.encode(values, slot + (f"{STAGE}{stage}" if stage else ""),
+                                    int(step), shape, config, job.label, first_round=False)
+
+            def decode(payload, config):
+                decoded = codec.empty(stop - start, codec.chunk_dtype)
+                codec.decode_sum(payload, self._expect(config, stop - start, shape), 1.0,
+                                 decoded)
+                return decoded
+
+            payloads = encode_in_stages(encode, decode, chunk_sum, stages)
+            reduced = payloads[0] if len(payloads) == 1 else codec.concatenate(payloads)
             codec.state.count(payload_bytes=codec.nbytes(reduced))
             return (reduced,)
 
@@ -274,12 +285,19 @@ class Exchange:
             gathered = inputs[-1]
             shape, numel, bounds = self._layout(layout.bounds)
             out = self._decode_target(numel, scaled)
-            ends = codec.payload_ends(gathered, len(bounds))
+            ends = iter(codec.payload_ends(gathered, len(bounds) * len(stages)))
             begin = 0
-            for (start, stop), end in zip(bounds, ends):
-                self._decode_sum(gathered[begin:end], self._expect(wide, stop - start, shape),
-                                 scale, out[start:stop], 1)
-                begin = end
+            for start, stop in bounds:
+                for stage, config in enumerate(stages):  # a residual stage adds to the first
+                    into = out[start:stop] if stage == 0 else \
+                        codec.empty(stop - start, codec.out_dtype)
+                    end = next(ends)
+                    self._decode_sum(gathered[begin:end], self._expect(config, stop - start,
+                                                                       shape),
+                                     scale, into, 1)
+                    if stage:
+                        out[start:stop] += into
+                    begin = end
             return (out,)
 
         out, = ops.compute(decode_chunks, inputs, [codec.out_dtype], [self._out_shape(scaled)])
@@ -425,6 +443,20 @@ class _Layout:
         self.bounds, self.parts, self.config = bounds, parts, config
         self.process_set, self.size, self.name = process_set, size, name
         self.base_name, self.suffix = base_name, suffix
+
+
+def encode_in_stages(encode, decode, values, stages):
+    """The payloads of ``values`` at each of the settings ``stages`` (plan.second_widths): the
+    first quantizes ``values``, each next one what the ones before left of it (``values`` minus
+    the decoded payloads), so their decoded sum errs by the product of their errors.
+    ``encode(values, stage, config)`` makes a payload; ``decode(payload, config)`` reads one
+    back as every receiver will."""
+    payloads, rest = [], values
+    for stage, config in enumerate(stages):
+        payloads.append(encode(rest, stage, config))
+        if stage + 1 < len(stages):
+            rest = rest - decode(payloads[-1], config)
+    return payloads
 
 
 def run_to_end(exchange, in_flight):

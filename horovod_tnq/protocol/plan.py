@@ -6,9 +6,10 @@ from typing import Any
 from ..core import MAX_BITS, get_scheme, supports
 
 
-def second_bits(scheme, bits, size):
-    """The width at which the reduce-scatter's second round quantizes each owner's chunk sum
-    among ``size`` ranks, for a tensor sent at ``bits`` with ``scheme``.
+def second_widths(scheme, bits, size):
+    """The widths at which the reduce-scatter's second round quantizes each owner's chunk sum
+    among ``size`` ranks, for a tensor sent at ``bits`` with ``scheme``: one width, or two
+    stages where it needs more than 8 bits (the second stage quantizes what the first left).
 
     The first round's errors are unbiased and independent across ranks, so the average of N
     ranks keeps 1/N of one rank's: NMSE(b) / N. The second round quantizes the chunk's sum once
@@ -17,20 +18,38 @@ def second_bits(scheme, bits, size):
     9x worse than the allgather's). Each bit quarters these schemes' error (tnq-rht's NMSE
     0.128, 0.034, 0.0092, 0.0024 at 2 to 5 bits: 4^-b), so asking the second error to stay
     under a sixteenth of the averaged first, NMSE(b2) <= NMSE(b) / (16 N), gives
-    4^(b2 - b) >= 16 N: b2 = b + 2 + ceil(log4 N), at most 8 bits (from 65 ranks at 2 bits the
-    cap holds the second error to about 1/6 of the averaged first at 512 ranks; wider first
-    codes reach the cap earlier). A quarter (b + 1 + ceil(log4 N)) measured 1.26x the
-    allgather's averaged error at 64 ranks and 2 bits, a sixteenth 1.05-1.1x, for one more bit
-    in the second round (benchmarks/scale_simulator.py). A scheme without that width takes its
-    widest one in between.
+    4^(b2 - b) >= 16 N: b2 = b + 2 + ceil(log4 N). A quarter (b + 1 + ceil(log4 N)) measured
+    1.26x the allgather's averaged error at 64 ranks and 2 bits, a sixteenth 1.05-1.1x, for one
+    more bit in the second round (benchmarks/scale_simulator.py).
+
+    Codes stop at 8 bits (core.MAX_BITS), which 2 bits reach from 65 ranks and 4 bits from 17.
+    Capped there the second error grew to 1.60x (2 bits) and 3.24x (4 bits) the allgather's at
+    512 ranks. So past 8 bits the owner sends two payloads: its sum at 8 bits, then the
+    residual (the sum minus what the first payload decodes to) at b2 - 8 bits; the errors
+    multiply (4^-8 4^-(b2-8) = 4^-b2), and every rank adds both. A scheme without that width
+    takes its widest one in between, in one stage.
     """
     extra = 2
     while 4 ** (extra - 2) < size:
         extra += 1
-    for wide in range(min(bits + extra, MAX_BITS), bits, -1):
-        if supports(scheme, wide):
-            return wide
-    return bits
+    want = bits + extra
+    first = _widest(scheme, bits + 1, min(want, MAX_BITS)) or bits
+    widths = [first]
+    if want > MAX_BITS and first == MAX_BITS:
+        second = _widest(scheme, 1, want - MAX_BITS)
+        if second:
+            widths.append(second)
+    return widths
+
+
+def _widest(scheme, low, high):
+    """The widest width from ``low`` to ``high`` that ``scheme`` runs at, or None."""
+    return next((wide for wide in range(high, low - 1, -1) if supports(scheme, wide)), None)
+
+
+def second_bits(scheme, bits, size):
+    """The second round's bits per element, all stages (second_widths)."""
+    return sum(second_widths(scheme, bits, size))
 
 
 def host_bits(scheme, bits, local_size):
@@ -121,17 +140,18 @@ def local_bounds(numel, local_size):
     return bounds
 
 
-def second_round_config(config, size):
-    """``config`` with the second round's width (second_bits) among ``size`` ranks: the
-    settings that each owner's chunk sum is quantized with, and decoded with."""
-    bits = second_bits(config.scheme, config.bits, size)
-    return config if bits == config.bits else config.with_bits(bits)
+def second_round_configs(config, size):
+    """``config`` at each of the second round's widths (second_widths) among ``size`` ranks:
+    the settings each owner's chunk sum is quantized with, stage by stage, and decoded with."""
+    return [config if bits == config.bits else config.with_bits(bits)
+            for bits in second_widths(config.scheme, config.bits, size)]
 
 
 # Names of a tensor's payloads, appended to its base name: they key the random stream and the
 # error-feedback residual of each part, so no two parts share either.
 WHOLE = ""  # the whole tensor (allgather exchange)
 REDUCED = "#reduced"  # an owner's reduced chunk (second round of the reduce-scatter)
+STAGE = "#s"  # + the stage: the residual payloads of a second round in two stages
 
 
 def part_names(kind, bounds):

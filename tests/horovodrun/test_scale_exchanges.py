@@ -34,7 +34,7 @@ import pytest
 from launch import ROOT, WORKERS, same_on_all_ranks
 
 from horovod_tnq import CompressorConfig, core
-from horovod_tnq.protocol import (Hosts, choose_exchange, second_round_config)
+from horovod_tnq.protocol import Hosts, choose_exchange, second_round_configs
 
 from benchmarks import scale_simulator
 
@@ -166,7 +166,7 @@ def simulated_nmse(reports, exchange, row):
         result, _ = scale_simulator.allgather(grads, config)
     elif kind == "reduce-scatter":
         result, _ = scale_simulator.reduce_scatter(grads, config,
-                                                   second_round_config(config, size))
+                                                   second_round_configs(config, size))
     else:
         local = report["local_size"]
         groups = [sorted(r["rank"] for r in reports if r["cross_rank"] == host)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from horovod_tnq import core
-from horovod_tnq.protocol import CompressorConfig, CompressorState, Hosts
+from horovod_tnq.protocol import (CompressorConfig, CompressorState, Hosts, chunk_bounds,
+                                  second_widths)
 from horovod_tnq.protocol.exchange import Exchange, Job, NumpyCodec, run_to_end
 
 WAIT_S = 60  # a wait this long means the ranks deadlocked (the test fails, it does not hang)
@@ -187,3 +188,24 @@ def test_ranks_finishing_in_different_orders_do_not_deadlock():
     for name in names:
         assert all(np.array_equal(results[rank][name], results[0][name]) for rank in range(size))
     assert states[0].stats["hierarchical"] == len(names)
+
+
+def test_a_second_round_past_8_bits_goes_in_two_stages_and_keeps_the_average():
+    """7 bits among 4 ranks asks for 7 + 3 = 10 bits in the second round: 8, then 2 on what the
+    8 left (plan.second_widths). Capped at 8, the owners' error would be 16x the allgather's
+    averaged one; in two stages every rank adds both payloads and the average keeps 1/N."""
+    size = 4
+    config = CompressorConfig(bits=7, exchange="reduce-scatter", min_numel=1)
+    assert second_widths(config.scheme, config.bits, size) == [8, 2]
+    grads = gradients(size, 40_000, seed=3)
+    results, states = run_ranks(size, {"g": grads}, config)
+    first = results[0]["g"]
+    assert all(np.array_equal(results[rank]["g"], first) for rank in range(size))
+    ratio = nmse(first, np.mean(grads, axis=0)) * size / one_rank_nmse(grads[0], config)
+    assert ratio < 1.4, ratio
+    # rank 0 sent its four chunks at 7 bits, then its own chunk's sum at 8 and at 2 bits
+    def size_of(numel, bits):
+        return core.encoded_size(numel, bits, config.bucket_size, "float32", scheme=config.scheme)
+    chunks = [stop - start for start, stop in chunk_bounds(40_000, size, config.bucket_size)]
+    assert states[0].stats["payload_bytes"] == sum(size_of(n, 7) for n in chunks) + \
+        size_of(chunks[0], 8) + size_of(chunks[0], 2)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from horovod_tnq import CompressorConfig
 from horovod_tnq.protocol import (choose_exchange, chunk_bounds, part_bounds, plan_code,
-                                  second_bits, second_round_config,
+                                  second_bits, second_round_configs, second_widths,
                                   probe_values, reduction_scale, settings_differences,
                                   settings_text)
 
@@ -38,17 +38,25 @@ def test_auto_picks_by_size_ranks_and_bits(numel, size, bits, expected):
 
 
 @pytest.mark.parametrize("size, expected", [(2, 5), (3, 5), (4, 5), (5, 6), (16, 6), (17, 7),
-                                            (64, 7), (65, 8), (512, 8)])
+                                            (64, 7), (65, 8), (512, 9)])
 def test_second_round_is_wider_by_two_plus_log4_of_the_ranks(size, expected):
     assert second_bits("tnq-rht", 2, size) == expected
-    assert second_bits("tnq-rht", 7, size) == 8  # at most 8
-    assert second_round_config(CompressorConfig(bits=2), size).bits == expected
+    assert [c.bits for c in second_round_configs(CompressorConfig(bits=2), size)] == \
+        second_widths("tnq-rht", 2, size)
+
+
+@pytest.mark.parametrize("bits, size, widths", [
+    (2, 65, [8]), (2, 512, [8, 1]), (4, 16, [8]), (4, 17, [8, 1]), (4, 512, [8, 3]),
+    (7, 2, [8, 2])])
+def test_past_8_bits_the_second_round_goes_in_two_stages(bits, size, widths):
+    assert second_widths("tnq-rht", bits, size) == widths
 
 
 def test_second_round_keeps_a_width_the_scheme_has():
-    assert second_bits("terngrad", 2, 8) == 2  # 2 bits only
+    assert second_widths("terngrad", 2, 512) == [2]  # 2 bits only: one stage, as sent
+    assert second_widths("bingrad", 1, 64) == [1]
     config = CompressorConfig(bits=3, scheme="tnq", seed=5, error_feedback=0.5)
-    wide = second_round_config(config, 8)
+    wide, = second_round_configs(config, 8)
     assert (wide.bits, wide.scheme, wide.seed, wide.error_feedback) == (7, "tnq", 5, 0.5)
 
 
