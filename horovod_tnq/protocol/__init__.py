@@ -6,11 +6,12 @@ So each compressor, inside the stock interface:
 1. names the tensor's collectives from the name Horovod gives the allreduce (naming.py), so
    every rank pairs the same tensors, and picks its exchange and payloads (plan.py);
 2. encodes each payload (state.py: error feedback, the step that seeds the random stream) and
-   starts its allgather, or the alltoall of the reduce-scatter;
-3. returns a small *probe* instead of the gradient, which Horovod allreduces with the
-   caller's op and scale factors (probe.py);
-4. in ``decompress(probe, ctx)`` waits for the exchange, decodes and sums every rank's payload,
-   and scales the sum by what the probe reveals.
+   starts its exchange: the allgather, the reduce-scatter or the hierarchical exchange, all
+   written once in exchange.py over the adapter's collectives (hosts.py finds the hosts);
+3. returns a small *probe* instead of the gradient (N + 5 floats, probe.py), which Horovod
+   allreduces with the caller's op and scale factors;
+4. in ``decompress(probe, ctx)`` finishes the exchange, decoding and summing every rank's
+   payloads, and scales the sum by what the probe reveals.
 
 settings.py holds what all ranks must share, state.py what each rank carries from step to step
 (checkpointable), base.py what the compressors share. The adapters (horovod_tnq.torch,

@@ -1,7 +1,7 @@
 """A DistributedOptimizer that compresses gradients in a few fused buckets per step.
 
 Stock ``hvd.DistributedOptimizer(compression=TNQCompressor(...))`` works, but it runs the
-compressor once per parameter: an encode, an allgather and a two-element probe allreduce each,
+compressor once per parameter: an encode, an allgather and a small probe allreduce each,
 every one negotiated by Horovod on its own. Uncompressed Horovod fuses all gradients into one
 allreduce; measured on the 10.8M-parameter benchmark model (docs/benchmarks.md, "Training
 over a slow network"), the per-tensor collectives alone cost more than the compressed bytes
