@@ -1,4 +1,4 @@
-"""GPU cost of the codec's Triton kernels (horovod_tnq.core.gpu): encode and decode-of-8 time for
+"""GPU cost of the codec's Triton kernels (horovod_tnq.gpu): encode and decode-of-8 time for
 "tnq-rht" and "tnq" against a device-to-device copy of the same float32 tensor and torch's
 float16 cast, measured in the same process (CUDA events, warm-up, median of repeats).
 
@@ -65,7 +65,8 @@ def measure_size(n, args, device):
     """Print the copy, the float16 cast and every (scheme, bits) row for n elements."""
     import torch
 
-    from horovod_tnq.core import codec, gpu
+    from horovod_tnq import gpu
+    from horovod_tnq.core import codec
     generator = torch.Generator(device=device).manual_seed(n)
     x = torch.randn(n, device=device, generator=generator)
     dst = torch.empty_like(x)
@@ -125,7 +126,7 @@ def main(argv=None):
         print("gpu_speed: no CUDA device here; the GPU codec is measured on a machine with one "
               "(scripts/gpu_check.sh)")
         return 0
-    from horovod_tnq.core import gpu
+    from horovod_tnq import gpu
     if not gpu.available():
         print("gpu_speed: triton is not installed; nothing to measure")
         return 0

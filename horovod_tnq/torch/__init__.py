@@ -14,7 +14,7 @@ or, with gradients fused into a few compressed buckets per step (faster; same si
 
 from horovod.torch.compression import Compression as _Compression
 
-from ..core.gpu.codec import preload as _preload_triton
+from ..gpu.codec import preload as _preload_triton
 from ..protocol import compressor_registry as _compressor_registry
 from ..protocol.metrics import scalars as _scalars
 from .compressor import TNQCompressor
@@ -22,7 +22,7 @@ from .optimizer import DistributedOptimizer
 
 
 get_compressor = _compressor_registry(TNQCompressor, _Compression)
-_preload_triton()  # before anything imports TensorFlow (core/gpu/codec.py: preload)
+_preload_triton()  # before anything imports TensorFlow (gpu/codec.py: preload)
 
 
 def log_metrics(writer, compressor, step, per_tensor=True):

@@ -110,11 +110,11 @@ class HostCodec(NumpyCodec):
 
 
 class DeviceCodec(HostCodec):
-    """The GPU kernels (core/gpu) on the tensor's device: the float data never leaves it. Only
+    """The GPU kernels (gpu/) on the tensor's device: the float data never leaves it. Only
     the packed payloads reach Horovod, on the device where Horovod has NCCL, else through host
     memory; headers are built on the host (a few bytes).
 
-    If a kernel fails to compile or launch (core.gpu.KernelError), the kernels are off for the
+    If a kernel fails to compile or launch (gpu.KernelError), the kernels are off for the
     rest of the process, with one warning naming the error: the payload being encoded is made
     by the core on the host instead, before anything reaches Horovod, and received payloads are
     decoded there from the same bytes; so are later tensors'. Payloads still reach Horovod where
@@ -131,7 +131,7 @@ class DeviceCodec(HostCodec):
 
     @staticmethod
     def kernels_failed(error):
-        """Turn the kernels off for this process after ``error`` (a core.gpu.KernelError),
+        """Turn the kernels off for this process after ``error`` (a gpu.KernelError),
         warning once, whichever thread fails first."""
         with DeviceCodec._failure_lock:
             if DeviceCodec.failure is not None:
@@ -299,7 +299,7 @@ class TNQCompressor(CompressorBase, Compressor):
             ``privacy_spent()`` reports what a run has spent.
 
     CUDA gradients of "tnq-rht" and "tnq" without error feedback are encoded and decoded on
-    their device by the GPU kernels (core/gpu); only packed payloads reach Horovod, on the
+    their device by the GPU kernels (gpu/); only packed payloads reach Horovod, on the
     device where Horovod has NCCL, else through host memory. Everything else is encoded by the
     core on the host. Both make the same bytes (a payload of either decodes on the other);
     a job whose ranks take different paths into an NCCL collective is untested.
@@ -386,7 +386,7 @@ class TNQCompressor(CompressorBase, Compressor):
 
     def codec_for(self, tensor, config=None):
         """Where ``tensor``'s payloads are made and decoded, with ``config`` (the compressor's
-        by default): on its device by the GPU kernels (core/gpu) for CUDA tensors of the schemes
+        by default): on its device by the GPU kernels (gpu/) for CUDA tensors of the schemes
         they have, without error feedback (whose residuals the state keeps on the host; after a
         kernel failed in this process, DeviceCodec runs the core on the host but keeps the
         device's place in Horovod's collectives); by the core on the host otherwise."""
@@ -511,8 +511,8 @@ POLL_INTERVAL_S = 2e-4
 
 
 def _gpu():
-    """core.gpu, imported when the first tensor that may use it comes: it imports Triton."""
-    from ..core import gpu
+    """horovod_tnq.gpu, imported when the first tensor that may use it comes: it imports Triton."""
+    from .. import gpu
     return gpu
 
 

@@ -88,7 +88,7 @@ def test_amax_is_the_largest_finite_magnitude_and_bounds_the_rule():
 def test_gpu_codec_settles_overflow_as_the_core():
     torch = pytest.importorskip("torch")
     pytest.importorskip("triton")
-    from horovod_tnq.core import gpu
+    from horovod_tnq import gpu
     if not gpu.available():
         pytest.skip("the GPU codec is not available here")
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -156,11 +156,11 @@ def test_invalid_zero_runs_are_refused(runs, why):
 
 
 def test_gpu_codec_makes_the_cores_zero_run_payloads():
-    """The GPU codec (core/gpu) gives such tensors to the core on the host (its rare path) and
+    """The GPU codec (gpu/) gives such tensors to the core on the host (its rare path) and
     decodes their payloads there too: the same bytes and sums either way."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("triton")
-    from horovod_tnq.core import gpu
+    from horovod_tnq import gpu
     if not gpu.available():
         pytest.skip("the GPU codec is not available here")
     device = "cuda" if torch.cuda.is_available() else "cpu"

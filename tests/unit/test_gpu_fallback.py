@@ -1,4 +1,4 @@
-"""A GPU kernel that fails to compile or launch: core.gpu raises KernelError naming it, and the
+"""A GPU kernel that fails to compile or launch: gpu/ raises KernelError naming it, and the
 PyTorch adapter's DeviceCodec falls back to the host codec with one warning, giving the bytes
 and sums the kernels would have given (the failure is forced by a kernel whose launch raises).
 
@@ -18,8 +18,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from horovod_tnq import core  # noqa: E402
-from horovod_tnq.core import gpu  # noqa: E402
-from horovod_tnq.core.gpu import kernels  # noqa: E402
+from horovod_tnq import gpu  # noqa: E402
+from horovod_tnq.gpu import kernels  # noqa: E402
 from horovod_tnq.torch import TNQCompressor  # noqa: E402
 from horovod_tnq.torch import compressor as torch_compressor  # noqa: E402
 from horovod_tnq.torch.compressor import DeviceCodec, HostCodec  # noqa: E402

@@ -1,4 +1,4 @@
-"""The Triton kernels (horovod_tnq.core.gpu) against the core: identical payload bytes and
+"""The Triton kernels (horovod_tnq.gpu) against the core: identical payload bytes and
 identical decode_sum results for "tnq-rht" and "tnq".
 
 On a machine with CUDA the kernels run compiled on CUDA tensors; elsewhere on CPU tensors under
@@ -18,8 +18,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from horovod_tnq.core import codec, gpu, native  # noqa: E402
-from horovod_tnq.core.gpu import codec as gpu_codec  # noqa: E402
+from horovod_tnq import gpu  # noqa: E402
+from horovod_tnq.core import codec, native  # noqa: E402
+from horovod_tnq.gpu import codec as gpu_codec  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KEY = 0x9E3779B97F4A7C15  # both key words at or above 2**31
@@ -287,7 +288,7 @@ def test_shape_and_dtype_name_reach_the_header():
 
 def test_imports_without_triton():
     code = ("import sys; sys.modules['triton'] = None\n"
-            "import horovod_tnq.core.gpu as gpu\n"
+            "import horovod_tnq.gpu as gpu\n"
             "assert not gpu.available()\n"
             "try:\n"
             "    gpu.encode(None, bits=4, bucket_size=8, key=1)\n"
@@ -307,7 +308,7 @@ def test_kernels_compile_for_cuda_without_fma():
     ahead of time (no GPU needed) and check its PTX: IEEE division and square root, no fused
     multiply-add (gpu/aot.py)."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-m", "horovod_tnq.core.gpu.aot", "90"], env=env,
+    result = subprocess.run([sys.executable, "-m", "horovod_tnq.gpu.aot", "90"], env=env,
                             capture_output=True, text=True, timeout=300,
                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(
                                 os.path.abspath(__file__)))))

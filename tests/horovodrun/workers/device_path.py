@@ -21,7 +21,7 @@ import horovod.torch as hvd  # noqa: E402
 
 from horovod_tnq.torch import DistributedOptimizer, TNQCompressor  # noqa: E402
 from horovod_tnq.torch import optimizer as fused_module  # noqa: E402
-from horovod_tnq.core.gpu import kernels  # noqa: E402
+from horovod_tnq.gpu import kernels  # noqa: E402
 from horovod_tnq.torch import compressor as torch_compressor  # noqa: E402
 from common import FailingKernel  # noqa: E402
 

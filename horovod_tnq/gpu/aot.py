@@ -3,7 +3,7 @@ machine without one still checks what only the compiler sees: constexpr rules th
 does not enforce, and the PTX's arithmetic (IEEE division and square root, no fused multiply-add,
 which would change the bytes).
 
-    python -m horovod_tnq.core.gpu.aot [capability]   # prints one line per kernel; exit 1 on a
+    python -m horovod_tnq.gpu.aot [capability]   # prints one line per kernel; exit 1 on a
                                                       # compile error or forbidden instruction
 
 Run it with TRITON_INTERPRET unset (the interpreter's kernels cannot be compiled).

@@ -26,11 +26,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from .. import codec as core
-from .. import rotation
-from ..levels import check_bits
-from ..packing import packed_size
-from ..rng import key_words
+from ..core import codec as core
+from ..core import rotation
+from ..core.levels import check_bits
+from ..core.packing import packed_size
+from ..core.rng import key_words
 
 SCHEMES = ("tnq-rht", "tnq")
 _MASK32 = 0xFFFFFFFF
@@ -102,7 +102,7 @@ def available():
 def _kernels():
     kernels = _load()
     if kernels is None:
-        raise RuntimeError("horovod_tnq.core.gpu needs torch and triton (pip install triton): "
+        raise RuntimeError("horovod_tnq.gpu needs torch and triton (pip install triton): "
                            f"{_import_error}")
     return kernels
 
