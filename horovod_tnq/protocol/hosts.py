@@ -18,9 +18,9 @@ NOT_DYNAMIC = ("horovod_tnq: this job runs {ranks} ranks on {hosts} hosts, where
                "process sets: call hvd.init(process_sets=\"dynamic\") (or set "
                "HOROVOD_DYNAMIC_PROCESS_SETS=1). Until then the flat exchange runs "
                "(docs/design.md#hierarchical-exchange)")
-NOT_HOMOGENEOUS = ("horovod_tnq: the hosts of this job run different numbers of ranks "
-                   "({sizes}); the hierarchical exchange needs the same number on every host, "
-                   "so the flat exchange runs")
+NOT_HOMOGENEOUS = ("horovod_tnq: the hosts of this job run different numbers of ranks; the "
+                   "hierarchical exchange needs the same number on every host, so the flat "
+                   "exchange runs")
 
 
 def applies(size, local_size, cross_size):
@@ -53,6 +53,11 @@ def hosts_of_job(hvd, gather_places, hosts_class):
     available. Every rank must call it at the same point: it gathers every rank's place
     (``gather_places()``: a list of (cross_rank, local_rank), one per rank) and adds process
     sets."""
+    if hvd.size() > 1 and not hvd.is_homogeneous():
+        # (local_size differs across ranks then, so no rank may decide by its own: every rank
+        # reads Horovod's one answer and none gathers)
+        warnings.warn(NOT_HOMOGENEOUS, RuntimeWarning, stacklevel=4)
+        return None
     size, local_size, cross_size = hvd.size(), hvd.local_size(), hvd.cross_size()
     if not applies(size, local_size, cross_size):
         return None
@@ -61,9 +66,8 @@ def hosts_of_job(hvd, gather_places, hosts_class):
                       RuntimeWarning, stacklevel=4)
         return None
     groups = host_groups(gather_places())
-    if groups is None:
-        warnings.warn(NOT_HOMOGENEOUS.format(sizes=sorted({local_size})), RuntimeWarning,
-                      stacklevel=4)
+    if groups is None:  # (Horovod said homogeneous: a layout it did not foresee)
+        warnings.warn(NOT_HOMOGENEOUS, RuntimeWarning, stacklevel=4)
         return None
     local_groups, cross_groups = groups
     rank = hvd.rank()
@@ -79,18 +83,21 @@ def hosts_of_job(hvd, gather_places, hosts_class):
 def _add_process_set(hvd, ranks):
     """hvd.add_process_set(ranks), or the registered set of those ranks where one exists (the
     user's, or this job's before an elastic reset)."""
-    added = None
     try:
-        added = hvd.add_process_set(ranks)
+        return hvd.add_process_set(ranks)
     except ValueError as error:
         if "duplicate" not in str(error):
             raise
-    if added is not None:
-        return added
-    from horovod.common import process_sets  # Horovod's registry (no public lookup)
+    return _registered_set(ranks)
+
+
+def _registered_set(ranks):
+    """Horovod's process set of exactly ``ranks`` (it has no public lookup)."""
+    from horovod.common import process_sets
     for set_id, members in process_sets._basics._get_process_set_ids_and_ranks().items():
         if list(members) == list(ranks):
             found = process_sets._temp_process_set_object(set_id)
             found.ranks = list(ranks)
             return found
-    raise RuntimeError(f"Horovod refused the process set of ranks {ranks} and has none")
+    raise RuntimeError(f"Horovod refused the process set of ranks {ranks} as a duplicate but "
+                       "has none")
