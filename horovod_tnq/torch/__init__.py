@@ -10,6 +10,11 @@ or, with gradients fused into a few compressed buckets per step (faster; same si
     import horovod_tnq.torch as tnq
     optimizer = tnq.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                          compression=TNQCompressor(bits=3))
+
+or, in PyTorch DDP (torchrun), as a communication hook on the same codec (ddp.py):
+
+    from horovod_tnq.torch import TNQHookState, tnq_hook
+    ddp_model.register_comm_hook(TNQHookState(bits=3), tnq_hook)
 """
 
 from horovod.torch.compression import Compression as _Compression
@@ -18,6 +23,7 @@ from ..gpu.codec import preload as _preload_triton
 from ..protocol import compressor_registry as _compressor_registry
 from ..protocol.metrics import scalars as _scalars
 from .compressor import TNQCompressor
+from .ddp import TNQHookState, tnq_hook
 from .optimizer import DistributedOptimizer
 
 
@@ -35,4 +41,5 @@ def log_metrics(writer, compressor, step, per_tensor=True):
         writer.add_scalar(tag, value, step)
 
 
-__all__ = ["DistributedOptimizer", "TNQCompressor", "get_compressor", "log_metrics"]
+__all__ = ["DistributedOptimizer", "TNQCompressor", "TNQHookState", "get_compressor", "log_metrics",
+           "tnq_hook"]

@@ -1,0 +1,406 @@
+"""TNQ as a PyTorch DDP communication hook, on the same exchange driver as the Horovod adapter.
+
+    import torch.distributed as dist
+    from horovod_tnq.torch.ddp import TNQHookState, tnq_hook
+
+    model = torch.nn.parallel.DistributedDataParallel(model)
+    model.register_comm_hook(TNQHookState(bits=3), tnq_hook)
+
+DDP hands the hook each gradient bucket (``bucket.buffer()``, the flat gradients of a few
+parameters) once per step, in bucket order on every rank. The hook encodes it with the core
+(or the GPU kernels, where the Horovod adapter uses them), exchanges the payloads over
+``torch.distributed`` with the exchange driver of protocol/exchange.py, decodes, and averages
+(the sum times 1 / world size). For the same gradient bytes, seed, payload names and ranks it
+gives the bits the Horovod adapter gives (``hvd.allreduce(..., name=f"ddp.bucket{i}",
+op=hvd.Average, compression=TNQCompressor(...))``): the payloads of bucket ``i`` are named
+``ddp.bucket<i>``, which keys their random streams, steps and error-feedback residuals in the
+one CompressorState (protocol/state.py) of ``TNQHookState``.
+
+``_DistCollectives`` is the driver's collectives interface over a torch.distributed process
+group. torch.distributed pairs collectives by the order each rank issues them, not by name, so
+every collective of this module is issued from the hook, in DDP's bucket order: the allgather
+exchange issues all of its collectives when it starts and only decodes later, in a callback of
+their futures (``overlap``); exchanges of several rounds (the reduce-scatter) run to their end
+inside the hook. docs/ddp.md lists what the hook does not do yet.
+"""
+
+import threading
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..protocol import CompressorBase, check_settings_agree, local_bounds, settings_buffer
+from ..protocol.exchange import Exchange, Job, run_to_end
+from ..protocol.settings import SETTINGS_BYTES
+from .. import core
+from .compressor import _DTYPE_NAMES, TNQCompressor
+
+BUCKET_NAME = "ddp.bucket{}"  # payload names: one per DDP bucket index, the same every step
+# (all_gather_into_tensor before PyTorch 2.13 named it all_gather_single)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class TNQHookState(CompressorBase):
+    """The state of ``tnq_hook``: settings shared by every rank, and this rank's
+    CompressorState (``state``: each bucket's step count, which seeds its random stream, and its
+    error-feedback residuals), checkpointed with ``state_dict()`` / ``load_state_dict()``.
+
+    Args:
+        process_group: the group DDP reduces over (None: the default group).
+        bits, scheme, bucket_size, min_numel, seed, error_feedback, exchange, part_elements,
+            and the scheme's own options: TNQCompressor's settings (horovod_tnq.torch), with
+            the same defaults and checks. ``min_numel`` applies to whole DDP buckets: a bucket
+            of fewer elements (or of integer gradients) is averaged by DDP's plain allreduce.
+            ``exchange="hierarchical"`` runs the flat "auto" choice here (see docs/ddp.md).
+        overlap: decode allgather exchanges in a callback of their collectives' futures, so
+            that their transfer and decoding overlap the rest of the backward pass; False
+            finishes every exchange inside the hook.
+
+    Picklable (the process group is not: an unpickled state uses the default group; set
+    ``process_group`` after loading for another). Every rank must use the same settings: the
+    first hook call allgathers them and raises a ValueError naming what differs.
+    """
+
+    def __init__(self, process_group=None, *, overlap=True, **settings):
+        if "overrides" in settings:
+            raise NotImplementedError("per-parameter overrides are not supported by the DDP "
+                                      "hook yet: DDP buckets mix parameters (docs/ddp.md)")
+        super().__init__(**settings)
+        self.process_group = process_group
+        self.overlap = bool(overlap)
+        self._init_transient()
+        self._saved_layouts = {}  # bucket index -> parameter shapes, from a checkpoint
+
+    def _init_transient(self):
+        self._lock = threading.Lock()
+        self._in_flight = []  # exchanges whose futures have not completed
+        self._agreed = False  # the settings check passed (first hook call)
+        self._layouts = {}  # bucket index -> (parameter shapes, parameter ids)
+        self._warned_hierarchical = False
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for name in ("process_group", "_lock", "_in_flight", "_agreed", "_layouts"):
+            state.pop(name)
+        state["_saved_layouts"] = self._layout_shapes()  # (parameter ids are this process's)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.process_group = None
+        self._init_transient()
+
+    def group(self):
+        """The process group the hook reduces over."""
+        return self.process_group if self.process_group is not None else dist.group.WORLD
+
+    def key(self, slot):
+        """The random stream's key of payload ``slot`` on this rank (its global rank, as
+        Horovod's rank keys the Horovod adapter's)."""
+        return core.stream_key(self.config.seed, dist.get_rank(), slot)
+
+    def codec_for(self, tensor, config=None):
+        """Where ``tensor``'s payloads are made and decoded: TNQCompressor.codec_for's choice
+        (the GPU kernels for CUDA tensors of their schemes without error feedback, else the
+        core on the host), which needs only ``config``, ``state`` and ``key``."""
+        return TNQCompressor.codec_for(self, tensor, config)
+
+    def _world(self):
+        if not dist.is_available() or not dist.is_initialized():
+            return None, None
+        return dist.get_rank(), self.group().size()
+
+    def state_dict(self):
+        """CompressorState.state_dict() with the residuals as torch tensors (a checkpoint loads
+        with ``torch.load(weights_only=True)``) and each bucket's parameter shapes: residuals
+        of a bucket that DDP lays out differently when loaded are dropped, with a warning."""
+        state = super().state_dict()
+        state["residuals"] = {slot: torch.from_numpy(r) for slot, r in state["residuals"].items()}
+        state["ddp_layouts"] = {int(index): [list(shape) for shape in shapes]
+                                for index, shapes in self._layout_shapes().items()}
+        return state
+
+    def _layout_shapes(self):
+        """Each bucket's parameter shapes: as last seen, else as loaded."""
+        with self._lock:
+            return {**self._saved_layouts,
+                    **{index: shapes for index, (shapes, _) in self._layouts.items()}}
+
+    def load_state_dict(self, state, any_rank=False):
+        """Restore a state_dict() of this rank (CompressorState.load_state_dict says what is
+        refused; ``any_rank`` as TNQCompressor's)."""
+        residuals = {slot: r.numpy() if torch.is_tensor(r) else r
+                     for slot, r in state["residuals"].items()}
+        super().load_state_dict(dict(state, residuals=residuals), any_rank)
+        with self._lock:
+            self._layouts = {}
+            self._saved_layouts = {int(index): tuple(tuple(shape) for shape in shapes)
+                                   for index, shapes in state.get("ddp_layouts", {}).items()}
+
+    def reset(self):
+        """Forget steps, residuals and counters, as a new state would start."""
+        super().reset()
+        with self._lock:
+            self._in_flight = []
+            self._agreed = False
+            self._layouts, self._saved_layouts = {}, {}
+
+    # -- what the hook asks of its state ------------------------------------------------------
+
+    def _check_settings(self, group):
+        """At the first hook call (and the first after reset()): every rank's settings in one
+        allgather, before any exchange, so that ranks configured differently raise here with
+        what differs instead of waiting in collectives that do not pair."""
+        if self._agreed:
+            return
+        overrides = self.settings.describe()
+        mine = torch.from_numpy(settings_buffer(self.config, overrides))
+        device = _comm_device(group, mine.device)
+        gathered = torch.empty(group.size() * SETTINGS_BYTES, dtype=torch.uint8, device=device)
+        _all_gather_single(gathered, mine.to(device), group=group)
+        check_settings_agree(self.config, gathered.cpu().numpy(), overrides)
+        self._agreed = True
+        if self.config.exchange == "hierarchical" and not self._warned_hierarchical:
+            self._warned_hierarchical = True
+            warnings.warn("horovod_tnq DDP hook: exchange='hierarchical' is not available "
+                          "yet; buckets take the flat 'auto' exchange", stacklevel=3)
+
+    def _check_layout(self, bucket, name):
+        """Residuals are kept per bucket: where DDP lays bucket ``name`` out anew (it rebuilds
+        its buckets after its first step; a checkpoint of another layout), its residuals no
+        longer line up with its gradient and are dropped."""
+        parameters = bucket.parameters()
+        shapes = tuple(tuple(p.shape) for p in parameters)
+        layout = (shapes, tuple(id(p) for p in parameters))
+        index = bucket.index()
+        with self._lock:
+            known = self._layouts.get(index)
+            self._layouts[index] = layout
+            saved = self._saved_layouts.pop(index, None)
+        if known is not None and known != layout:
+            _drop_residuals(self.state, name)
+        elif known is None and saved is not None and saved != shapes:
+            if _drop_residuals(self.state, name):
+                warnings.warn(f"horovod_tnq DDP hook: bucket {index} holds other parameters "
+                              "than when its state was saved; its error-feedback residuals "
+                              "start afresh", stacklevel=3)
+
+
+def tnq_hook(state: TNQHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: ``bucket``'s gradients averaged over ``state``'s process group,
+    each rank's sent as TNQ payloads (see the module docstring and TNQHookState). Register it
+    with ``ddp_model.register_comm_hook(TNQHookState(...), tnq_hook)``."""
+    group = state.group()
+    tensor = bucket.buffer()
+    state._check_settings(group)
+    name = BUCKET_NAME.format(bucket.index())
+    config = state.config
+    if tensor.dtype not in _DTYPE_NAMES or tensor.numel() < config.min_numel:
+        state.state.passthrough(name, tensor.numel(), tensor.numel() * tensor.element_size())
+        return _allreduce_average(tensor, group)
+    state._check_layout(bucket, name)
+    size = group.size()
+    codec = state.codec_for(tensor, config)
+    collectives = _DistCollectives(codec, group)
+    job = Job(codec.values(tensor), tensor.numel(), tuple(tensor.shape),
+              _DTYPE_NAMES[tensor.dtype], config, name, name, name,
+              state.state.next_step(name), group, size)
+    exchange = Exchange(job, codec, collectives)
+    exchange.scale = average_scale(size)
+    exchange.target = _decode_target(tensor, codec)
+    exchange.start()
+    futures = collectives.futures() if state.overlap and exchange.rounds == 1 else None
+    if futures is not None:
+        # every collective of the allgather has been issued: decoding waits on their futures
+        with state._lock:
+            state._in_flight.append(exchange)
+
+        def finish(_):
+            try:
+                return _into_bucket(tensor, codec, exchange.finish(exchange.scale,
+                                                                   exchange.target))
+            finally:
+                _forget(state, exchange)
+
+        return torch.futures.collect_all(futures).then(finish)
+    with state._lock:
+        in_flight = list(state._in_flight)
+    # (exchanges in flight here are allgathers, all of whose collectives were issued: none
+    # needs advancing for this one's sake, and run_to_end advances none)
+    result = _into_bucket(tensor, codec, run_to_end(exchange, in_flight))
+    future = torch.futures.Future()
+    future.set_result(result)
+    return future
+
+
+def average_scale(size):
+    """What the sum over ``size`` ranks is multiplied by: 1 / size rounded to float32, as the
+    Horovod adapter reads it from its float32 probe under op=Average (exact for powers of 2)."""
+    return float(np.float32(1.0 / size))
+
+
+def _decode_target(tensor, codec):
+    """The bucket itself where the decoder can write the result into it (a contiguous float32
+    or float64 bucket on the codec's device), else None (a new array)."""
+    work = torch.float32 if tensor.dtype == torch.float32 else torch.float64
+    if tensor.dtype != work or tensor.device != codec.device or not tensor.is_contiguous():
+        return None
+    return codec.target(tensor.view(-1))
+
+
+def _into_bucket(tensor, codec, result):
+    """The decoded ``result`` (a codec array) in the bucket's buffer, which DDP copies into
+    the gradients."""
+    result = codec.result(result)
+    if result.data_ptr() != tensor.data_ptr():
+        tensor.copy_(result.view(tensor.shape))
+    return tensor
+
+
+def _forget(state, exchange):
+    with state._lock:
+        if exchange in state._in_flight:
+            state._in_flight.remove(exchange)
+
+
+def _allreduce_average(tensor, group):
+    """DDP's own allreduce hook: the bucket divided by the group's size, then summed."""
+    tensor.div_(group.size())
+    work = dist.all_reduce(tensor, group=group, async_op=True)
+    return work.get_future().then(lambda future: future.value()[0])
+
+
+def _drop_residuals(compressor_state, name):
+    """Forget the error-feedback residuals of every payload of bucket ``name``; whether there
+    were any."""
+    with compressor_state._lock:
+        slots = [slot for slot in compressor_state.residuals
+                 if slot == name or slot.startswith(name + "#")]
+        for slot in slots:
+            del compressor_state.residuals[slot]
+    return bool(slots)
+
+
+def _comm_device(group, device):
+    """Where tensors of ``group``'s collectives must be: the GPU for NCCL, the host for Gloo,
+    ``device`` (the codec's) for a group with a backend for each."""
+    backend = str(dist.get_backend(group)).lower()
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if backend == "gloo":
+        return torch.device("cpu")
+    return device
+
+
+class _Handle:
+    """A collective in flight: its torch.distributed work and what it received, once done."""
+
+    def __init__(self, work, received):
+        self.work, self._received = work, received
+        try:
+            self.future = work.get_future()
+        except RuntimeError:  # (Gloo's reduce_scatter has none)
+            self.future = None
+
+    def result(self):
+        # the future's wait where there is one, not the work's: futures run their callbacks,
+        # where the driver may decode, before Gloo marks the work itself done
+        if self.future is not None:
+            self.future.wait()
+        else:
+            self.work.wait()
+        return self._received()
+
+
+class _DistCollectives:
+    """The exchange driver's collectives (protocol/exchange.py) over a torch.distributed
+    process group, on a codec's arrays. Each collective is issued when called (its sizes first,
+    blocking, where ranks may send different sizes) and waited on in wait(); what it receives
+    is what Horovod's collective of the same name would hand the driver."""
+
+    pipelined = True  # parts are decoded as they arrive
+
+    def __init__(self, codec, group):
+        self.codec, self.group = codec, group
+        self.device = _comm_device(group, codec.device)
+        self.handles = []
+
+    @staticmethod
+    def compute(function, inputs, dtypes, shapes):
+        return list(function(*inputs))
+
+    def futures(self):
+        """The futures of every collective issued so far, or None where one has none."""
+        futures = [handle.future for handle in self.handles]
+        return None if None in futures else futures
+
+    def _wire(self, array):
+        tensor = torch.from_numpy(np.ascontiguousarray(array)) if isinstance(array, np.ndarray) \
+            else array
+        return tensor.reshape(-1).to(self.device)
+
+    def _issued(self, work, received):
+        handle = _Handle(work, received)
+        self.handles.append(handle)
+        return handle
+
+    def allgather(self, array, name, group):
+        """Every rank's ``array`` (1-D, of any size) concatenated in rank order: their sizes
+        are gathered first, then the arrays padded to the longest."""
+        payload = self._wire(array)
+        ranks = group.size()
+        sizes = torch.empty(ranks, dtype=torch.int64, device=self.device)
+        _all_gather_single(
+            sizes, torch.tensor([payload.numel()], dtype=torch.int64, device=self.device),
+            group=group)
+        sizes = sizes.tolist()
+        longest = max(sizes)
+        if payload.numel() < longest:
+            payload = torch.cat([payload, payload.new_zeros(longest - payload.numel())])
+        gathered = payload.new_empty(ranks * longest)
+        work = _all_gather_single(gathered, payload, group=group, async_op=True)
+
+        def received():
+            if all(size == longest for size in sizes):
+                return gathered
+            return torch.cat([gathered[rank * longest:rank * longest + size]
+                              for rank, size in enumerate(sizes)])
+
+        return self._issued(work, received)
+
+    def alltoall(self, array, splits, name, group):
+        """What every rank sent this one (``splits``: how many elements of ``array`` go to
+        each rank), concatenated in rank order; the counts go first."""
+        payload = self._wire(array)
+        splits = [int(count) for count in (splits.tolist() if hasattr(splits, "tolist")
+                                           else splits)]
+        counts = torch.empty(group.size(), dtype=torch.int64, device=self.device)
+        dist.all_to_all_single(counts, torch.tensor(splits, dtype=torch.int64,
+                                                    device=self.device), group=group)
+        counts = counts.tolist()
+        received = payload.new_empty(sum(counts))
+        work = dist.all_to_all_single(received, payload, output_split_sizes=counts,
+                                      input_split_sizes=splits, group=group, async_op=True)
+        return self._issued(work, lambda: received)
+
+    def allreduce_sum(self, array, name, group):
+        summed = self._wire(array).clone()  # (the driver may still read its array)
+        work = dist.all_reduce(summed, group=group, async_op=True)
+        return self._issued(work, lambda: summed)
+
+    def reducescatter_sum(self, array, name, group):
+        """This rank's slice of the sum over ranks: Horovod's split (the first numel % n ranks
+        one element more; protocol.plan.local_bounds)."""
+        values = self._wire(array)
+        bounds = local_bounds(values.numel(), group.size())
+        parts = [values[start:stop] for start, stop in bounds]
+        start, stop = bounds[group.rank()]
+        out = values.new_empty(stop - start)
+        work = dist.reduce_scatter(out, parts, group=group, async_op=True)
+        return self._issued(work, lambda: out)
+
+    def wait(self, handle):
+        """What the collective received, as the codec's array."""
+        return self.codec.received(handle.result().to(self.codec.device))

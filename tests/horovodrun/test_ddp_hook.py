@@ -1,0 +1,160 @@
+"""The DDP communication hook (horovod_tnq.torch.ddp, issue 26) on real torchrun workers (2 ranks,
+Gloo), and beside the Horovod adapter under horovodrun.
+
+* workers/ddp_hook_checks.py: the collectives over torch.distributed; the hook's average bit
+  for bit against the core's average of the same payloads (what the Horovod adapter computes);
+  the GPU codec's path (Triton's interpreter on CPU tensors) against the host codec's;
+  training in sync across ranks (and overlap on and off giving the same bits); error feedback
+  resumed exactly from state_dict() and from a pickled state;
+* workers/ddp_hook_horovod.py: the hook and TNQCompressor under hvd.allreduce(op=Average)
+  average the same bytes to the same bits, residuals included, for the allgather (one payload
+  and several), the reduce-scatter, error feedback, bfloat16 and a scheme with its own body;
+* workers/ddp_hook_mismatch.py: ranks with other settings both raise, naming the setting.
+
+The three jobs take about 25 s on a quiet 2-core machine.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from launch import ROOT, WORKERS, run_workers
+
+pytestmark = pytest.mark.horovodrun
+
+JOB_TIMEOUT_S = 300
+MISMATCH_TIMEOUT_S = 120  # the workers' Gloo timeout is 60 s: a hang fails well before this
+
+
+def run_torchrun(script, out_dir, timeout=JOB_TIMEOUT_S, nproc=2, args=()):
+    """tests/horovodrun/workers/<script> under `torchrun --standalone` (its rendezvous on a free
+    port); each rank's JSON report."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    command = [torchrun, "--nproc-per-node", str(nproc), "--standalone",
+               os.path.join(WORKERS, script), str(out_dir), *args]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if done.returncode != 0:
+        raise AssertionError(f"torchrun failed ({done.returncode}):\n{done.stdout[-6000:]}\n"
+                             f"{done.stderr[-6000:]}")
+    reports = []
+    for rank in range(nproc):
+        with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
+            reports.append(json.load(f))
+    return reports
+
+
+def entries(reports, check):
+    """Each rank's entry of ``check``, failing with the worker's traceback where it raised."""
+    for report in reports:
+        assert "error" not in report[check], f"rank {report['rank']}: {report[check]['error']}"
+    return [report[check] for report in reports]
+
+
+@pytest.fixture(scope="module")
+def checks(tmp_path_factory):
+    return run_torchrun("ddp_hook_checks.py", tmp_path_factory.mktemp("ddp_hook_checks"))
+
+
+def test_collectives_over_torch_distributed(checks):
+    for entry in entries(checks, "collectives"):
+        assert all(entry.values()), entry
+
+
+def test_hook_average_is_the_cores_bit_for_bit(checks):
+    ranks = entries(checks, "matches_core")
+    for case, entry in ranks[0].items():
+        for rank, theirs in enumerate(ranks):
+            assert theirs[case]["same"] == [True] * len(theirs[case]["same"]), (rank, case)
+            assert theirs[case]["allgather"] == len(theirs[case]["same"]), (rank, case)
+        # rank 1's zero run makes its payloads smaller: the allgather of unequal sizes ran
+        assert ranks[1][case]["payload_bytes"] < ranks[0][case]["payload_bytes"], case
+
+
+def test_device_codec_gives_the_host_codecs_bits(checks):
+    for entry in entries(checks, "device_codec"):
+        assert set(entry) == {"allgather", "reduce-scatter"}
+        for case, modes in entry.items():
+            assert modes.pop("host_codec") == "HostCodec", case
+            assert len(modes) == (2 if case == "allgather" else 1), (case, modes)
+            for mode, result in modes.items():
+                assert result["codec"] == "DeviceCodec", (case, mode)
+                assert result["same"] and all(result["same"]), (case, mode, result)
+
+
+def test_hook_matches_the_horovod_adapter(tmp_path):
+    with socket.socket() as s:  # a free port for torch.distributed beside Horovod's Gloo
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    reports = run_workers("ddp_hook_horovod.py", 2, tmp_path, timeout=JOB_TIMEOUT_S,
+                          extra_env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    for report in reports:
+        cases = {key: value for key, value in report.items() if key != "rank"}
+        assert len(cases) == 7
+        for case, entry in cases.items():
+            assert "error" not in entry, f"rank {report['rank']} {case}: {entry['error']}"
+            assert entry["same"] == [True] * 3, (report["rank"], case, entry)
+            assert entry["same_residuals"], (report["rank"], case, entry)
+            assert entry["stats"] == entry["horovod_stats"], (report["rank"], case, entry)
+        assert cases["reduce-scatter"]["stats"]["reduce-scatter"] == 3
+        assert cases["reduce-scatter-error-feedback"]["residual_slots"] == \
+            ["ddp.bucket0#0", "ddp.bucket0#1", "ddp.bucket0#reduced"]
+        assert cases["error-feedback"]["residual_slots"] == ["ddp.bucket0"]
+
+
+def test_training_stays_in_sync(checks):
+    ranks = entries(checks, "training")
+    for case in ranks[0]:
+        assert ranks[0][case]["digest"] == ranks[1][case]["digest"], case
+    for rank in ranks:
+        # the same exchange, whether its decoding waits on futures or inside the hook
+        assert rank["overlap"]["digest"] == rank["blocking"]["digest"]
+        plain = rank["none"]["flat"]
+        scale = max(abs(v) for v in plain)
+        for case in ("overlap", "reduce-scatter", "error-feedback"):
+            entry = rank[case]
+            assert entry["digest"] != rank["none"]["digest"], case
+            # 4 SGD steps of quantized gradients stay near the uncompressed run
+            drift = max(abs(a - b) for a, b in zip(entry["flat"], plain))
+            assert drift < 0.02 * scale, (case, drift, scale)
+            # each bucket exchanged once per step (none for no_sync's micro-batch); DDP's first
+            # step has one bucket of every parameter, the later ones the rebuilt buckets
+            steps = entry["steps"]
+            assert len(steps) >= 2 and steps == {name: 4 if name == "ddp.bucket0" else 3
+                                                 for name in steps}, (case, steps)
+            kind = "reduce-scatter" if case == "reduce-scatter" else "allgather"
+            assert entry["stats"][kind] == entry["stats"]["compressed_tensors"] == \
+                sum(steps.values()), (case, entry["stats"])
+
+
+def test_error_feedback_resumes_exactly(checks):
+    ranks = entries(checks, "resume")
+    for rank in ranks:
+        exact = rank["uninterrupted"]["digest"]
+        assert rank["state_dict"]["digest"] == exact
+        assert rank["pickle"]["digest"] == exact
+        assert rank["fresh"]["digest"] != exact  # the restored steps and residuals matter
+        assert rank["state_dict"]["steps"] == rank["uninterrupted"]["steps"] == \
+            {"ddp.bucket0": 6}
+        assert rank["uninterrupted"]["residuals"] == ["ddp.bucket0"]
+        # DDP's rebuilt buckets differ from its first ones: residuals restart, with a warning
+        warned = rank["rebuilt_buckets"]["warnings"]
+        assert len(warned) == 1 and "start afresh" in warned[0], warned
+    for how in ranks[0]:
+        assert ranks[0][how]["digest"] == ranks[1][how]["digest"], how
+
+
+def test_settings_mismatch_raises_on_every_rank(tmp_path):
+    reports = run_torchrun("ddp_hook_mismatch.py", tmp_path, timeout=MISMATCH_TIMEOUT_S)
+    for report in reports:
+        for setting in ("bits", "min_numel"):
+            entry = report[setting]
+            assert entry["raised"] == "ValueError", (report["rank"], entry)
+            assert "different compressor settings" in entry["message"], entry
+            assert entry["message"].startswith(f"ranks use different compressor settings "
+                                               f"({setting}:"), entry
+            assert entry["seconds"] < 30, entry

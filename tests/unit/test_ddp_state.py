@@ -1,0 +1,102 @@
+"""TNQHookState (horovod_tnq.torch.ddp) on its own, without a process group: settings checked
+as TNQCompressor's, picklable like PyTorch's PowerSGDState, checkpoints, and residuals dropped
+where DDP lays a bucket out anew. tests/horovodrun/test_ddp_hook.py runs the hook itself."""
+
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from horovod_tnq.torch.ddp import TNQHookState, average_scale
+
+
+class Bucket:
+    """What the hook's layout check reads of a DDP GradBucket."""
+
+    def __init__(self, index, parameters):
+        self._index, self._parameters = index, parameters
+
+    def index(self):
+        return self._index
+
+    def parameters(self):
+        return self._parameters
+
+
+def test_settings_are_the_compressors():
+    state = TNQHookState(bits=3, exchange="reduce-scatter", error_feedback=0.5)
+    assert (state.config.bits, state.config.exchange, state.config.error_feedback) == \
+        (3, "reduce-scatter", 0.5)
+    assert state.process_group is None and state.overlap
+    with pytest.raises(ValueError, match="bits"):
+        TNQHookState(bits=0)
+    with pytest.raises(TypeError, match="unknown compressor option"):
+        TNQHookState(no_such_option=1)
+    with pytest.raises(NotImplementedError, match="overrides"):
+        TNQHookState(overrides={"*": {"bits": 8}})
+
+
+def test_average_scale_is_the_horovod_probes():
+    assert average_scale(2) == 0.5 and average_scale(4) == 0.25
+    assert average_scale(3) == float(np.float32(1 / 3)) != 1 / 3
+
+
+def test_pickles_without_its_process_group():
+    state = TNQHookState(object(), bits=2, error_feedback=1.0, overlap=False)
+    state.state.next_step("ddp.bucket0")
+    state.state.residuals["ddp.bucket0"] = np.ones(5, np.float32)
+    weight = torch.nn.Parameter(torch.zeros(5))
+    state._check_layout(Bucket(0, [weight]), "ddp.bucket0")
+    copy = pickle.loads(pickle.dumps(state))
+    assert copy.process_group is None and not copy.overlap
+    assert copy.config == state.config and copy.state.steps == {"ddp.bucket0": 1}
+    assert np.array_equal(copy.state.residuals["ddp.bucket0"], np.ones(5, np.float32))
+    assert copy._saved_layouts == {0: ((5,),)} and copy._layouts == {}
+
+
+def test_state_dict_round_trip():
+    state = TNQHookState(bits=2, error_feedback=1.0)
+    state.state.next_step("ddp.bucket0")
+    state.state.residuals["ddp.bucket0"] = np.arange(4, dtype=np.float32)
+    state._check_layout(Bucket(0, [torch.nn.Parameter(torch.zeros(2, 2))]), "ddp.bucket0")
+    saved = state.state_dict()
+    assert torch.is_tensor(saved["residuals"]["ddp.bucket0"])
+    assert saved["ddp_layouts"] == {0: [[2, 2]]}
+    restored = TNQHookState(bits=2, error_feedback=1.0)
+    restored.load_state_dict(saved)
+    assert restored.state.steps == {"ddp.bucket0": 1}
+    assert np.array_equal(restored.state.residuals["ddp.bucket0"], np.arange(4))
+    with pytest.raises(ValueError, match="settings"):
+        TNQHookState(bits=3, error_feedback=1.0).load_state_dict(saved)
+
+
+def test_residuals_of_a_bucket_laid_out_anew_are_dropped():
+    state = TNQHookState(bits=2, error_feedback=1.0)
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    for slot in ("ddp.bucket1", "ddp.bucket1#reduced", "ddp.bucket10", "ddp.bucket0"):
+        state.state.residuals[slot] = np.zeros(6, np.float32)
+    state._check_layout(Bucket(1, [a, b]), "ddp.bucket1")
+    state._check_layout(Bucket(1, [a, b]), "ddp.bucket1")  # the same layout: kept
+    assert len(state.state.residuals) == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # DDP's own rebuild is expected: no warning
+        state._check_layout(Bucket(1, [b, a]), "ddp.bucket1")
+    assert sorted(state.state.residuals) == ["ddp.bucket0", "ddp.bucket10"]
+
+
+def test_residuals_saved_with_another_layout_are_dropped_with_a_warning():
+    state = TNQHookState(bits=2, error_feedback=1.0)
+    state.state.residuals["ddp.bucket0"] = np.zeros(6, np.float32)
+    state._check_layout(Bucket(0, [torch.nn.Parameter(torch.zeros(2, 3))]), "ddp.bucket0")
+    saved = state.state_dict()
+    same, other = TNQHookState(bits=2, error_feedback=1.0), TNQHookState(bits=2,
+                                                                         error_feedback=1.0)
+    same.load_state_dict(saved)
+    same._check_layout(Bucket(0, [torch.nn.Parameter(torch.zeros(2, 3))]), "ddp.bucket0")
+    assert list(same.state.residuals) == ["ddp.bucket0"]
+    other.load_state_dict(saved)
+    with pytest.warns(UserWarning, match="start afresh"):
+        other._check_layout(Bucket(0, [torch.nn.Parameter(torch.zeros(3, 2))]), "ddp.bucket0")
+    assert other.state.residuals == {}
