@@ -49,27 +49,30 @@ def host_groups(places):
 
 def hosts_of_job(hvd, gather_places, hosts_class):
     """plan.Hosts of this rank (``hosts_class``), with its process sets registered, or None
-    (with one warning saying why) where the hierarchical exchange does not apply or is not
-    available. Every rank must call it at the same point: it gathers every rank's place
-    (``gather_places()``: a list of (cross_rank, local_rank), one per rank) and adds process
-    sets."""
-    if hvd.size() > 1 and not hvd.is_homogeneous():
-        # (local_size differs across ranks then, so no rank may decide by its own: every rank
-        # reads Horovod's one answer and none gathers)
-        warnings.warn(NOT_HOMOGENEOUS, RuntimeWarning, stacklevel=4)
-        return None
-    size, local_size, cross_size = hvd.size(), hvd.local_size(), hvd.cross_size()
-    if not applies(size, local_size, cross_size):
+    where the hierarchical exchange does not apply or is not available (one warning saying
+    why, where it would help). Every rank must call it at the same point: with dynamic process
+    sets it gathers every rank's place (``gather_places()``: a list of (cross_rank,
+    local_rank), one per rank) and adds process sets.
+
+    Every rank decides from what all share: the job's size, the environment, and the gathered
+    places, never from its own local_size or cross_size, which differ between ranks where hosts
+    run different numbers of ranks (an elastic job of 2 + 1): a rank deciding alone could skip
+    a gather the others wait in."""
+    if hvd.size() < 4:  # several hosts of several ranks take 4 at least
         return None
     if not dynamic_process_sets():
-        warnings.warn(NOT_DYNAMIC.format(ranks=size, hosts=cross_size, local=local_size),
-                      RuntimeWarning, stacklevel=4)
+        if applies(hvd.size(), hvd.local_size(), hvd.cross_size()):
+            warnings.warn(NOT_DYNAMIC.format(ranks=hvd.size(), hosts=hvd.cross_size(),
+                                             local=hvd.local_size()),
+                          RuntimeWarning, stacklevel=4)
         return None
     groups = host_groups(gather_places())
-    if groups is None:  # (Horovod said homogeneous: a layout it did not foresee)
+    if groups is None:
         warnings.warn(NOT_HOMOGENEOUS, RuntimeWarning, stacklevel=4)
         return None
     local_groups, cross_groups = groups
+    if not applies(hvd.size(), len(local_groups[0]), len(local_groups)):
+        return None
     rank = hvd.rank()
     sets = {}
     for ranks in local_groups + cross_groups:  # every rank adds every set, in this order

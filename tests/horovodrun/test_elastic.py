@@ -32,8 +32,11 @@ def run_elastic(mode, event, tmp_path, steps=20, workers=2, extra_env=None, chec
     out.mkdir()
     # a killed worker's host is blacklisted for a while: two names of this machine, one slot
     # each, so the survivor keeps its host and the replacement comes back on the other
-    hosts.write_text(f"localhost:{workers}\n" if event == "resize" else
-                     f"localhost:1\n{socket.gethostname()}:1\n")
+    if mode == "hierarchical":  # two emulated hosts of workers / 2 ranks each
+        hosts.write_text(f"localhost:{workers // 2}\n127.0.0.1:{workers // 2}\n")
+    else:
+        hosts.write_text(f"localhost:{workers}\n" if event == "resize" else
+                         f"localhost:1\n{socket.gethostname()}:1\n")
     discover = tmp_path / "discover.sh"
     discover.write_text(f"#!/bin/sh\ncat {hosts}\n")
     discover.chmod(0o755)
@@ -99,3 +102,16 @@ def test_a_tensorflow_graph_traced_before_the_reset_fails_instead_of_hanging(tmp
     done = run_elastic("tf", "resize", tmp_path, extra_env={"RETRACE": "0"}, check=False)
     assert done.returncode != 0
     assert "traced before the compressor's reset()" in done.stdout + done.stderr
+
+
+def test_the_hierarchical_exchange_survives_a_host_that_loses_and_regains_a_rank(tmp_path):
+    """2 emulated hosts x 2 ranks shrink to 2 + 1 and grow back: the compressor's reset drops
+    the process sets; the job of unequal hosts runs the flat exchange (every rank decides so
+    from Horovod's is_homogeneous(), none waits in a gather); back at 2 x 2 the sets are
+    registered anew, the newcomer's included, and the hierarchical exchange runs again."""
+    reports = run_elastic("hierarchical", "resize", tmp_path, workers=4)
+    assert all(r["size"] == 4 and r["steps"] == 20 for r in reports)
+    assert reports[0]["sizes_seen"] == [3, 4]  # rank 0 ran through the shrink
+    assert reports[0]["hierarchical_at"] == [4]  # not with hosts of 2 and 1 ranks
+    assert all(r["hierarchical_at"] == [4] for r in reports)
+    assert len({r["digest"] for r in reports}) == 1

@@ -14,8 +14,8 @@ from horovod_tnq.protocol.hosts import host_groups, hosts_of_job
 class FakeHorovod:
     """One rank of a job: ``places`` (cross_rank, local_rank) of every rank."""
 
-    def __init__(self, rank, places, homogeneous=True):
-        self._rank, self.places, self.homogeneous = rank, places, homogeneous
+    def __init__(self, rank, places):
+        self._rank, self.places = rank, places
         self.added = []
 
     def rank(self):
@@ -29,9 +29,6 @@ class FakeHorovod:
 
     def cross_size(self):
         return len({host for host, _ in self.places})
-
-    def is_homogeneous(self):
-        return self.homogeneous
 
     def add_process_set(self, ranks):
         self.added.append(list(ranks))
@@ -68,25 +65,31 @@ def test_without_dynamic_process_sets_a_warning_says_how_and_the_flat_exchange_r
     assert hvd.added == []
 
 
-@pytest.mark.parametrize("places", [[(0, 0), (0, 1)], [(0, 0), (1, 0)], [(0, 0)]],
-                         ids=["one host", "one rank per host", "one rank"])
+@pytest.mark.parametrize("places", [[(0, 0), (0, 1), (0, 2), (0, 3)],
+                                    [(0, 0), (1, 0), (2, 0), (3, 0)], [(0, 0), (0, 1)]],
+                         ids=["one host", "one rank per host", "two ranks"])
 def test_it_applies_only_to_several_hosts_of_several_ranks(monkeypatch, places):
     monkeypatch.setenv("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # and quietly
-        assert hosts_of_job(FakeHorovod(0, places), pytest.fail, Hosts) is None
+        hvd = FakeHorovod(0, places)
+        assert hosts_of_job(hvd, lambda: places, Hosts) is None
+        assert hvd.added == []
 
 
-def test_hosts_of_unequal_sizes_decide_alike_without_gathering(monkeypatch):
-    """A job of 2 + 1 ranks (an elastic job that lost one): the ranks of the 2-rank host see
-    local_size 2, the other 1; all must decide alike, or some would wait in a gather that the
-    others never start. Horovod's is_homogeneous() is one answer for all."""
+def test_hosts_of_unequal_sizes_decide_alike(monkeypatch):
+    """A job of 2 + 2 + 1 ranks (an elastic job that lost one): the ranks see local_size 2 or
+    1 and cross_size 3 or 2, yet all must decide alike, or some would wait in a gather or an
+    add_process_set that the others never start: all gather, and all read the same places."""
     monkeypatch.setenv("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
-    places = [(0, 0), (0, 1), (1, 0)]
-    for rank in range(3):
+    places = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]
+    gathered = []
+    for rank in range(len(places)):
+        hvd = FakeHorovod(rank, places)
         with pytest.warns(RuntimeWarning, match="different numbers of ranks"):
-            assert hosts_of_job(FakeHorovod(rank, places, homogeneous=False), pytest.fail,
-                                Hosts) is None
+            assert hosts_of_job(hvd, lambda: gathered.append(1) or places, Hosts) is None
+        assert hvd.added == []
+    assert len(gathered) == len(places)
 
 
 def test_a_set_that_exists_already_is_reused(monkeypatch):
