@@ -106,6 +106,12 @@ class Exchange:
         return config, bounds
 
     @property
+    def started_all(self):
+        """Whether start() started every collective of the exchange (one round: the
+        allgather's parts), so that nothing is left to issue from this thread."""
+        return self.rounds == 1 and self._steps is not None
+
+    @property
     def waiting(self):
         """The collectives (handles, or TF tensors) the exchange waits on next."""
         return self._waiting[1]

@@ -179,6 +179,17 @@ class CompressorState(LockedState):
             spent["delta"] += more["delta"]
         return spent
 
+    def forget_residuals(self, name):
+        """Forget the error-feedback residuals of every payload of tensor ``name`` (its parts,
+        chunks and stages: ``name`` and ``name#...``), where its layout changed (DDP rebuilds
+        its buckets); whether there were any."""
+        with self._lock:
+            slots = [slot for slot in self.residuals
+                     if slot == name or slot.startswith(name + "#")]
+            for slot in slots:
+                del self.residuals[slot]
+        return bool(slots)
+
     def state_dict(self, rank=None, size=None):
         """Settings, steps, residuals (numpy copies) and privacy accounting of this rank
         (``rank`` of ``size``, recorded so that another rank's residuals, or residuals of chunks

@@ -17,18 +17,35 @@ or, in PyTorch DDP (torchrun), as a communication hook on the same codec (ddp.py
     ddp_model.register_comm_hook(TNQHookState(bits=3), tnq_hook)
 """
 
-from horovod.torch.compression import Compression as _Compression
-
 from ..gpu.codec import preload as _preload_triton
 from ..protocol import compressor_registry as _compressor_registry
 from ..protocol.metrics import scalars as _scalars
-from .compressor import TNQCompressor
-from .ddp import TNQHookState, tnq_hook
-from .optimizer import DistributedOptimizer
 
-
-get_compressor = _compressor_registry(TNQCompressor, _Compression)
 _preload_triton()  # before anything imports TensorFlow (gpu/codec.py: preload)
+
+# Horovod is imported with the first name that needs it, so that the DDP hook (ddp.py) works
+# where Horovod is not installed.
+_LAZY = {"TNQCompressor": "compressor", "DistributedOptimizer": "optimizer",
+         "TNQHookState": "ddp", "tnq_hook": "ddp"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def get_compressor(name, **options):
+    from horovod.torch.compression import Compression
+
+    from .compressor import TNQCompressor
+    return _compressor_registry(TNQCompressor, Compression)(name, **options)
+
+
+get_compressor.__doc__ = _compressor_registry(None, None).__doc__
 
 
 def log_metrics(writer, compressor, step, per_tensor=True):

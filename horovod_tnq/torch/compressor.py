@@ -11,10 +11,8 @@ import dataclasses
 import threading
 import time
 from typing import Any
-import warnings
 
 import horovod.torch as hvd
-import numpy as np
 import torch
 from horovod.torch.compression import Compressor
 
@@ -22,15 +20,11 @@ from .. import core
 from ..protocol import (CompressorBase, DefaultInstanceMethod, Hosts, check_settings_agree,
                         exchange_refused_by_join, gradient_owner, horovod_call_site, plan_code,
                         probe_values, read_probe, settings_buffer)
-from ..protocol.exchange import Exchange, Job, NumpyCodec, run_to_end
+from ..protocol.exchange import Exchange, Job, run_to_end
 from ..protocol.hosts import hosts_of_job
+from .codecs import DTYPE_NAMES, codec_for, sum_dtype
 
-_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
-                torch.float64: "float64"}
 _SUPPORTED_DEVICES = ("cpu", "cuda")
-# Tests set this to run the GPU kernels' path on CPU tensors under Triton's interpreter, so
-# that the device path is exercised with real horovodrun workers on machines without a GPU.
-KERNELS_FOR_CPU_TENSORS = False
 
 
 @dataclasses.dataclass(eq=False)  # compared by identity: contexts in flight are in a list
@@ -57,168 +51,6 @@ class _Pending:
         return self.exchange.bounds
 
 
-def host_values(tensor):
-    """The flat numpy array the core reads: float64 stays, every other float becomes float32
-    (numpy has no bfloat16; float32 holds float16 and bfloat16 exactly)."""
-    work = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    return tensor.detach().to("cpu", work).reshape(-1).numpy()
-
-
-def encode_tensor(tensor, config, key, step):
-    """The payload (numpy uint8) of one whole torch tensor, without error feedback."""
-    return core.encode(host_values(tensor), scheme=config.scheme, bits=config.bits,
-                       bucket_size=config.bucket_size, key=key, step=step,
-                       dtype_name=_DTYPE_NAMES[tensor.dtype], shape=tensor.shape,
-                       options=config.scheme_options())
-
-
-def sum_dtype(dtype):
-    """What payloads of a ``dtype`` tensor are summed into: float32 results are rounded once,
-    in the decoder; the others go through float64, on either codec, so both give equal bits."""
-    return torch.float32 if dtype == torch.float32 else torch.float64
-
-
-_TORCH = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
-
-
-class HostCodec(NumpyCodec):
-    """The core on the host (numpy views of CPU tensors) for a tensor of ``dtype``; error
-    feedback in the compressor's state."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, compressor, dtype):
-        super().__init__(compressor.state, compressor.key, _DTYPE_NAMES[dtype])
-
-    def values(self, tensor):
-        """``tensor`` flat, as this codec encodes it (host_values)."""
-        return host_values(tensor)
-
-    def target(self, tensor):
-        """A result tensor as this codec writes into it."""
-        return tensor.numpy()
-
-    def result(self, array):
-        """A decoded array of this codec as a tensor (no copy)."""
-        return torch.from_numpy(array)
-
-    def for_horovod(self, array):
-        return torch.from_numpy(array)
-
-    def received(self, tensor):
-        return tensor.numpy()
-
-
-class DeviceCodec(HostCodec):
-    """The GPU kernels (gpu/) on the tensor's device: the float data never leaves it. Only
-    the packed payloads reach Horovod, on the device where Horovod has NCCL, else through host
-    memory; headers are built on the host (a few bytes).
-
-    If a kernel fails to compile or launch (gpu.KernelError), the kernels are off for the
-    rest of the process, with one warning naming the error: the payload being encoded is made
-    by the core on the host instead, before anything reaches Horovod, and received payloads are
-    decoded there from the same bytes; so are later tensors'. Payloads still reach Horovod where
-    the other ranks' do (on the device with NCCL), so every rank hands each collective tensors
-    of one kind. The core makes the same bytes and sums, so results do not change and ranks
-    still agree."""
-
-    failure = None  # the first KernelError in this process, once the kernels are off
-    _failure_lock = threading.Lock()
-
-    def __init__(self, compressor, dtype, device):
-        super().__init__(compressor, dtype)
-        self.device = device
-
-    @staticmethod
-    def kernels_failed(error):
-        """Turn the kernels off for this process after ``error`` (a gpu.KernelError),
-        warning once, whichever thread fails first."""
-        with DeviceCodec._failure_lock:
-            if DeviceCodec.failure is not None:
-                return
-            DeviceCodec.failure = error
-        warnings.warn(f"horovod_tnq: {error}. The GPU codec is off for the rest of this "
-                      "process: the host codec encodes and decodes instead (the same bytes and "
-                      "results, with copies between the device and the host)", RuntimeWarning,
-                      stacklevel=3)
-
-    def values(self, tensor):
-        return tensor.detach().reshape(-1)
-
-    def encode(self, values, slot, step, shape, config, record, first_round=True):
-        if DeviceCodec.failure is None:
-            started = time.perf_counter()
-            try:
-                payload = _gpu().encode(values, scheme=config.scheme, bits=config.bits,
-                                        bucket_size=config.bucket_size, key=self.key(slot),
-                                        step=step, dtype_name=self.dtype_name, shape=shape)
-            except _gpu().KernelError as error:
-                self.kernels_failed(error)
-            else:
-                # (no error estimate: it would read the payload's bucket parameters back to
-                # the host)
-                self.state.record_payload(record, step, payload.numel(),
-                                          time.perf_counter() - started,
-                                          values.numel() if first_round else 0)
-                return payload
-        payload = HostCodec.encode(self, HostCodec.values(self, values), slot, step, shape,
-                                   config, record, first_round)
-        return torch.from_numpy(payload).to(self.device)  # where the kernels' payloads are
-
-    def decode_sum(self, received, expect, factor, out):
-        if DeviceCodec.failure is None:
-            try:
-                return _gpu().decode_sum(received, expect, factor, out_dtype=out.dtype,
-                                         out=out)[1]
-            except _gpu().KernelError as error:
-                self.kernels_failed(error)
-        total = np.empty(out.numel(), _NUMPY_DTYPES[out.dtype])
-        count = HostCodec.decode_sum(self, received.cpu().numpy(), expect, factor, total)
-        out.view(-1).copy_(torch.from_numpy(total))
-        return count
-
-    def empty(self, numel, dtype):
-        return torch.empty(numel, dtype=_TORCH[np.dtype(dtype)], device=self.device)
-
-    def full_precision(self, values):
-        return values.reshape(-1).to(_TORCH[np.dtype(self.chunk_dtype)])
-
-    def scale_into(self, out, values, scale):
-        return torch.mul(values.reshape(-1), scale, out=out)
-
-    @staticmethod
-    def concatenate(payloads):
-        return torch.cat(payloads)
-
-    @staticmethod
-    def sizes(payloads):
-        return torch.tensor([p.numel() for p in payloads], dtype=torch.int32)
-
-    @staticmethod
-    def split_sizes(payload, sizes):
-        return torch.split(payload, sizes.tolist())
-
-    @staticmethod
-    def nbytes(payload):
-        return payload.numel()
-
-    @staticmethod
-    def payload_ends(gathered, count):
-        return NumpyCodec.payload_ends(gathered.cpu().numpy(), count)
-
-    def target(self, tensor):
-        return tensor
-
-    def result(self, array):
-        return array
-
-    def for_horovod(self, payload):
-        return payload if payload.is_cuda and hvd.nccl_built() else payload.cpu()
-
-    def received(self, tensor):
-        return tensor.to(self.device)
-
-
 class _Collectives:
     """Horovod's collectives on a codec's arrays, for the exchange driver: async, waited on
     with wait_exchange; array work runs at once."""
@@ -233,21 +65,27 @@ class _Collectives:
         return list(function(*inputs))
 
     def allgather(self, array, name, process_set):
-        return hvd.allgather_async(self.codec.for_horovod(array), name=name,
+        return hvd.allgather_async(self._tensor(array), name=name,
                                    process_set=process_set)
 
     def alltoall(self, array, splits, name, process_set):
-        return hvd.alltoall_async(self.codec.for_horovod(array),
+        return hvd.alltoall_async(self._tensor(array),
                                   splits=torch.as_tensor(splits, dtype=torch.int32), name=name,
                                   process_set=process_set)
 
     def allreduce_sum(self, array, name, process_set):
-        return hvd.allreduce_async(self.codec.for_horovod(array), op=hvd.Sum, name=name,
+        return hvd.allreduce_async(self._tensor(array), op=hvd.Sum, name=name,
                                    process_set=process_set)
 
     def reducescatter_sum(self, array, name, process_set):
-        return hvd.reducescatter_async(self.codec.for_horovod(array), op=hvd.Sum, name=name,
+        return hvd.reducescatter_async(self._tensor(array), op=hvd.Sum, name=name,
                                        process_set=process_set)
+
+    def _tensor(self, array):
+        """``array`` as Horovod takes it: a CUDA tensor where Horovod has NCCL, else on the
+        host."""
+        tensor = self.codec.to_tensor(array)
+        return tensor if not tensor.is_cuda or hvd.nccl_built() else tensor.cpu()
 
     def wait(self, handle):
         """What the collective received, as the codec's array; None where Horovod refused it
@@ -257,7 +95,7 @@ class _Collectives:
             return None
         if isinstance(answer, tuple):  # alltoall: (received, received splits)
             answer = answer[0]
-        return self.codec.received(answer)
+        return self.codec.from_tensor(answer)
 
 
 class TNQCompressor(CompressorBase, Compressor):
@@ -316,7 +154,7 @@ class TNQCompressor(CompressorBase, Compressor):
     def should_compress(self, tensor, config=None):
         """Whether ``tensor`` is quantized with ``config`` (its settings; the compressor's by
         default) or passed to Horovod's allreduce as it is."""
-        return tensor.dtype in _DTYPE_NAMES and \
+        return tensor.dtype in DTYPE_NAMES and \
             tensor.numel() >= (config or self.config).min_numel
 
     @DefaultInstanceMethod
@@ -359,7 +197,7 @@ class TNQCompressor(CompressorBase, Compressor):
             config = config or self.config
             codec = self.codec_for(tensor, config)
             job = Job(codec.values(tensor), tensor.numel(), tuple(tensor.shape),
-                      _DTYPE_NAMES[tensor.dtype], config, base_name, collective_name,
+                      DTYPE_NAMES[tensor.dtype], config, base_name, collective_name,
                       label or base_name, state.next_step(base_name), process_set,
                       process_set.size(), hosts)
             pending = _Pending(Exchange(job, codec, _Collectives(codec)).start(), base_name,
@@ -386,16 +224,8 @@ class TNQCompressor(CompressorBase, Compressor):
 
     def codec_for(self, tensor, config=None):
         """Where ``tensor``'s payloads are made and decoded, with ``config`` (the compressor's
-        by default): on its device by the GPU kernels (gpu/) for CUDA tensors of the schemes
-        they have, without error feedback (whose residuals the state keeps on the host; after a
-        kernel failed in this process, DeviceCodec runs the core on the host but keeps the
-        device's place in Horovod's collectives); by the core on the host otherwise."""
-        config = config or self.config
-        if (tensor.is_cuda or KERNELS_FOR_CPU_TENSORS) and not config.error_feedback:
-            gpu = _gpu()
-            if gpu.available() and config.scheme in gpu.SCHEMES:
-                return DeviceCodec(self, tensor.dtype, tensor.device)
-        return HostCodec(self, tensor.dtype)
+        by default): codecs.codec_for."""
+        return codec_for(self, tensor, config or self.config)
 
     def state_dict(self):
         """CompressorState.state_dict() with the residuals as torch tensors, so a checkpoint
@@ -485,10 +315,10 @@ class TNQCompressor(CompressorBase, Compressor):
             exchange.joined = ctx.joined
             exchange.scale = scale
             target = _decode_target(out, ctx)
-            exchange.target = None if target is None else ctx.codec.target(target)
+            exchange.target = None if target is None else ctx.codec.from_tensor(target)
             with self._in_flight_lock:
                 in_flight = [pending.exchange for pending in self._in_flight]
-            total = ctx.codec.result(run_to_end(exchange, in_flight))
+            total = ctx.codec.to_tensor(run_to_end(exchange, in_flight))
         finally:
             self._abandon(ctx)
         return total.to(ctx.dtype).reshape(ctx.shape).to(ctx.device)
@@ -508,12 +338,6 @@ _UNKNOWN = object()  # the hosts of a compressor before its first exchange (or r
 # (measured: 100% of a core for the whole wait), a core that the kernel's network stack and the
 # other processes need exactly then; a short sleep between polls costs at most that much latency.
 POLL_INTERVAL_S = 2e-4
-
-
-def _gpu():
-    """horovod_tnq.gpu, imported when the first tensor that may use it comes: it imports Triton."""
-    from .. import gpu
-    return gpu
 
 
 def wait(handle):
@@ -543,5 +367,3 @@ def _decode_target(out, ctx):
         return None
     return out.detach().reshape(-1)
 
-
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}

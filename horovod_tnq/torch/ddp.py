@@ -35,7 +35,7 @@ from ..protocol import CompressorBase, check_settings_agree, local_bounds, setti
 from ..protocol.exchange import Exchange, Job, run_to_end
 from ..protocol.settings import SETTINGS_BYTES
 from .. import core
-from .compressor import _DTYPE_NAMES, TNQCompressor
+from .codecs import DTYPE_NAMES, codec_for
 
 BUCKET_NAME = "ddp.bucket{}"  # payload names: one per DDP bucket index, the same every step
 # (all_gather_into_tensor before PyTorch 2.13 named it all_gather_single)
@@ -102,10 +102,10 @@ class TNQHookState(CompressorBase):
         return core.stream_key(self.config.seed, dist.get_rank(), slot)
 
     def codec_for(self, tensor, config=None):
-        """Where ``tensor``'s payloads are made and decoded: TNQCompressor.codec_for's choice
-        (the GPU kernels for CUDA tensors of their schemes without error feedback, else the
-        core on the host), which needs only ``config``, ``state`` and ``key``."""
-        return TNQCompressor.codec_for(self, tensor, config)
+        """Where ``tensor``'s payloads are made and decoded (codecs.codec_for: the Horovod
+        adapter's choice): the GPU kernels for CUDA tensors of their schemes without error
+        feedback, else the core on the host."""
+        return codec_for(self, tensor, config or self.config)
 
     def _world(self):
         if not dist.is_available() or not dist.is_initialized():
@@ -180,9 +180,9 @@ class TNQHookState(CompressorBase):
             self._layouts[index] = layout
             saved = self._saved_layouts.pop(index, None)
         if known is not None and known != layout:
-            _drop_residuals(self.state, name)
+            self.state.forget_residuals(name)
         elif known is None and saved is not None and saved != shapes:
-            if _drop_residuals(self.state, name):
+            if self.state.forget_residuals(name):
                 warnings.warn(f"horovod_tnq DDP hook: bucket {index} holds other parameters "
                               "than when its state was saved; its error-feedback residuals "
                               "start afresh", stacklevel=3)
@@ -197,7 +197,7 @@ def tnq_hook(state: TNQHookState, bucket: dist.GradBucket) -> torch.futures.Futu
     state._check_settings(group)
     name = BUCKET_NAME.format(bucket.index())
     config = state.config
-    if tensor.dtype not in _DTYPE_NAMES or tensor.numel() < config.min_numel:
+    if tensor.dtype not in DTYPE_NAMES or tensor.numel() < config.min_numel:
         state.state.passthrough(name, tensor.numel(), tensor.numel() * tensor.element_size())
         return _allreduce_average(tensor, group)
     state._check_layout(bucket, name)
@@ -205,13 +205,13 @@ def tnq_hook(state: TNQHookState, bucket: dist.GradBucket) -> torch.futures.Futu
     codec = state.codec_for(tensor, config)
     collectives = _DistCollectives(codec, group)
     job = Job(codec.values(tensor), tensor.numel(), tuple(tensor.shape),
-              _DTYPE_NAMES[tensor.dtype], config, name, name, name,
+              DTYPE_NAMES[tensor.dtype], config, name, name, name,
               state.state.next_step(name), group, size)
     exchange = Exchange(job, codec, collectives)
     exchange.scale = average_scale(size)
     exchange.target = _decode_target(tensor, codec)
     exchange.start()
-    futures = collectives.futures() if state.overlap and exchange.rounds == 1 else None
+    futures = collectives.futures() if state.overlap and exchange.started_all else None
     if futures is not None:
         # every collective of the allgather has been issued: decoding waits on their futures
         with state._lock:
@@ -247,13 +247,13 @@ def _decode_target(tensor, codec):
     work = torch.float32 if tensor.dtype == torch.float32 else torch.float64
     if tensor.dtype != work or tensor.device != codec.device or not tensor.is_contiguous():
         return None
-    return codec.target(tensor.view(-1))
+    return codec.from_tensor(tensor.view(-1))
 
 
 def _into_bucket(tensor, codec, result):
     """The decoded ``result`` (a codec array) in the bucket's buffer, which DDP copies into
     the gradients."""
-    result = codec.result(result)
+    result = codec.to_tensor(result)
     if result.data_ptr() != tensor.data_ptr():
         tensor.copy_(result.view(tensor.shape))
     return tensor
@@ -270,17 +270,6 @@ def _allreduce_average(tensor, group):
     tensor.div_(group.size())
     work = dist.all_reduce(tensor, group=group, async_op=True)
     return work.get_future().then(lambda future: future.value()[0])
-
-
-def _drop_residuals(compressor_state, name):
-    """Forget the error-feedback residuals of every payload of bucket ``name``; whether there
-    were any."""
-    with compressor_state._lock:
-        slots = [slot for slot in compressor_state.residuals
-                 if slot == name or slot.startswith(name + "#")]
-        for slot in slots:
-            del compressor_state.residuals[slot]
-    return bool(slots)
 
 
 def _comm_device(group, device):
@@ -337,9 +326,8 @@ class _DistCollectives:
         return None if None in futures else futures
 
     def _wire(self, array):
-        tensor = torch.from_numpy(np.ascontiguousarray(array)) if isinstance(array, np.ndarray) \
-            else array
-        return tensor.reshape(-1).to(self.device)
+        return self.codec.to_tensor(np.ascontiguousarray(array) if isinstance(array, np.ndarray)
+                                    else array).reshape(-1).to(self.device)
 
     def _issued(self, work, received):
         handle = _Handle(work, received)
@@ -403,4 +391,4 @@ class _DistCollectives:
 
     def wait(self, handle):
         """What the collective received, as the codec's array."""
-        return self.codec.received(handle.result().to(self.codec.device))
+        return self.codec.from_tensor(handle.result().to(self.codec.device))

@@ -21,8 +21,7 @@ from horovod_tnq import core  # noqa: E402
 from horovod_tnq import gpu  # noqa: E402
 from horovod_tnq.gpu import kernels  # noqa: E402
 from horovod_tnq.torch import TNQCompressor  # noqa: E402
-from horovod_tnq.torch import compressor as torch_compressor  # noqa: E402
-from horovod_tnq.torch.compressor import DeviceCodec, HostCodec  # noqa: E402
+from horovod_tnq.torch.codecs import KERNELS_FOR_CPU_TENSORS, DeviceCodec, HostCodec  # noqa: E402
 from horovodrun.workers.common import FailingKernel  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -34,7 +33,7 @@ DECODE = {"tnq-rht": "rht_decode_kernel", "tnq": "tnq_decode_kernel"}
 def device_codec(monkeypatch):
     """A compressor whose tensors take the DeviceCodec (on CPU tensors under the interpreter),
     with the kernels on; rank 0's random streams without hvd.init()."""
-    monkeypatch.setattr(torch_compressor, "KERNELS_FOR_CPU_TENSORS", True)
+    monkeypatch.setenv(KERNELS_FOR_CPU_TENSORS, "1")
     monkeypatch.setattr(DeviceCodec, "failure", None)
 
     def make(scheme):
@@ -69,9 +68,7 @@ def decode(codec, payloads, tensor, dtype=torch.float32):
     config = CONFIG[0]
     expect = core.PayloadHeader.describe(config.scheme, config.bits, codec.dtype_name,
                                          tensor.numel(), config.bucket_size, tuple(tensor.shape))
-    count = codec.decode_sum(codec.received(payloads) if isinstance(codec, HostCodec) and
-                             not isinstance(codec, DeviceCodec) else payloads, expect, 0.5,
-                             codec.target(out))
+    count = codec.decode_sum(codec.from_tensor(payloads), expect, 0.5, codec.from_tensor(out))
     return count, out
 
 

@@ -39,8 +39,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from ddp_hook_common import (DTYPES, OneParameter, core_average, digest, gradient,  # noqa: E402
                              same_bits, write_report)
 from horovod_tnq.protocol import CompressorConfig  # noqa: E402
-from horovod_tnq.torch import compressor as torch_compressor  # noqa: E402
-from horovod_tnq.torch.compressor import HostCodec  # noqa: E402
+from horovod_tnq.torch import codecs  # noqa: E402
+from horovod_tnq.torch.codecs import HostCodec  # noqa: E402
 from horovod_tnq.torch.ddp import (BUCKET_NAME, TNQHookState, _DistCollectives,  # noqa: E402
                                    tnq_hook)
 
@@ -132,7 +132,7 @@ def device_codec(rank, size):
         grads = {}
         modes = ((False, True), (True, True)) + (((True, False),) if case == "allgather" else ())
         for on_device, overlap in modes:
-            torch_compressor.KERNELS_FOR_CPU_TENSORS = on_device
+            os.environ[codecs.KERNELS_FOR_CPU_TENSORS] = "1" if on_device else "0"
             try:
                 model = OneParameter(DEVICE_NUMEL, torch.float32)
                 ddp = DDP(model)
@@ -145,7 +145,7 @@ def device_codec(rank, size):
                     ddp(gradient(rank, step, DEVICE_NUMEL, "float32")).backward()
                     steps.append(model.weight.grad.clone())
             finally:
-                torch_compressor.KERNELS_FOR_CPU_TENSORS = False
+                os.environ[codecs.KERNELS_FOR_CPU_TENSORS] = "1" if False else "0"
             grads[(on_device, overlap)] = (codec, steps)
         host_codec, host = grads.pop((False, True))
         results[case] = {"host_codec": host_codec,

@@ -2,8 +2,8 @@
 tensor's device, payloads to Horovod, decode-and-sum on the device) against the host path.
 
 Without a GPU the kernels run under Triton's interpreter on CPU tensors
-(KERNELS_FOR_CPU_TENSORS); with one, on CUDA tensors. Every result must equal the host path's
-bit for bit: the kernels make the core's bytes. Each rank writes OUT_DIR/rank<r>.json.
+(HOROVOD_TNQ_KERNELS_FOR_CPU_TENSORS=1); with one, on CUDA tensors. Every result must equal the
+host path's bit for bit: the kernels make the core's bytes. Each rank writes OUT_DIR/rank<r>.json.
 """
 
 import itertools
@@ -22,7 +22,7 @@ import horovod.torch as hvd  # noqa: E402
 from horovod_tnq.torch import DistributedOptimizer, TNQCompressor  # noqa: E402
 from horovod_tnq.torch import optimizer as fused_module  # noqa: E402
 from horovod_tnq.gpu import kernels  # noqa: E402
-from horovod_tnq.torch import compressor as torch_compressor  # noqa: E402
+from horovod_tnq.torch import codecs  # noqa: E402
 from common import FailingKernel  # noqa: E402
 
 OUT_DIR = sys.argv[1]
@@ -41,7 +41,7 @@ def rank_input(name, dtype):
 def reduce_all(on_device, scheme, bits, exchange, dtype):
     """Each tensor allreduced (Average) by a fresh compressor: the same names and steps on
     both paths, so the same random streams."""
-    torch_compressor.KERNELS_FOR_CPU_TENSORS = on_device
+    os.environ[codecs.KERNELS_FOR_CPU_TENSORS] = "1" if on_device else "0"
     compressor = TNQCompressor(scheme=scheme, bits=bits, bucket_size=256, min_numel=1000,
                                part_elements=8192, exchange=exchange)
     results = {}
@@ -54,7 +54,7 @@ def reduce_all(on_device, scheme, bits, exchange, dtype):
 
 def fused_step(on_device):
     """One step of the fused optimizer on a small model: its gradients after the step."""
-    torch_compressor.KERNELS_FOR_CPU_TENSORS = on_device
+    os.environ[codecs.KERNELS_FOR_CPU_TENSORS] = "1" if on_device else "0"
     # each fused optimizer of a process names its buckets apart ("fused", "fused1", ...), and
     # the names key the random streams: both paths must run as the process's first one
     fused_module._INSTANCES = itertools.count()
@@ -73,7 +73,7 @@ def fallback_case(broken_rank, broken, scheme, bits, exchange):
     """The kernels named ``broken`` fail on rank ``broken_rank`` only (the other rank keeps the
     kernels: the ranks exchange payloads made on different paths); the results against the
     host path's, and the horovod_tnq warnings each rank gave."""
-    torch_compressor.DeviceCodec.failure = None  # the kernels on again, as in a new process
+    codecs.DeviceCodec.failure = None  # the kernels on again, as in a new process
     originals = {name: getattr(kernels, name) for name in broken}
     if hvd.rank() == broken_rank:
         for name, kernel in originals.items():
