@@ -47,7 +47,7 @@ def host_groups(places):
     return local, cross
 
 
-def hosts_of_job(hvd, gather_places, hosts_class):
+def hosts_of_job(hvd, gather_places, hosts_class, dynamic=None):
     """plan.Hosts of this rank (``hosts_class``), with its process sets registered, or None
     where the hierarchical exchange does not apply or is not available (one warning saying
     why, where it would help). Every rank must call it at the same point: with dynamic process
@@ -57,10 +57,14 @@ def hosts_of_job(hvd, gather_places, hosts_class):
     Every rank decides from what all share: the job's size, the environment, and the gathered
     places, never from its own local_size or cross_size, which differ between ranks where hosts
     run different numbers of ranks (an elastic job of 2 + 1): a rank deciding alone could skip
-    a gather the others wait in."""
+    a gather the others wait in.
+
+    ``hvd``: Horovod's module, or anything with its size(), rank(), local_size(),
+    cross_size() and add_process_set(ranks) (the DDP hook's, over torch.distributed groups);
+    ``dynamic``: whether process sets can be added (None: Horovod's dynamic process sets)."""
     if hvd.size() < 4:  # several hosts of several ranks take 4 at least
         return None
-    if not dynamic_process_sets():
+    if not (dynamic_process_sets() if dynamic is None else dynamic):
         if applies(hvd.size(), hvd.local_size(), hvd.cross_size()):
             warnings.warn(NOT_DYNAMIC.format(ranks=hvd.size(), hosts=hvd.cross_size(),
                                              local=hvd.local_size()),

@@ -24,6 +24,8 @@ their futures (``overlap``); exchanges of several rounds (the reduce-scatter) ru
 inside the hook. docs/ddp.md lists what the hook does not do yet.
 """
 
+import os
+import socket
 import threading
 import warnings
 
@@ -31,10 +33,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..protocol import CompressorBase, check_settings_agree, local_bounds, settings_buffer
-from ..protocol.exchange import Exchange, Job, run_to_end
-from ..protocol.settings import SETTINGS_BYTES
 from .. import core
+from ..protocol import (CompressorBase, Hosts, check_settings_agree, local_bounds,
+                        settings_buffer)
+from ..protocol.exchange import Exchange, Job, run_to_end
+from ..protocol.hosts import hosts_of_job
+from ..protocol.settings import SETTINGS_BYTES
 from .codecs import DTYPE_NAMES, codec_for
 
 BUCKET_NAME = "ddp.bucket{}"  # payload names: one per DDP bucket index, the same every step
@@ -53,7 +57,9 @@ class TNQHookState(CompressorBase):
             and the scheme's own options: TNQCompressor's settings (horovod_tnq.torch), with
             the same defaults and checks. ``min_numel`` applies to whole DDP buckets: a bucket
             of fewer elements (or of integer gradients) is averaged by DDP's plain allreduce.
-            ``exchange="hierarchical"`` runs the flat "auto" choice here (see docs/ddp.md).
+            On several nodes of several ranks each (torchrun's GROUP_RANK and LOCAL_RANK, or
+            the hosts' names), "auto" and "hierarchical" take the hierarchical exchange over
+            groups the first hook call makes (dist.new_group), for the default group.
         overlap: decode allgather exchanges in a callback of their collectives' futures, so
             that their transfer and decoding overlap the rest of the backward pass; False
             finishes every exchange inside the hook.
@@ -78,11 +84,11 @@ class TNQHookState(CompressorBase):
         self._in_flight = []  # exchanges whose futures have not completed
         self._agreed = False  # the settings check passed (first hook call)
         self._layouts = {}  # bucket index -> (parameter shapes, parameter ids)
-        self._warned_hierarchical = False
+        self._hosts = None  # plan.Hosts of the hierarchical exchange (first hook call), or None
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        for name in ("process_group", "_lock", "_in_flight", "_agreed", "_layouts"):
+        for name in ("process_group", "_lock", "_in_flight", "_agreed", "_layouts", "_hosts"):
             state.pop(name)
         state["_saved_layouts"] = self._layout_shapes()  # (parameter ids are this process's)
         return state
@@ -161,11 +167,9 @@ class TNQHookState(CompressorBase):
         gathered = torch.empty(group.size() * SETTINGS_BYTES, dtype=torch.uint8, device=device)
         _all_gather_single(gathered, mine.to(device), group=group)
         check_settings_agree(self.config, gathered.cpu().numpy(), overrides)
+        if group is dist.group.WORLD and self.settings.may_use("hierarchical"):
+            self._hosts = hosts_of_job(_Nodes(), _gather_places, Hosts, dynamic=True)
         self._agreed = True
-        if self.config.exchange == "hierarchical" and not self._warned_hierarchical:
-            self._warned_hierarchical = True
-            warnings.warn("horovod_tnq DDP hook: exchange='hierarchical' is not available "
-                          "yet; buckets take the flat 'auto' exchange", stacklevel=3)
 
     def _check_layout(self, bucket, name):
         """Residuals are kept per bucket: where DDP lays bucket ``name`` out anew (it rebuilds
@@ -206,7 +210,7 @@ def tnq_hook(state: TNQHookState, bucket: dist.GradBucket) -> torch.futures.Futu
     collectives = _DistCollectives(codec, group)
     job = Job(codec.values(tensor), tensor.numel(), tuple(tensor.shape),
               DTYPE_NAMES[tensor.dtype], config, name, name, name,
-              state.state.next_step(name), group, size)
+              state.state.next_step(name), group, size, state._hosts)
     exchange = Exchange(job, codec, collectives)
     exchange.scale = average_scale(size)
     exchange.target = _decode_target(tensor, codec)
@@ -270,6 +274,45 @@ def _allreduce_average(tensor, group):
     tensor.div_(group.size())
     work = dist.all_reduce(tensor, group=group, async_op=True)
     return work.get_future().then(lambda future: future.value()[0])
+
+
+class _Nodes:
+    """What protocol.hosts reads of Horovod, from torch.distributed and torchrun: the world,
+    this rank's node (its ranks per node), and new groups for process sets."""
+
+    @staticmethod
+    def size():
+        return dist.get_world_size()
+
+    @staticmethod
+    def rank():
+        return dist.get_rank()
+
+    @staticmethod
+    def local_size():
+        return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+    @staticmethod
+    def cross_size():
+        return max(dist.get_world_size() // _Nodes.local_size(), 1)
+
+    @staticmethod
+    def add_process_set(ranks):
+        return dist.new_group(list(ranks))
+
+
+def _gather_places():
+    """(node index, local rank) of every rank: torchrun's GROUP_RANK and LOCAL_RANK, or, where
+    a launcher sets neither, the index of the host's name among every rank's."""
+    node = os.environ.get("GROUP_RANK")
+    place = (int(node) if node is not None else socket.gethostname(),
+             int(os.environ.get("LOCAL_RANK", "-1")))
+    places = [None] * dist.get_world_size()
+    dist.all_gather_object(places, place)
+    if node is None:
+        names = sorted({name for name, _ in places})
+        places = [(names.index(name), local) for name, local in places]
+    return places
 
 
 def _comm_device(group, device):

@@ -158,3 +158,53 @@ def test_settings_mismatch_raises_on_every_rank(tmp_path):
             assert entry["message"].startswith(f"ranks use different compressor settings "
                                                f"({setting}:"), entry
             assert entry["seconds"] < 30, entry
+
+
+def run_nodes(script, out_dir, args=(), nodes=2, nproc=2, timeout=JOB_TIMEOUT_S):
+    """tests/horovodrun/workers/<script> on ``nodes`` emulated nodes: one
+    `torchrun --nnodes N --node-rank i` launcher per node on this machine, as a user starts a
+    multi-node job (a static rendezvous on a free port); each rank's JSON report."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    launchers = [subprocess.Popen(
+        [torchrun, "--nnodes", str(nodes), "--node-rank", str(node), "--nproc-per-node",
+         str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(port),
+         os.path.join(WORKERS, script), str(out_dir), *args],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for node in range(nodes)]
+    outputs = []
+    try:
+        for launcher in launchers:
+            outputs.append(launcher.communicate(timeout=timeout)[0])
+    finally:
+        for launcher in launchers:
+            launcher.kill()
+    failed = [(node, out) for node, (launcher, out) in enumerate(zip(launchers, outputs))
+              if launcher.returncode != 0]
+    assert not failed, "\n".join(f"node {node}:\n{out[-5000:]}" for node, out in failed)
+    reports = []
+    for rank in range(nodes * nproc):
+        with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
+            reports.append(json.load(f))
+    return reports
+
+
+@pytest.mark.parametrize("exchange", ["auto", "allgather"])
+def test_nodes_of_several_ranks_take_the_hierarchical_exchange(exchange, tmp_path):
+    """2 emulated nodes x 2 ranks (torchrun --nnodes 2): by default the hook sums inside each
+    node in full precision and exchanges compressed between nodes (3 bits at 2 ranks per node,
+    plan.host_bits); every rank ends with the same bits, and the average's error is what its
+    payloads predict (workers/ddp_hook_nodes.py), as the flat allgather's is."""
+    reports = run_nodes("ddp_hook_nodes.py", tmp_path, args=[exchange])
+    assert sorted(r["group_rank"] for r in reports) == [0, 0, 1, 1]
+    assert all(r["local_size"] == 2 for r in reports)
+    for step in range(len(reports[0]["digests"])):
+        assert len({r["digests"][step] for r in reports}) == 1
+    kind = "hierarchical" if exchange == "auto" else "allgather"
+    assert all(r[kind] == len(r["digests"]) for r in reports), reports[0]
+    measured, predicted = reports[0]["errors"], reports[0]["predicted"]
+    ratio = sum(measured) / sum(predicted)
+    assert 0.6 < ratio < 1.4, (measured, predicted)
