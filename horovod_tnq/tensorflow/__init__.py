@@ -5,6 +5,8 @@
     tape = hvd.DistributedGradientTape(tape, compression=TNQCompressor(bits=3))
 """
 
+import warnings
+
 from horovod.tensorflow.compression import Compression as _Compression
 
 from ..protocol import compressor_registry as _compressor_registry
@@ -15,12 +17,23 @@ from .compressor import TNQCompressor
 get_compressor = _compressor_registry(TNQCompressor, _Compression)
 
 
-def log_metrics(compressor, step, writer=None, per_tensor=True):
+def log_metrics(writer, compressor, step=None, per_tensor=True):
     """Write ``compressor.metrics()`` with ``tf.summary.scalar`` at ``step``, to ``writer`` (a
-    ``tf.summary.create_file_writer(...)``) or the default writer: the tags of
-    horovod_tnq.torch.log_metrics. Call it eagerly, after the training step (in graphs the
-    numbers would be those of tracing time)."""
+    ``tf.summary.create_file_writer(...)``; None: the default writer): the tags and the
+    argument order of horovod_tnq.torch.log_metrics. Call it eagerly, after the training step
+    (in graphs the numbers would be those of tracing time).
+
+    The positional order before, ``log_metrics(compressor, step[, writer])``, still works with
+    a DeprecationWarning."""
     import tensorflow as tf
+
+    if hasattr(writer, "metrics"):  # (compressor, step[, writer])
+        warnings.warn("log_metrics(compressor, step, writer) is deprecated: call "
+                      "log_metrics(writer, compressor, step), as horovod_tnq.torch's",
+                      DeprecationWarning, stacklevel=2)
+        writer, compressor, step = step, writer, compressor
+    if step is None:
+        raise TypeError("log_metrics(writer, compressor, step) needs the step")
 
     def write():
         for tag, value in _scalars(compressor.metrics(), per_tensor):

@@ -77,3 +77,35 @@ def test_scalars_name_every_number_for_tensorboard():
     assert "horovod_tnq/tensors/norm/bits_per_element" not in tags  # None: left out
     assert not any(tag.startswith("horovod_tnq/tensors/")
                    for tag, _ in scalars(metrics.summary(), per_tensor=False))
+
+
+def test_both_frameworks_log_metrics_with_one_signature(tmp_path):
+    """log_metrics(writer, compressor, step) in PyTorch and TensorFlow alike; TensorFlow's
+    order before (compressor, step, writer) still writes, with a DeprecationWarning."""
+    import inspect
+    import warnings
+
+    import pytest
+    import tensorflow as tf
+
+    from horovod_tnq import tensorflow as tnq_tf
+    from horovod_tnq import torch as tnq_torch
+    assert list(inspect.signature(tnq_torch.log_metrics).parameters)[:3] == \
+        list(inspect.signature(tnq_tf.log_metrics).parameters)[:3] == \
+        ["writer", "compressor", "step"]
+    compressor = tnq_tf.TNQCompressor(bits=3)
+    compressor.state.passthrough("layer", 10, 40)  # one number to write
+    for index, call in enumerate([lambda w: tnq_tf.log_metrics(w, compressor, 1),
+                                  lambda w: tnq_tf.log_metrics(compressor, 1, w)]):
+        directory = tmp_path / str(index)
+        writer = tf.summary.create_file_writer(str(directory))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call(writer)
+        writer.flush()
+        deprecated = [w for w in caught if issubclass(w.category, DeprecationWarning)
+                      and "log_metrics" in str(w.message)]
+        assert len(deprecated) == index  # the old order warns
+        assert any(directory.iterdir())  # an event file was written
+    with pytest.raises(TypeError, match="needs the step"):
+        tnq_tf.log_metrics(None, compressor)

@@ -68,7 +68,7 @@ def main():
     result["mismatch"] = {setting: mismatched_graph(setting, rank)
                           for setting in ("exchange", "part_elements")}
     writer = tf.summary.create_file_writer(os.path.join(OUT_DIR, "tb", f"rank{rank}"))
-    log_metrics(compressor, step=2, writer=writer)
+    log_metrics(writer, compressor, 2)
     writer.flush()
     result["stale_graph"] = stale_graph_error(reduced_gradients, compressor)
     with open(os.path.join(OUT_DIR, f"rank{rank}.json"), "w") as f:
