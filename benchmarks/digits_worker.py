@@ -16,10 +16,19 @@ rank 0 prints one report line (JSON after jobs.REPORT_MARKER):
 - training loss per step (mean over ranks), test loss and accuracy at ``--eval-every`` steps and
   at the end.
 
+Horovod starts with dynamic process sets (``hvd.init(process_sets="dynamic")``), which the
+hierarchical exchange needs for its per-host sets, for every spec; the spec option
+``process_sets=static`` starts it without (``hvd.init()``): on hosts of several ranks
+horovod_tnq then warns and runs a flat exchange. With a TNQ compressor rank 0 also prints
+(jobs.REPORT_EXTRA_MARKER) how many tensors per timed step took each exchange ("allgather",
+"reduce-scatter", "hierarchical"), from the compressor's ``stats``, and whether every rank
+counted the same.
+
     horovodrun -np 2 -H localhost:2 --gloo python -m benchmarks.digits_worker \
         --compressor tnq:bits=4
 """
 
+import json
 import time
 
 import horovod.torch as hvd
@@ -27,6 +36,7 @@ import torch
 
 import horovod_tnq.torch as tnq
 from benchmarks import worker_common as common
+from benchmarks.jobs import REPORT_EXTRA_MARKER
 from examples.digits import load_shard
 from horovod_tnq.torch import get_compressor
 
@@ -102,17 +112,26 @@ def shuffled_batches(count, batch_size, generator):
             yield order[i * batch_size:(i + 1) * batch_size]
 
 
+# the spec option process_sets: what hvd.init gets
+PROCESS_SETS = {"dynamic": "dynamic", "static": None}
+EXCHANGE_KINDS = ("allgather", "reduce-scatter", "hierarchical")  # the compressor's counters
+
+
 def barrier(name):
     hvd.allreduce(torch.zeros(1), name=name, op=hvd.Sum)
 
 
 def main():
     args = common.parse_args(__doc__.splitlines()[0])
-    hvd.init()
+    name, options = common.compressor_spec(args.compressor, "torch")
+    process_sets = options.pop("process_sets", "dynamic")  # spec option: see the docstring
+    if process_sets not in PROCESS_SETS:
+        raise ValueError(f"spec {args.compressor!r}: process_sets must be one of "
+                         f"{sorted(PROCESS_SETS)}, got {process_sets!r}")
+    hvd.init(process_sets=PROCESS_SETS[process_sets])
     core = common.pin_to_one_core(hvd.rank()) if args.pin_core else None
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
-    name, options = common.compressor_spec(args.compressor, "torch")
     if args.replay_codec:
         common.replay_codec()
     fused = bool(options.pop("fused", 0))  # spec option: the fused tnq.DistributedOptimizer
@@ -165,9 +184,11 @@ def main():
                              on_window_start=start_window)
 
     stats_end = getattr(compression.inner, "stats", {})
-    handed = None
+    handed = exchanges = None
     if stats_end:
         handed = sum(stats_end[k] - stats_start[k] for k in ("payload_bytes", "passthrough_bytes"))
+        exchanges = {kind: (stats_end[kind] - stats_start[kind]) / args.steps
+                     for kind in EXCHANGE_KINDS if kind in stats_end}
     mine = common.rank_summary(args, run, {
         "compute_s": phases["forward_backward"] - compression.compress_s + phases["update"],
         "encode_s": compression.compress_s,
@@ -175,9 +196,14 @@ def main():
         "comm_wait_s": phases["synchronize"] - compression.decompress_cpu_s,
     }, core, handed)
     everyone = hvd.allgather_object(mine)
+    exchanges_by_rank = hvd.allgather_object(exchanges)
     if hvd.rank() == 0:
         common.print_report(args, run, everyone, sum(p.numel() for p in model.parameters()),
                             interface)
+        print(REPORT_EXTRA_MARKER + json.dumps({
+            "process_sets": process_sets, "exchanges_per_step": exchanges,
+            "exchanges_same_on_every_rank": all(e == exchanges for e in exchanges_by_rank),
+        }), flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ for them): Gloo binds Horovod's process-set contexts to the address the hostname
 
 A rate limit shapes both directions of every host's link with tbf: the host's own egress (its
 upload) and the switch port's egress towards it (its download), so each host has a full-duplex
-NIC of that rate, as behind a switch, rather than all workers sharing one loopback. Traffic never
+NIC of that rate, as behind a switch, rather than all workers sharing one loopback. Ranks started
+on the same host (horovodrun's ``-H host0:L,...``, torchrun's ``--nproc-per-node L``) share its
+namespace, and what they send each other goes to the host's own address, which the kernel routes
+through the namespace's loopback: unshaped, the fast link inside a host. Traffic never
 leaves these namespaces (they have no route anywhere else). Added latency needs the netem qdisc,
 which not every kernel has: the project's machines (a VM kernel without modules) have tbf and
 htb but no netem, so there the link delay is the veth's own (tens of microseconds).
@@ -266,12 +269,16 @@ class EmulatedNetwork:
             err.close()
         return done
 
-    def hosts_argument(self, workers):
-        """horovodrun's -H for ``workers`` ranks, one per host."""
-        if workers > len(self.hosts):
-            raise ValueError(f"{workers} workers need {workers} hosts, the network has "
+    def hosts_argument(self, workers, ranks_per_host=1):
+        """horovodrun's -H for ``workers`` ranks, ``ranks_per_host`` on each of the first
+        workers / ranks_per_host hosts (Horovod numbers ranks host by host)."""
+        hosts, rest = divmod(workers, ranks_per_host)
+        if ranks_per_host < 1 or rest:
+            raise ValueError(f"{workers} workers do not fill hosts of {ranks_per_host} ranks")
+        if hosts > len(self.hosts):
+            raise ValueError(f"{workers} workers need {hosts} hosts, the network has "
                              f"{len(self.hosts)}")
-        return ",".join(f"{name}:1" for name in self.hostnames[:workers])
+        return ",".join(f"{name}:{ranks_per_host}" for name in self.hostnames[:hosts])
 
     def throughput_mbit(self, source, destination, megabytes=50):
         """Goodput of one TCP stream from host ``source`` to ``destination``, in Mbit/s, as

@@ -11,6 +11,11 @@ TensorFlow's, ``ddp`` PyTorch's DistributedDataParallel worker, which knows only
 ``DDP_HOOKS`` (PyTorch's own communication hooks, not horovod_tnq's compressors):
 
     none:framework=ddp   fp16:framework=ddp   powersgd:rank=4,framework=ddp
+
+The Horovod PyTorch worker (digits_worker.py) also reads two options that are not compressor
+settings: ``fused=1`` (horovod_tnq.torch.DistributedOptimizer instead of Horovod's) and
+``process_sets=static`` (hvd.init() without the dynamic process sets that the hierarchical
+exchange needs), e.g. ``tnq-rht:bits=2,exchange=hierarchical,fused=1``.
 """
 
 import csv
@@ -29,6 +34,8 @@ WORKERS = {"torch": WORKER, "tf": "benchmarks.digits_worker_tf",
 # (benchmarks/ddp.py); no other worker knows them, and the DDP worker knows nothing else
 DDP_HOOKS = ("none", "fp16", "powersgd")
 REPORT_MARKER = "BENCHMARK-REPORT "
+# a worker's further keys for its report, printed after it (read_report merges them)
+REPORT_EXTRA_MARKER = "BENCHMARK-REPORT-EXTRA "
 
 
 def parse_spec(spec):
@@ -82,11 +89,18 @@ def worker_env(extra=None):
 
 
 def read_report(done, what):
-    """The JSON report rank 0 of a finished horovodrun job printed; a clear error otherwise."""
+    """The JSON report rank 0 of a finished horovodrun job printed, with the keys of any
+    REPORT_EXTRA_MARKER lines added; a clear error where there is no report."""
+    report, extra = None, {}
     for line in done.stdout.splitlines():
         start = line.find(REPORT_MARKER)
+        if start >= 0 and report is None:
+            report = json.loads(line[start + len(REPORT_MARKER):])
+        start = line.find(REPORT_EXTRA_MARKER)
         if start >= 0:
-            return json.loads(line[start + len(REPORT_MARKER):])
+            extra.update(json.loads(line[start + len(REPORT_EXTRA_MARKER):]))
+    if report is not None:
+        return dict(report, **extra)
     raise RuntimeError(f"{what}: no report (exit {done.returncode})\n--- stdout\n"
                        f"{done.stdout[-5000:]}\n--- stderr\n{done.stderr[-5000:]}")
 
