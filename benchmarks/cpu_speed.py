@@ -8,7 +8,7 @@ measured in the same process (best of several runs, one thread), for the compile
 ranks' payloads (what each rank does in an 8-worker allgather exchange).
 
 A second table (skip it with --no-frameworks) times the same codec calls through each
-framework adapter, on the same tensor: PyTorch (the torch compressor's encode_tensor, and
+framework adapter, on the same tensor: PyTorch (torch/codecs.py's encode_tensor, and
 the core's decode_sum, its numpy result wrapped by torch.from_numpy; the torch adapter itself
 decodes into a torch.empty, whose memory PyTorch takes in 4 KB pages unless
 THP_MEM_ALLOC_ENABLE=1: on 16M elements that took 1.9x the CPU time, 16385 page faults against
@@ -103,7 +103,7 @@ def framework_times(x, scheme, bits, rounds):
 
     from horovod_tnq import CompressorConfig
     from horovod_tnq.tensorflow import compressor as tf_adapter
-    from horovod_tnq.torch import compressor as torch_adapter
+    from horovod_tnq.torch import codecs as torch_adapter
 
     config = CompressorConfig(bits=bits, scheme=scheme, bucket_size=512,
                               **OPTIONS.get(scheme, {}))

@@ -16,7 +16,7 @@ both still agree):
 
 A kernel that fails to compile or launch raises KernelError; encode and decode_sum do not fall
 back themselves (a test of the kernels must not pass on the host's bytes): the PyTorch adapter
-does (torch/compressor.py, DeviceCodec).
+does (torch/codecs.py, DeviceCodec).
 """
 
 import math

@@ -21,7 +21,7 @@ horovod_tnq.tensorflow) add only tensor conversion and Horovod calls.
 from .base import CompressorBase, DefaultInstanceMethod, compressor_registry
 from .naming import CollectiveNamer, gradient_owner, horovod_call_site
 from .overrides import TENSOR_SETTINGS, TensorSettings
-from .plan import (REDUCED, WHOLE, Hosts, Pending, choose_exchange, chunk_bounds, cross_config,
+from .plan import (REDUCED, WHOLE, Hosts, choose_exchange, chunk_bounds, cross_config,
                    host_bits, local_bounds, part_bounds,
                    part_names, plan, second_bits, second_round_configs, second_widths)
 from .probe import (JOINED, MISMATCH, PROBE_TOLERANCE, UNSUPPORTED_OP, ProbeReading,
@@ -36,7 +36,7 @@ __all__ = [
     "DEFAULT_SCHEME", "EXCHANGES", "JOINED", "MISMATCH", "PROBE_TOLERANCE", "REDUCED",
     "SETTINGS_BYTES", "UNSUPPORTED_OP", "WHOLE", "CollectiveNamer", "CompressorBase",
     "CompressorConfig",
-    "CompressorState", "DefaultInstanceMethod", "Pending", "ProbeReading",
+    "CompressorState", "DefaultInstanceMethod", "ProbeReading",
     "cached_exchange_under_join", "exchange_refused_by_join", "choose_exchange", "chunk_bounds",
     "TENSOR_SETTINGS", "TensorSettings", "check_settings_agree", "compressor_registry",
     "gradient_owner",

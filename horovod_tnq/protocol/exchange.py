@@ -5,8 +5,8 @@ An Exchange runs one tensor's exchange as protocol/plan.py lays it out:
 
 * allgather: each part encoded, allgathered, and every rank's payloads decoded and summed;
 * reduce-scatter: every chunk encoded and sent to its owner (one alltoall); each owner decodes
-  and sums its chunk, quantizes the sum again at plan.second_bits and allgathers it (the second
-  round); every rank decodes the owners' chunks;
+  and sums its chunk, quantizes the sum again at plan.second_widths (past 8 bits in two
+  stages) and allgathers it (the second round); every rank decodes the owners' chunks;
 * hierarchical: the ranks of a host sum the tensor in full precision (Horovod's reducescatter
   over the host's process set), each rank then exchanges its slice of the host's sum with the
   ranks of the same local index on the other hosts, by the allgather or the reduce-scatter
@@ -86,6 +86,7 @@ class Exchange:
         self.target = None
         self.joined = ()
         self.result = None
+        self.error = None  # what ended the exchange, raised by its own finish()
         self.done = False
         self.round = 0
         self._steps = self._waiting = None
@@ -118,13 +119,16 @@ class Exchange:
 
     def advance(self):
         """Wait for the collectives the exchange waits on and go on to its next wait (or its
-        end, which needs the scale)."""
-        received = [self.collectives.wait(handle) for handle in self._waiting[1]]
+        end, which needs the scale). An error ends the exchange and is kept for its own
+        finish(): advanced for another tensor's sake, it must not fail that tensor."""
         try:
+            received = [self.collectives.wait(handle) for handle in self._waiting[1]]
             self._waiting = self._steps.send(received)
             self.round = self._waiting[0]
         except StopIteration as stop:
             self.result, self.done = stop.value, True
+        except Exception as error:  # noqa: BLE001 (any error: raised by its own finish())
+            self.error, self.done = error, True
 
     def ready_for(self, round_):
         """Go on until every collective of this exchange up to ``round_`` (or its last, if it
@@ -140,6 +144,12 @@ class Exchange:
         self.scale, self.target = scale, target
         while not self.done:
             self.advance()
+        return self.outcome()
+
+    def outcome(self):
+        """The result of a done exchange, or the error that ended it."""
+        if self.error is not None:
+            raise self.error
         return self.result
 
     # -- the exchanges -----------------------------------------------------------------------
@@ -233,7 +243,7 @@ class Exchange:
 
     def _reduce_scatter(self, values, layout, round_, counts, scaled):
         """The chunks to their owners in one alltoall; each owner's sum quantized again at the
-        second round's width (plan.second_bits) and allgathered; decoded by every rank."""
+        second round's widths (plan.second_widths) and allgathered; decoded by every rank."""
         job, codec, ops = self.job, self.codec, self.collectives
         slot_base = layout.base_name + layout.suffix
         encode = self._encode(slot_base, layout, counts)
@@ -241,7 +251,6 @@ class Exchange:
         def encode_chunks(values, step):
             payloads = encode(values, step, list(range(len(layout.bounds))))
             return codec.concatenate(payloads), codec.sizes(payloads)
-
 
         payload, splits = ops.compute(encode_chunks, [values, job.step], [_PAYLOAD, _SIZES],
                                       [[None], [len(layout.bounds)]])
@@ -318,7 +327,9 @@ class Exchange:
 
     def _hierarchical(self, counts):
         job, codec, ops, hosts = self.job, self.codec, self.collectives, self.job.hosts
-        full, = ops.compute(lambda v: (codec.full_precision(v),), [job.values],
+        # (the step goes in, unused, so that in TF graphs the step op, which refuses graphs
+        # traced before a reset, runs before the first collective)
+        full, = ops.compute(lambda v, step: (codec.full_precision(v),), [job.values, job.step],
                             [codec.chunk_dtype], [[job.numel]])
         host_sum, = yield (0, [ops.reducescatter_sum(full, job.collective_name + LOCAL,
                                                      hosts.local)])
@@ -365,7 +376,9 @@ class Exchange:
 
         own, = self.collectives.compute(decode_own, list(sent), [self.codec.out_dtype],
                                         [[None]])
-        summed, = yield (round_, [self.collectives.allreduce_sum(
+        # the exchange's last round now: ready_for() stops before it, as the scale comes after
+        self.rounds = round_ + 2
+        summed, = yield (round_ + 1, [self.collectives.allreduce_sum(
             own, layout.name + JOINED, layout.process_set)])
         inputs = [self.scale if scaled else 1.0, summed]
 
@@ -478,7 +491,7 @@ def run_to_end(exchange, in_flight):
             if other is not exchange:
                 other.ready_for(exchange.round)
         exchange.advance()
-    return exchange.result
+    return exchange.outcome()
 
 
 class NumpyCodec:

@@ -60,10 +60,14 @@ class TensorSettings:
 
     def may_use(self, exchange):
         """Whether some tensor may take ``exchange`` ("hierarchical": also through "auto"): the
-        compressor's settings or an override's. Every rank answers alike."""
+        compressor's settings or an override's (schemes with a payload body of their own,
+        which take the allgather only, never the hierarchical one). Every rank answers
+        alike."""
         configs = [self.config] + [config for _, config in self.rules if config is not None]
         accepted = (exchange, "auto") if exchange == "hierarchical" else (exchange,)
-        return any(config.exchange in accepted for config in configs)
+        return any(config.exchange in accepted and
+                   (exchange != "hierarchical" or SCHEMES[config.scheme].body is None)
+                   for config in configs)
 
     def resolved(self):
         """{tensor name: its CompressorConfig, or None when sent uncompressed} for every name

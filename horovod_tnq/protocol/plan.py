@@ -142,9 +142,13 @@ def local_bounds(numel, local_size):
 
 def second_round_configs(config, size):
     """``config`` at each of the second round's widths (second_widths) among ``size`` ranks:
-    the settings each owner's chunk sum is quantized with, stage by stage, and decoded with."""
-    return [config if bits == config.bits else config.with_bits(bits)
-            for bits in second_widths(config.scheme, config.bits, size)]
+    the settings each owner's chunk sum is quantized with, stage by stage, and decoded with.
+    With two stages only the last keeps error feedback: the second quantizes what the first
+    left, so a residual kept by the first would only be cancelled by the second."""
+    widths = second_widths(config.scheme, config.bits, size)
+    stages = [config if bits == config.bits else config.with_bits(bits) for bits in widths]
+    return [stage.with_bits(stage.bits, error_feedback=0.0) if index + 1 < len(stages) and
+            stage.error_feedback else stage for index, stage in enumerate(stages)]
 
 
 # Names of a tensor's payloads, appended to its base name: they key the random stream and the
@@ -198,27 +202,7 @@ def plan(config, numel, size, hosts=None):
         bounds = chunk_bounds(numel, size, config.bucket_size)
     else:
         bounds = local_bounds(numel, hosts.local_size)
-        return kind, bounds, [f"#h{hosts.local_index}"]
+        # the layout is in the name: error-feedback residuals of a checkpoint from hosts of
+        # other sizes (other slices, other chunks) are not read as this one's
+        return kind, bounds, [f"#h{hosts.local_index}.{hosts.local_size}x{hosts.cross_size}"]
     return kind, bounds, part_names(kind, bounds)
-
-
-@dataclass(eq=False)  # compared by identity: contexts in flight are kept in a list
-class Pending:
-    """compress()'s context for decompress(): the collective in flight (a Horovod handle in
-    PyTorch, the gathered tensor in TF) and what this rank sent."""
-
-    exchange: Any
-    header: Any
-    base_name: str
-    shape: Any
-    dtype: Any
-    process_set: Any
-    device: Any = None
-    kind: str = "allgather"  # or "reduce-scatter"
-    bounds: Any = None  # reduce-scatter: chunk_bounds(...)
-    collective_name: str = ""
-    step: int = 0
-    second_round: Any = None  # reduce-scatter: the allgather of the reduced chunks
-    second_header: Any = None  # reduce-scatter: this rank's reduced chunk's header
-    codec: Any = None  # the adapter's codec that encoded it, and decodes what arrives
-    label: str = ""  # the tensor's name in the metrics (its parameter's name where known)

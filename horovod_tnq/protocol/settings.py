@@ -21,7 +21,10 @@ DEFAULT_SCHEME = "tnq-rht"
 # "reduce-scatter": each rank quantizes one chunk of the tensor per owner rank and an alltoall
 #   delivers them; each owner decodes and sums its chunk, quantizes the sum again, and an
 #   allgather returns the reduced chunks. Per-rank traffic stays ~2 payloads whatever the number
-#   of ranks, like a ring allreduce, at the price of a second quantization and a second round.
+#   of ranks, like a ring allreduce, at the price of a second quantization (wider: its error
+#   stays small against the averaged first) and a second round.
+# "hierarchical": on hosts of several ranks, a full-precision sum inside each host, one of the
+#   above between hosts on each rank's slice of it, a full-precision allgather inside the host.
 EXCHANGES = ("auto", "allgather", "reduce-scatter", "hierarchical")
 
 MAX_SEED = 2**64 - 1  # core.stream_key takes the seed as 64 bits
@@ -110,12 +113,15 @@ class CompressorConfig:
         """The scheme's own settings (passed to core.encode), defaults included."""
         return dict(self.options)
 
-    def with_bits(self, bits, exchange=None):
-        """These settings at another width (and exchange, where given; checked as any)."""
+    def with_bits(self, bits, exchange=None, error_feedback=None):
+        """These settings at another width (and exchange or error feedback, where given;
+        checked as any)."""
         general = {name: getattr(self, name) for name in (
-            "scheme", "bucket_size", "min_numel", "seed", "error_feedback", "part_elements")}
-        return CompressorConfig(bits=bits, exchange=exchange or self.exchange, **general,
-                                **self.scheme_options())
+            "scheme", "bucket_size", "min_numel", "seed", "part_elements")}
+        return CompressorConfig(
+            bits=bits, exchange=exchange or self.exchange,
+            error_feedback=self.error_feedback if error_feedback is None else error_feedback,
+            **general, **self.scheme_options())
 
     def bits_per_element(self):
         """Codes plus per-bucket parameters, ignoring what each tensor's payload adds once (its

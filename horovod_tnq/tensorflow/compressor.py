@@ -140,13 +140,6 @@ class TNQCompressor(CompressorBase, Compressor):
         return tensor.dtype in _WORK and \
             (numel is None or numel >= (config or self.config).min_numel)
 
-    @staticmethod
-    def _expect(config, numel, dtype_name, shape):
-        """The header this rank expects of every payload of ``numel`` elements of a tensor of
-        ``dtype_name`` and ``shape`` sent with ``config``."""
-        return core.PayloadHeader.describe(config.scheme, config.bits, dtype_name, numel,
-                                           config.bucket_size, shape)
-
     def _key(self, slot):
         return core.stream_key(self.config.seed, hvd.rank(), slot)
 

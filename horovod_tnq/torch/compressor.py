@@ -1,10 +1,12 @@
-"""Horovod Compressor that quantizes with the core and exchanges packed codes by allgather, or
-by alltoall + allgather (the reduce-scatter exchange).
+"""Horovod Compressor that quantizes with the core and exchanges packed codes through Horovod's
+collectives: the allgather, the reduce-scatter (alltoall + allgather) or the hierarchical
+exchange, all run by the exchange driver (protocol/exchange.py) over this module's
+_Collectives.
 
 See horovod_tnq/protocol for the protocol that fits it into Horovod's allreduce interface, and
 the state (steps, error-feedback residuals) that this adapter keeps in ``self.state``. The
-codec runs where the tensor's data is best handled (``HostCodec``: the core on the host,
-``DeviceCodec``: the GPU kernels on the tensor's device); the exchange is written once for both.
+codec runs where the tensor's data is best handled (codecs.py: ``HostCodec``, the core on the
+host, or ``DeviceCodec``, the GPU kernels on the tensor's device).
 """
 
 import dataclasses
@@ -123,8 +125,10 @@ class TNQCompressor(CompressorBase, Compressor):
             to its next gradient before quantizing (ECQ-SGD); 0 turns it off; the default
             (None) is 1.0 for "topk" and "tnq-sparse" and 0 otherwise. Checkpoint
             ``state_dict()`` with the model to resume exactly.
-        exchange: "allgather", "reduce-scatter", or "auto" (the reduce-scatter from 3 ranks on,
-            for tensors of at least one bucket per rank): see horovod_tnq/protocol/plan.py.
+        exchange: "allgather", "reduce-scatter", "hierarchical" or "auto" (the hierarchical
+            exchange on several hosts of several ranks with dynamic process sets, else the
+            reduce-scatter where it sends fewer bits, else the allgather): see
+            horovod_tnq/protocol/plan.py.
         part_elements: in the allgather exchange, tensors larger than this go as several
             payloads, so encoding, transfer and decoding overlap (0: one payload per tensor).
         overrides: per-tensor settings by parameter name: ``{"*embed*": {"bits": 8},
@@ -145,11 +149,13 @@ class TNQCompressor(CompressorBase, Compressor):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._in_flight = []  # reduce-scatter contexts between compress() and decompress()
+        self._in_flight = []  # contexts between start() and finish(): their exchanges advance
+        # together (exchange.run_to_end)
         self._in_flight_lock = threading.Lock()
         self._settings_check = None  # the allgather of every rank's settings digest
         self._settings_agreed = False
         self._hosts = _UNKNOWN  # plan.Hosts of the hierarchical exchange, or None (flat)
+        self._hosts_lock = threading.Lock()
 
     def should_compress(self, tensor, config=None):
         """Whether ``tensor`` is quantized with ``config`` (its settings; the compressor's by
@@ -249,12 +255,16 @@ class TNQCompressor(CompressorBase, Compressor):
         if process_set is not hvd.global_process_set and \
                 process_set.process_set_id != hvd.global_process_set.process_set_id:
             return None
-        if self._hosts is _UNKNOWN:
-            if self.settings.may_use("hierarchical"):
-                self._hosts = hosts_of_job(hvd, self._gather_places, Hosts)
-            else:
-                self._hosts = None
-        return self._hosts
+        with self._hosts_lock:  # (compress() may run on several autograd threads at once)
+            if self._hosts is _UNKNOWN:
+                if self.settings.may_use("hierarchical") and hvd.size() >= 4:
+                    # The settings first: ranks configured apart must all raise, not wait in
+                    # a gather that only some of them start.
+                    self._check_settings()
+                    self._hosts = hosts_of_job(hvd, self._gather_places, Hosts)
+                else:
+                    self._hosts = None
+            return self._hosts
 
     def _gather_places(self):
         place = torch.tensor([[hvd.cross_rank(), hvd.local_rank()]], dtype=torch.int64)

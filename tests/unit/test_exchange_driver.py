@@ -33,9 +33,11 @@ class World:
     """Collectives between threads: each (name, members) collects every member's input; a
     wait returns once all have arrived."""
 
-    def __init__(self):
+    def __init__(self, refused=(), corrupt=()):
         self.lock = threading.Condition()
         self.inputs = {}
+        self.refused = set(refused)  # names Horovod refuses (a rank has joined): None
+        self.corrupt = set(corrupt)  # names whose received bytes are garbage
 
     def post(self, op, name, process_set, value):
         key = (name, tuple(process_set.ranks))
@@ -54,6 +56,10 @@ class World:
                 raise TimeoutError(f"rank {_here.rank} waited on {key[0]!r} for {WAIT_S} s: "
                                    "the ranks deadlocked")
             entry = self.inputs[key]
+        if key[0] in self.refused:
+            return None
+        if key[0] in self.corrupt:
+            return np.full(64, 7, np.uint8)
         values = [entry["values"][rank] for rank in process_set.ranks]
         me = process_set.ranks.index(_here.rank)
         if entry["op"] == "allgather":
@@ -101,11 +107,11 @@ def gradients(ranks, numel, seed=0):
             for _ in range(ranks)]
 
 
-def run_ranks(size, tensors, config, local_size=1, orders=None):
+def run_ranks(size, tensors, config, local_size=1, orders=None, world=None):
     """Every rank reduces (op=Average) ``tensors`` (name -> one array per rank), all exchanges
     started before any finishes (as Horovod calls compress and decompress), finishing them in
     ``orders[rank]`` (names); {rank: {name: result}} and each rank's state."""
-    world, results, states, errors = World(), {}, {}, []
+    world, results, states, errors = world or World(), {}, {}, []
     hosts_of = {}
     if local_size > 1:
         hosts = size // local_size
@@ -130,7 +136,10 @@ def run_ranks(size, tensors, config, local_size=1, orders=None):
             for name in (orders or {}).get(rank, list(tensors)):
                 exchange = exchanges[name]
                 exchange.scale = 1.0 / size
-                results[rank][name] = run_to_end(exchange, list(exchanges.values()))
+                try:
+                    results[rank][name] = run_to_end(exchange, list(exchanges.values()))
+                except core.PayloadError as error:  # kept with the tensor it belongs to
+                    results[rank][name] = error
         except Exception as error:  # reported by the main thread
             errors.append((rank, error))
 
@@ -209,3 +218,31 @@ def test_a_second_round_past_8_bits_goes_in_two_stages_and_keeps_the_average():
     chunks = [stop - start for start, stop in chunk_bounds(40_000, size, config.bucket_size)]
     assert states[0].stats["payload_bytes"] == sum(size_of(n, 7) for n in chunks) + \
         size_of(chunks[0], 8) + size_of(chunks[0], 2)
+
+
+def test_an_error_of_another_tensor_stays_with_that_tensor():
+    """Finishing A advances B (started before A's second round must wait); B's received bytes
+    are garbage: A still finishes, and B's own finish raises B's PayloadError."""
+    size = 4
+    config = CompressorConfig(bits=2, exchange="reduce-scatter", min_numel=1)
+    tensors = {"a": gradients(size, 20_000, seed=1), "b": gradients(size, 20_000, seed=2)}
+    results, _ = run_ranks(size, tensors, config, world=World(corrupt={"b"}))
+    for rank in range(size):
+        assert isinstance(results[rank]["a"], np.ndarray)
+        assert np.array_equal(results[rank]["a"], results[0]["a"])
+        assert isinstance(results[rank]["b"], core.PayloadError)
+
+
+def test_a_refused_exchange_advanced_for_another_does_not_need_its_scale():
+    """Horovod refused B's alltoall (a rank has joined): advanced for A's sake, B starts the
+    allreduce that sums each rank's own payloads, and stops there (it is B's last round: its
+    scale comes with its own finish); then B ends as the average of the ranks' own payloads."""
+    size = 4
+    config = CompressorConfig(bits=4, exchange="reduce-scatter", min_numel=1)
+    tensors = {"a": gradients(size, 20_000, seed=1), "b": gradients(size, 20_000, seed=2)}
+    results, _ = run_ranks(size, tensors, config, world=World(refused={"b"}))
+    truth = np.mean(tensors["b"], axis=0)
+    for rank in range(size):
+        assert np.array_equal(results[rank]["b"], results[0]["b"])
+        assert np.array_equal(results[rank]["a"], results[0]["a"])
+    assert nmse(results[0]["b"], truth) < 2 * one_rank_nmse(tensors["b"][0], config) / size
