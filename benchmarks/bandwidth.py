@@ -41,11 +41,13 @@ TF worker cannot split (compute, wait; encode and decode of Horovod's own compre
 The option ``framework=ddp`` runs PyTorch's own alternative instead of Horovod: the same model,
 data and steps with ``torch.nn.parallel.DistributedDataParallel`` over Gloo
 (benchmarks/digits_worker_ddp.py), no hook (``none``), ``fp16_compress_hook`` (``fp16``) or
-``powerSGD_hook`` (``powersgd:rank=R``; see benchmarks/ddp.py), started as a DDP user starts a
-multi-node job: ``torchrun --nnodes N --node-rank i --master-addr <host 0> ...`` in every host's
-namespace, Gloo on eth0. Same pinning, allocator setting and counters; its "vs none" is against
-DDP's own none, and its step is not split (the hooks run inside backward), e.g.
-``--configs none tnq-rht:bits=4,fused=1 none:framework=ddp powersgd:rank=4,framework=ddp``.
+``powerSGD_hook`` (``powersgd:rank=R``; see benchmarks/ddp.py), or this project's codec as a DDP
+hook (a scheme name, ``tnq-rht:bits=2,framework=ddp``: codec against codec on one engine),
+started as a DDP user starts a multi-node job: ``torchrun --nnodes N --node-rank i --master-addr
+<host 0> ...`` in every host's namespace, Gloo on eth0. Same pinning, allocator setting and
+counters; its "vs none" is against DDP's own none, and its step is not split (the hooks run
+inside backward), e.g. ``--configs none tnq-rht:bits=4,fused=1 none:framework=ddp
+powersgd:rank=4,framework=ddp tnq-rht:bits=2,framework=ddp``.
 
 Hosts of several ranks, TNQ's exchanges side by side (docs/benchmarks.md, "Hosts of several
 ranks"): ``--workers 4 --ranks-per-host 2 1 --configs none tnq-rht:bits=2,exchange=allgather

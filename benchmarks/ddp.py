@@ -13,6 +13,11 @@ This is what a PyTorch user who does not use this project runs on a slow network
   allreduce before it, as the docs recommend for the first steps, and at least 2, the
   smallest PyTorch allows with error feedback (DDP rebuilds its buckets after step 1). Any
   other option is passed to PowerSGDState as is (e.g. ``min_compression_rate=1``).
+
+and this project's codec on the same engine, so that codecs are compared on one engine
+(issue 26): any horovod_tnq scheme name (``tnq-rht:bits=2``, ``tnq:bits=4``, ...) registers
+``horovod_tnq.torch.ddp.tnq_hook`` with a ``TNQHookState`` of those settings (DDP's default
+buckets: the hook issues its collectives from the hook itself, in bucket order).
 """
 
 import torch
@@ -27,6 +32,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 # data size doesn't match expected size" (524 vs 512 bytes). One bucket for the whole model keeps
 # one chain of collectives per step, the same order everywhere; what a Gloo user has to do.
 ONE_BUCKET_MB = 4096
+PYTORCH_HOOKS = ("none", "fp16", "powersgd")  # PyTorch's own; any other name is a TNQ scheme
 
 
 def init_from_env():
@@ -52,9 +58,23 @@ class HandedBytes:
         dist.all_reduce = counted
 
 
+class HookBytes:
+    """Bytes ``tnq_hook`` handed to torch.distributed so far: its payloads and the buckets it
+    passed through uncompressed, as its CompressorState counts them."""
+
+    def __init__(self, state):
+        self._state = state
+
+    @property
+    def total(self):
+        stats = self._state.stats
+        return stats["payload_bytes"] + stats["passthrough_bytes"]
+
+
 def wrap(model, name, options, start_iter=2):
     """(``model`` in DistributedDataParallel with the hook of spec ``name``/``options``, a
-    HandedBytes, or None where the built-in reducer sends: 4 bytes a parameter per step).
+    HandedBytes or HookBytes, or None where the built-in reducer sends: 4 bytes a parameter
+    per step).
     DDP broadcasts rank 0's parameters, so every rank starts from the same model."""
     options = dict(options)
     bucket_mb = options.pop("bucket_mb", ONE_BUCKET_MB if name == "powersgd" else None)
@@ -63,6 +83,12 @@ def wrap(model, name, options, start_iter=2):
         if options:
             raise ValueError(f"DDP without a hook takes no options, got {options}")
         return ddp_model, None
+    if name not in PYTORCH_HOOKS:
+        from horovod_tnq.torch.ddp import TNQHookState, tnq_hook
+
+        state = TNQHookState(scheme=name, **options)
+        ddp_model.register_comm_hook(state, tnq_hook)
+        return ddp_model, HookBytes(state)
     handed = HandedBytes()
     if name == "fp16":
         if options:
@@ -74,8 +100,6 @@ def wrap(model, name, options, start_iter=2):
             start_powerSGD_iter=max(2, start_iter), use_error_feedback=True, warm_start=True,
             **options)
         ddp_model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-    else:
-        raise ValueError(f"no DDP hook named {name!r}")
     return ddp_model, handed
 
 

@@ -7,10 +7,12 @@ A compressor *spec* is a registry name with optional options, ``name[:key=value,
 
 so a new scheme or a new TNQCompressor option is benchmarked by adding a spec to a list, with no
 change to the benchmarks. The option ``framework`` picks the worker (``WORKERS``): ``tf`` runs
-TensorFlow's, ``ddp`` PyTorch's DistributedDataParallel worker, which knows only the names in
-``DDP_HOOKS`` (PyTorch's own communication hooks, not horovod_tnq's compressors):
+TensorFlow's, ``ddp`` PyTorch's DistributedDataParallel worker, which knows PyTorch's own
+communication hooks (``DDP_HOOKS``) and horovod_tnq's schemes as a DDP hook (tnq_hook; not
+Horovod's ``fp16``, nor the options only Horovod's compressors have):
 
     none:framework=ddp   fp16:framework=ddp   powersgd:rank=4,framework=ddp
+    tnq-rht:bits=2,framework=ddp
 
 The Horovod PyTorch worker (digits_worker.py) also reads two options that are not compressor
 settings: ``fused=1`` (horovod_tnq.torch.DistributedOptimizer instead of Horovod's) and
@@ -30,8 +32,9 @@ WORKER = "benchmarks.digits_worker"  # run with python -m, from ROOT
 # the digits worker of each framework; a spec's "framework" option picks one (default torch)
 WORKERS = {"torch": WORKER, "tf": "benchmarks.digits_worker_tf",
            "ddp": "benchmarks.digits_worker_ddp"}
-# what a framework=ddp spec may name: DDP without a hook, fp16_compress_hook, powerSGD_hook
-# (benchmarks/ddp.py); no other worker knows them, and the DDP worker knows nothing else
+# PyTorch's hooks a framework=ddp spec may name: DDP without a hook, fp16_compress_hook,
+# powerSGD_hook (benchmarks/ddp.py); no other worker knows powersgd. Besides these the DDP
+# worker runs horovod_tnq's schemes (core.SCHEMES) through horovod_tnq.torch.ddp.tnq_hook.
 DDP_HOOKS = ("none", "fp16", "powersgd")
 REPORT_MARKER = "BENCHMARK-REPORT "
 # a worker's further keys for its report, printed after it (read_report merges them)

@@ -13,10 +13,11 @@ reads, as digits_worker.py does: training loss per step (mean over ranks), test 
 next-character accuracy on the held-out text at ``--eval-every`` steps and at the end, the
 parameter count, and what the compressor handed to Horovod per step when it keeps such counts.
 
-A spec with ``framework=ddp`` (``none``, ``fp16``, ``powersgd:rank=R``; benchmarks/ddp.py) trains
-the same model, data and steps with torch's DistributedDataParallel and that communication hook
-instead, started by torchrun; its bytes are what the hook hands to allreduce per step, counted
-over the steps after PowerSGD's 2 plain (uncompressed) ones.
+A spec with ``framework=ddp`` (``none``, ``fp16``, ``powersgd:rank=R``, or a horovod_tnq scheme
+as ``tnq_hook``, e.g. ``tnq-rht:bits=2``; benchmarks/ddp.py) trains the same model, data and
+steps with torch's DistributedDataParallel and that communication hook instead, started by
+torchrun; its bytes are what the hook hands to torch.distributed per step, counted over the
+steps after PowerSGD's 2 plain (uncompressed) ones.
 
     horovodrun -np 2 -H localhost:2 --gloo python -m benchmarks.lm_worker \
         --compressor tnq-rht:bits=2
@@ -118,7 +119,7 @@ def horovod_training(name, options, model, args):
 
 
 def ddp_training(name, options, model, args):
-    """DDP with PyTorch's hook of the spec (benchmarks/ddp.py); PowerSGD from step 3 on, after
+    """DDP with the hook of the spec (benchmarks/ddp.py); PowerSGD from step 3 on, after
     the 2 plain steps PyTorch requires (its docs' advice for short runs: start early)."""
     from benchmarks import ddp
     ddp_model, counter = ddp.wrap(model, name, options, start_iter=2)

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from benchmarks.jobs import DDP_HOOKS, REPORT_MARKER, parse_spec
+from horovod_tnq.core import SCHEMES
 
 PHASE_KEYS = ("compute_s", "encode_s", "decode_s", "comm_wait_s")
 
@@ -55,9 +56,9 @@ def compressor_spec(spec, framework):
     if wanted != framework:
         raise ValueError(f"spec {spec!r} is for framework {wanted!r}, this worker is "
                          f"{framework!r}")
-    if framework == "ddp" and name not in DDP_HOOKS:
-        raise ValueError(f"spec {spec!r}: the DDP worker runs {', '.join(DDP_HOOKS)}, not "
-                         f"horovod_tnq's compressors")
+    if framework == "ddp" and name not in DDP_HOOKS and name not in SCHEMES:
+        raise ValueError(f"spec {spec!r}: the DDP worker runs {', '.join(DDP_HOOKS)} and "
+                         f"horovod_tnq's schemes ({', '.join(sorted(SCHEMES))}) as a DDP hook")
     if framework != "ddp" and name == "powersgd":  # before get_compressor's "unknown name"
         raise ValueError(f"spec {spec!r}: powersgd is PyTorch DDP's hook; add framework=ddp")
     return name, options
