@@ -60,6 +60,11 @@ class TNQHookState(CompressorBase):
             On several nodes of several ranks each (torchrun's GROUP_RANK and LOCAL_RANK, or
             the hosts' names), "auto" and "hierarchical" take the hierarchical exchange over
             groups the first hook call makes (dist.new_group), for the default group.
+        overrides: per-parameter settings as TNQCompressor's, matched against the names of
+            ``named_parameters``: each bucket is cut into segments of one setting
+            (``ddp.bucket<i>.<k>``; uncompressed ones by DDP's plain allreduce).
+        named_parameters: ``model.named_parameters()``, which ``overrides`` need (DDP's
+            buckets carry parameters, not names); see name_parameters().
         overlap: decode allgather exchanges in a callback of their collectives' futures, so
             that their transfer and decoding overlap the rest of the backward pass; False
             finishes every exchange inside the hook.
@@ -69,15 +74,28 @@ class TNQHookState(CompressorBase):
     first hook call allgathers them and raises a ValueError naming what differs.
     """
 
-    def __init__(self, process_group=None, *, overlap=True, **settings):
-        if "overrides" in settings:
-            raise NotImplementedError("per-parameter overrides are not supported by the DDP "
-                                      "hook yet: DDP buckets mix parameters (docs/ddp.md)")
+    def __init__(self, process_group=None, *, overlap=True, named_parameters=None,
+                 **settings):
         super().__init__(**settings)
         self.process_group = process_group
         self.overlap = bool(overlap)
         self._init_transient()
         self._saved_layouts = {}  # bucket index -> parameter shapes, from a checkpoint
+        if named_parameters is not None:
+            self.name_parameters(named_parameters)
+
+    def name_parameters(self, named_parameters):
+        """Tell the hook the parameters' names (``model.named_parameters()``), which DDP's
+        buckets do not carry: ``overrides`` match them. Not pickled (call it again after
+        loading a pickled state)."""
+        names = {}
+        for name, parameter in named_parameters:
+            if id(parameter) in names:
+                continue  # a parameter shared by two modules: its first name, as DDP's
+            names[id(parameter)] = (name, parameter)
+        with self._lock:
+            self._names = names
+            self._layouts = {}
 
     def _init_transient(self):
         self._lock = threading.Lock()
@@ -85,10 +103,12 @@ class TNQHookState(CompressorBase):
         self._agreed = False  # the settings check passed (first hook call)
         self._layouts = {}  # bucket index -> (parameter shapes, parameter ids)
         self._hosts = None  # plan.Hosts of the hierarchical exchange (first hook call), or None
+        self._names = {}  # id(parameter) -> (its name, the parameter): name_parameters()
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        for name in ("process_group", "_lock", "_in_flight", "_agreed", "_layouts", "_hosts"):
+        for name in ("process_group", "_lock", "_in_flight", "_agreed", "_layouts", "_hosts",
+                     "_names"):
             state.pop(name)
         state["_saved_layouts"] = self._layout_shapes()  # (parameter ids are this process's)
         return state
@@ -132,7 +152,7 @@ class TNQHookState(CompressorBase):
         """Each bucket's parameter shapes: as last seen, else as loaded."""
         with self._lock:
             return {**self._saved_layouts,
-                    **{index: shapes for index, (shapes, _) in self._layouts.items()}}
+                    **{index: layout[0] for index, layout in self._layouts.items()}}
 
     def load_state_dict(self, state, any_rank=False):
         """Restore a state_dict() of this rank (CompressorState.load_state_dict says what is
@@ -171,40 +191,92 @@ class TNQHookState(CompressorBase):
             self._hosts = hosts_of_job(_Nodes(), _gather_places, Hosts, dynamic=True)
         self._agreed = True
 
-    def _check_layout(self, bucket, name):
-        """Residuals are kept per bucket: where DDP lays bucket ``name`` out anew (it rebuilds
-        its buckets after its first step; a checkpoint of another layout), its residuals no
-        longer line up with its gradient and are dropped."""
+    def _segments(self, bucket, name):
+        """The bucket cut where its parameters' settings differ (``overrides``, matched against
+        the names name_parameters() gave): [(start, stop, config or None for uncompressed,
+        payload name)], one (0, numel, config, ``name``) without overrides. Residuals are kept
+        per segment: where DDP lays the bucket out anew (it rebuilds its buckets after its
+        first step; a checkpoint of another layout), they no longer line up with its gradient
+        and are dropped."""
         parameters = bucket.parameters()
         shapes = tuple(tuple(p.shape) for p in parameters)
-        layout = (shapes, tuple(id(p) for p in parameters))
+        ids = tuple(id(p) for p in parameters)
         index = bucket.index()
         with self._lock:
             known = self._layouts.get(index)
-            self._layouts[index] = layout
+            if known is not None and known[1] == ids:
+                return known[2]
+            segments = self._cut(parameters, name)
+            self._layouts[index] = (shapes, ids, segments)
             saved = self._saved_layouts.pop(index, None)
-        if known is not None and known != layout:
-            self.state.forget_residuals(name)
-        elif known is None and saved is not None and saved != shapes:
-            if self.state.forget_residuals(name):
+        if known is not None:
+            self._forget(known[2] + segments)
+        elif saved is not None and saved != shapes:
+            if self._forget(segments):
                 warnings.warn(f"horovod_tnq DDP hook: bucket {index} holds other parameters "
                               "than when its state was saved; its error-feedback residuals "
                               "start afresh", stacklevel=3)
+        return segments
+
+    def _cut(self, parameters, name):
+        if not self.settings.rules:
+            return [(0, sum(p.numel() for p in parameters), self.config, name)]
+        missing = [tuple(p.shape) for p in parameters if id(p) not in self._names]
+        if missing:
+            raise ValueError(f"horovod_tnq DDP hook: overrides match parameter names, and no "
+                             f"name is known for parameters of shapes {missing[:3]}: pass "
+                             "named_parameters=model.named_parameters() to TNQHookState (or "
+                             "call state.name_parameters(...) after loading a pickled state)")
+        names = [self._names[id(p)][0] for p in parameters]
+        self.settings.check_names(name for name, _ in self._names.values())
+        segments, start = [], 0
+        for parameter, parameter_name in zip(parameters, names):
+            config = self.config_for(parameter_name)
+            stop = start + parameter.numel()
+            if segments and segments[-1][2] == config:
+                segments[-1][1] = stop
+            else:
+                segments.append([start, stop, config])
+            start = stop
+        if len(segments) == 1:  # one setting for the whole bucket: named as without overrides
+            return [(0, start, segments[0][2], name)]
+        return [(begin, end, config, f"{name}.{k}")
+                for k, (begin, end, config) in enumerate(segments)]
+
+    def _forget(self, segments):
+        """Drop the residuals of ``segments``; whether there were any."""
+        forgotten = [self.state.forget_residuals(name) for *_, name in segments]
+        return any(forgotten)
 
 
 def tnq_hook(state: TNQHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: ``bucket``'s gradients averaged over ``state``'s process group,
     each rank's sent as TNQ payloads (see the module docstring and TNQHookState). Register it
-    with ``ddp_model.register_comm_hook(TNQHookState(...), tnq_hook)``."""
+    with ``ddp_model.register_comm_hook(TNQHookState(...), tnq_hook)``.
+
+    With ``overrides`` the bucket goes in segments of one setting each, in bucket order on
+    every rank (an uncompressed segment by DDP's plain allreduce)."""
     group = state.group()
     tensor = bucket.buffer()
     state._check_settings(group)
     name = BUCKET_NAME.format(bucket.index())
-    config = state.config
-    if tensor.dtype not in DTYPE_NAMES or tensor.numel() < config.min_numel:
-        state.state.passthrough(name, tensor.numel(), tensor.numel() * tensor.element_size())
-        return _allreduce_average(tensor, group)
-    state._check_layout(bucket, name)
+    if tensor.dtype not in DTYPE_NAMES:
+        return _passthrough(state, tensor, name, group)
+    segments = state._segments(bucket, name)
+    if len(segments) == 1:
+        return _reduce(state, tensor, segments[0][2], name, group)
+    flat = tensor.view(-1)
+    futures = [_reduce(state, flat[start:stop], config, segment_name, group)
+               for start, stop, config, segment_name in segments]
+    return torch.futures.collect_all(futures).then(lambda _: tensor)
+
+
+def _reduce(state, tensor, config, name, group):
+    """A future of ``tensor`` (a bucket, or a segment of one) averaged over ``group``:
+    compressed with ``config`` as payloads ``name``, or by DDP's plain allreduce where
+    ``config`` is None or the tensor is smaller than its ``min_numel``."""
+    if config is None or tensor.numel() < config.min_numel:
+        return _passthrough(state, tensor, name, group)
     size = group.size()
     codec = state.codec_for(tensor, config)
     collectives = _DistCollectives(codec, group)
@@ -237,6 +309,11 @@ def tnq_hook(state: TNQHookState, bucket: dist.GradBucket) -> torch.futures.Futu
     future = torch.futures.Future()
     future.set_result(result)
     return future
+
+
+def _passthrough(state, tensor, name, group):
+    state.state.passthrough(name, tensor.numel(), tensor.numel() * tensor.element_size())
+    return _allreduce_average(tensor, group)
 
 
 def average_scale(size):

@@ -131,6 +131,26 @@ def test_training_stays_in_sync(checks):
                 sum(steps.values()), (case, entry["stats"])
 
 
+def test_overrides_set_each_parameters_width(checks):
+    ranks = entries(checks, "overrides")
+    assert ranks[0]["steps"] == ranks[1]["steps"]  # every rank decodes the same average
+    for step in ranks[0]["steps"]:
+        # second.bias goes uncompressed, by DDP's allreduce: DDP's own average, bit for bit
+        assert step["second.bias"]["equal"], step
+        # the first layer at 8 bits, the second's weight at 2 (one quantization's 0.13 here:
+        # the two ranks' batches are unrelated, their errors add as their gradients do)
+        assert step["first.weight"]["nmse"] < 1e-3 and step["first.bias"]["nmse"] < 1e-3
+        assert 0.01 < step["second.weight"]["nmse"] < 0.3, step
+    entry = ranks[0]
+    # one bucket, cut where the settings change: segments named apart, the uncompressed one
+    # passed through; the first step's bucket and the rebuilt one
+    assert all(name.startswith("ddp.bucket") for name in entry["segments"])
+    assert len(entry["segments"]) >= 3
+    assert entry["stats"]["passthrough_tensors"] == 2
+    widths = sorted(round(bits) for bits in entry["bits"].values() if bits)
+    assert widths[0] == 2 and widths[-1] == 8, entry["bits"]
+
+
 def test_error_feedback_resumes_exactly(checks):
     ranks = entries(checks, "resume")
     for rank in ranks:

@@ -34,8 +34,46 @@ def test_settings_are_the_compressors():
         TNQHookState(bits=0)
     with pytest.raises(TypeError, match="unknown compressor option"):
         TNQHookState(no_such_option=1)
-    with pytest.raises(NotImplementedError, match="overrides"):
-        TNQHookState(overrides={"*": {"bits": 8}})
+
+
+def test_overrides_cut_buckets_into_segments_of_one_setting():
+    embed, w1, norm, w2 = (torch.nn.Parameter(torch.zeros(shape))
+                           for shape in ((10, 4), (4, 4), (4,), (4, 2)))
+    named = [("embed.weight", embed), ("layer1.weight", w1), ("norm.weight", norm),
+             ("layer2.weight", w2)]
+    overrides = {"embed.*": {"bits": 8}, "norm.*": None}
+    state = TNQHookState(bits=2, overrides=overrides, named_parameters=named)
+    segments = state._segments(Bucket(3, [embed, w1, norm, w2]), "ddp.bucket3")
+    assert [(start, stop, None if config is None else config.bits, name)
+            for start, stop, config, name in segments] == [
+        (0, 40, 8, "ddp.bucket3.0"), (40, 56, 2, "ddp.bucket3.1"),
+        (56, 60, None, "ddp.bucket3.2"), (60, 68, 2, "ddp.bucket3.3")]
+    # neighbours of one setting are one segment; a bucket of one setting keeps the bucket's name
+    segments = state._segments(Bucket(4, [w1, w2]), "ddp.bucket4")
+    assert [(start, stop, config.bits, name) for start, stop, config, name in segments] == [
+        (0, 24, 2, "ddp.bucket4")]
+    # DDP's buckets carry no names: overrides without them are refused, naming the fix
+    nameless = TNQHookState(bits=2, overrides=overrides)
+    with pytest.raises(ValueError, match="named_parameters=model.named_parameters()"):
+        nameless._segments(Bucket(0, [embed]), "ddp.bucket0")
+    nameless.name_parameters(named)
+    assert nameless._segments(Bucket(0, [embed]), "ddp.bucket0")[0][2].bits == 8
+    # a pattern that matches no parameter warns once (a typo would silently change nothing)
+    with pytest.warns(UserWarning, match="match no tensor name"):
+        TNQHookState(bits=2, overrides={"encoder.*": None}, named_parameters=named)._segments(
+            Bucket(0, [w1]), "ddp.bucket0")
+
+
+def test_residuals_of_segments_are_dropped_with_their_layout():
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    state = TNQHookState(bits=2, error_feedback=1.0, overrides={"b": {"bits": 4}},
+                         named_parameters=[("a", a), ("b", b)])
+    for slot in ("ddp.bucket1.0", "ddp.bucket1.1#reduced", "ddp.bucket0"):
+        state.state.residuals[slot] = np.zeros(3, np.float32)
+    state._segments(Bucket(1, [a, b]), "ddp.bucket1")
+    assert len(state.state.residuals) == 3
+    state._segments(Bucket(1, [b, a]), "ddp.bucket1")
+    assert sorted(state.state.residuals) == ["ddp.bucket0"]
 
 
 def test_average_scale_is_the_horovod_probes():
@@ -48,7 +86,7 @@ def test_pickles_without_its_process_group():
     state.state.next_step("ddp.bucket0")
     state.state.residuals["ddp.bucket0"] = np.ones(5, np.float32)
     weight = torch.nn.Parameter(torch.zeros(5))
-    state._check_layout(Bucket(0, [weight]), "ddp.bucket0")
+    state._segments(Bucket(0, [weight]), "ddp.bucket0")
     copy = pickle.loads(pickle.dumps(state))
     assert copy.process_group is None and not copy.overlap
     assert copy.config == state.config and copy.state.steps == {"ddp.bucket0": 1}
@@ -60,7 +98,7 @@ def test_state_dict_round_trip():
     state = TNQHookState(bits=2, error_feedback=1.0)
     state.state.next_step("ddp.bucket0")
     state.state.residuals["ddp.bucket0"] = np.arange(4, dtype=np.float32)
-    state._check_layout(Bucket(0, [torch.nn.Parameter(torch.zeros(2, 2))]), "ddp.bucket0")
+    state._segments(Bucket(0, [torch.nn.Parameter(torch.zeros(2, 2))]), "ddp.bucket0")
     saved = state.state_dict()
     assert torch.is_tensor(saved["residuals"]["ddp.bucket0"])
     assert saved["ddp_layouts"] == {0: [[2, 2]]}
@@ -77,26 +115,26 @@ def test_residuals_of_a_bucket_laid_out_anew_are_dropped():
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
     for slot in ("ddp.bucket1", "ddp.bucket1#reduced", "ddp.bucket10", "ddp.bucket0"):
         state.state.residuals[slot] = np.zeros(6, np.float32)
-    state._check_layout(Bucket(1, [a, b]), "ddp.bucket1")
-    state._check_layout(Bucket(1, [a, b]), "ddp.bucket1")  # the same layout: kept
+    state._segments(Bucket(1, [a, b]), "ddp.bucket1")
+    state._segments(Bucket(1, [a, b]), "ddp.bucket1")  # the same layout: kept
     assert len(state.state.residuals) == 4
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # DDP's own rebuild is expected: no warning
-        state._check_layout(Bucket(1, [b, a]), "ddp.bucket1")
+        state._segments(Bucket(1, [b, a]), "ddp.bucket1")
     assert sorted(state.state.residuals) == ["ddp.bucket0", "ddp.bucket10"]
 
 
 def test_residuals_saved_with_another_layout_are_dropped_with_a_warning():
     state = TNQHookState(bits=2, error_feedback=1.0)
     state.state.residuals["ddp.bucket0"] = np.zeros(6, np.float32)
-    state._check_layout(Bucket(0, [torch.nn.Parameter(torch.zeros(2, 3))]), "ddp.bucket0")
+    state._segments(Bucket(0, [torch.nn.Parameter(torch.zeros(2, 3))]), "ddp.bucket0")
     saved = state.state_dict()
     same, other = TNQHookState(bits=2, error_feedback=1.0), TNQHookState(bits=2,
                                                                          error_feedback=1.0)
     same.load_state_dict(saved)
-    same._check_layout(Bucket(0, [torch.nn.Parameter(torch.zeros(2, 3))]), "ddp.bucket0")
+    same._segments(Bucket(0, [torch.nn.Parameter(torch.zeros(2, 3))]), "ddp.bucket0")
     assert list(same.state.residuals) == ["ddp.bucket0"]
     other.load_state_dict(saved)
     with pytest.warns(UserWarning, match="start afresh"):
-        other._check_layout(Bucket(0, [torch.nn.Parameter(torch.zeros(3, 2))]), "ddp.bucket0")
+        other._segments(Bucket(0, [torch.nn.Parameter(torch.zeros(3, 2))]), "ddp.bucket0")
     assert other.state.residuals == {}

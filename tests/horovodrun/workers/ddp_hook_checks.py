@@ -221,6 +221,42 @@ def training(rank, size):
     return results
 
 
+OVERRIDES = {"first.*": {"bits": 8}, "second.bias": None}  # the rest at the state's 2 bits
+
+
+@check
+def overrides(rank, size):
+    """Per-parameter settings in one DDP bucket: each parameter's averaged gradient against
+    DDP's own (uncompressed) average of the same batch, over two steps (DDP rebuilds its
+    buckets after the first)."""
+    results = []
+    models = []
+    for settings in (None, dict(bits=2, overrides=OVERRIDES)):
+        torch.manual_seed(0)
+        model = MLP()
+        ddp = DDP(model, bucket_cap_mb=64)
+        if settings is not None:
+            state = TNQHookState(named_parameters=model.named_parameters(), **settings)
+            ddp.register_comm_hook(state, tnq_hook)
+        models.append((model, ddp))
+    for step in range(2):
+        grads = []
+        for model, ddp in models:
+            model.zero_grad()
+            x, y = batch(rank, step)
+            torch.nn.functional.mse_loss(ddp(x), y).backward()
+            grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+        plain, hooked = grads
+        results.append({name: {"nmse": float(((hooked[name] - plain[name]) ** 2).sum() /
+                                             (plain[name] ** 2).sum()),
+                               "equal": bool(torch.equal(hooked[name], plain[name]))}
+                        for name in plain})
+    metrics = state.metrics()["tensors"]
+    return {"steps": results, "segments": sorted(metrics),
+            "bits": {name: entry.get("bits_per_element") for name, entry in metrics.items()},
+            "stats": dict(state.stats)}
+
+
 RESUME_SETTINGS = dict(bits=2, error_feedback=0.5)
 RESUME_STEPS, RESUME_AT = 6, 3
 
