@@ -151,6 +151,17 @@ def test_overrides_set_each_parameters_width(checks):
     assert widths[0] == 2 and widths[-1] == 8, entry["bits"]
 
 
+def test_uneven_inputs_under_ddp_join(checks):
+    ranks = entries(checks, "join")
+    for case in ranks[0]:  # nothing hangs, and every rank ends with the same model
+        assert ranks[0][case]["digest"] == ranks[1][case]["digest"], case
+    plain = ranks[0]["none"]["flat"]
+    scale = max(abs(v) for v in plain)
+    for case in ("allgather", "reduce-scatter", "overrides"):
+        drift = max(abs(a - b) for a, b in zip(ranks[0][case]["flat"], plain))
+        assert 0 < drift < 0.02 * scale, (case, drift, scale)
+
+
 def test_error_feedback_resumes_exactly(checks):
     ranks = entries(checks, "resume")
     for rank in ranks:

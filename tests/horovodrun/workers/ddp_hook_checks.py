@@ -257,6 +257,35 @@ def overrides(rank, size):
             "stats": dict(state.stats)}
 
 
+JOIN_CASES = {"none": None, "allgather": dict(bits=4, exchange="allgather"),
+              "reduce-scatter": dict(bits=4, exchange="reduce-scatter"),
+              "overrides": dict(bits=4, overrides={"second.*": {"bits": 8}, "first.bias": None})}
+
+
+@check
+def join(rank, size):
+    """Uneven inputs under DDP's join(): rank 0 trains 5 steps, the others 3; DDP runs the
+    hook on zero buckets for the ranks that ran out (its own average over the world size)."""
+    results = {}
+    for case, settings in JOIN_CASES.items():
+        torch.manual_seed(0)
+        model = MLP(64, 128, 8)
+        ddp = DDP(model, bucket_cap_mb=0.02)  # several buckets after the rebuild
+        if settings is not None:
+            ddp.register_comm_hook(TNQHookState(**settings, named_parameters=(
+                model.named_parameters() if "overrides" in settings else None)), tnq_hook)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        with ddp.join():
+            for step in range(5 if rank == 0 else 3):
+                optimizer.zero_grad()
+                x, y = batch(rank, step, inputs=64, outputs=8)
+                torch.nn.functional.mse_loss(ddp(x), y).backward()
+                optimizer.step()
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        results[case] = {"digest": digest([flat]), "flat": flat.tolist()[::7]}
+    return results
+
+
 RESUME_SETTINGS = dict(bits=2, error_feedback=0.5)
 RESUME_STEPS, RESUME_AT = 6, 3
 
