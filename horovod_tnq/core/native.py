@@ -142,7 +142,7 @@ def quantize_pack(flat, bucket_size, divisors, table, key_words, step, bits, off
 
 
 def scan(flat, min_run):
-    """codec.scan in one streaming pass: ((start, length) rows, int64, of flat's maximal runs of
+    """encoder.scan in one streaming pass: ((start, length) rows, int64, of flat's maximal runs of
     at least ``min_run`` exact zeros, largest |finite element| as a float)."""
     flat = np.ascontiguousarray(flat)
     function = getattr(LIBRARY, f"tnq_scan_{_suffix(flat.dtype)}")
@@ -163,7 +163,7 @@ def set_vector_path(avx512):
 def decode_sum(payloads, numel, bucket_size, factor, out_dtype, out=None):
     """(factor * sum over payloads of offset + scale * table[code] per bucket, accumulated in
     float64 in payload order, as out_dtype (float32 or float64); per payload, the number of
-    codes beyond its table). ``payloads`` are codec.Sections: each has its own bits, table,
+    codes beyond its table). ``payloads`` are payload.Sections: each has its own bits, table,
     scales and (or None) offsets. Writes into ``out`` (numel contiguous out_dtype) when given."""
     return _decode_sum(payloads, numel, bucket_size, factor, out_dtype, out, rotated=False)
 
@@ -225,7 +225,7 @@ def _decode_sum(payloads, numel, bucket_size, factor, out_dtype, out, rotated):
 
 def encode_rotated(flat, bucket_size, key_words, step, table, bits, out):
     """(L2 norm of each rotated bucket, <table[code], rotated> per bucket, number of
-    non-finite elements) of codec.encode_rotated, in one pass that keeps each bucket in cache;
+    non-finite elements) of encoder.encode_rotated, in one pass that keeps each bucket in cache;
     non-finite elements are taken as 0 and the packed codes are written into ``out``."""
     flat = np.ascontiguousarray(flat)
     table = np.ascontiguousarray(table, dtype=np.float32)
@@ -246,5 +246,5 @@ def encode_rotated(flat, bucket_size, key_words, step, table, bits, out):
 
 
 def rotated_decode_sum(payloads, numel, bucket_size, factor, out_dtype, out=None):
-    """decode_sum for payloads of the rotated scheme (codec.Sections with ``rotation`` set)."""
+    """decode_sum for payloads of the rotated scheme (payload.Sections with ``rotation`` set)."""
     return _decode_sum(payloads, numel, bucket_size, factor, out_dtype, out, rotated=True)
