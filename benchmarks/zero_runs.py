@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from horovod_tnq import core
-from horovod_tnq.core import codec, native
+from horovod_tnq.core import codec, encoder, native
 
 
 def token_batch(vocab, tokens, seed):
@@ -49,14 +49,14 @@ def adam_first_step(grad, lr=1e-3, eps=1e-8):
 
 
 def measure(grad, bits, runs):
-    original = codec.MIN_ZERO_RUN
+    original = encoder.MIN_ZERO_RUN  # (read by encoder.scan)
     if not runs:
-        codec.MIN_ZERO_RUN = grad.size + 1  # no run is that long
+        encoder.MIN_ZERO_RUN = grad.size + 1  # no run is that long
     try:
         payload = core.encode(grad, scheme="tnq-rht", bits=bits, bucket_size=512,
                               key=core.stream_key(0, 0, "embed"))
     finally:
-        codec.MIN_ZERO_RUN = original
+        encoder.MIN_ZERO_RUN = original
     decoded = core.decode(payload)[0].reshape(grad.shape)
     untouched = ~grad.any(axis=1)
     error = decoded - grad

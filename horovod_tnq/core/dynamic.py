@@ -24,15 +24,15 @@ condition, and it is what this module implements.)
 Every rank chooses its own width from its own gradient: payloads are self-describing (the
 header carries their bits), so the decoder reads each with its own width and no rank has to
 wait for a common choice. The decoder still refuses payloads that differ from its own in
-scheme, dtype, element count, bucket size or shape (``codec.decode_sum``); only the width may
+scheme, dtype, element count, bucket size or shape (``decoder.decode_sum``); only the width may
 differ, and only for this scheme.
 """
 
 import numpy as np
 
-from .codec import Scheme
 from .levels import qsgd_levels
 from .quantize import bucket_statistic, per_element
+from .schemes import Scheme
 
 DEFAULT_MIN_BITS = 2
 DEFAULT_NMSE_TARGET = 0.1

@@ -25,7 +25,7 @@ several rotation and rounding keys; tests/unit/test_core_error_estimate.py asser
   ICML 2022; shared notes ALGORITHMS.md, "Random rotation first"); the encoder rounds r / sigma
   (sigma = ||r|| / sqrt(n), n the bucket size) to the nearest level q of the Lloyd-Max table for
   N(0, 1) and stores EDEN's scale, which after folding in the Hadamard's 1/n is
-  ``scale = sigma / <q, r/sigma>`` (codec.encode_rotated). The decoded bucket's error is exactly
+  ``scale = sigma / <q, r/sigma>`` (encoder.encode_rotated). The decoded bucket's error is exactly
   ||x_b||^2 (n ||q||^2 / <q, r/sigma>^2 - 1), and ||x_b||^2 = sigma^2 = (scale <q, r/sigma>)^2.
   For Gaussian r, <q, r/sigma> / n -> E[Q(Z) Z] and ||q||^2 / n -> E[Q(Z)^2] as n grows, so
   ||x_b||^2 ~ (n E[QZ] scale)^2 and the relative error ~ E[Q^2] / E[QZ]^2 - 1, which equals
@@ -89,7 +89,7 @@ infinite, so the estimate describes the finite part: they add nothing to either 
 encoder quantized zeros in their place, and the estimates above count those zeros as it did).
 An empty or all-zero tensor gives (0.0, 0.0): every covered scheme decodes zero buckets exactly,
 so a caller should read 0 / 0 as no error. Rotated payloads of tensors scaled by 2^-e
-(codec.SAFE_NORMS) are scaled back by 4^e (overflowing to inf as ||x||^2 itself would).
+(encoder.SAFE_NORMS) are scaled back by 4^e (overflowing to inf as ||x||^2 itself would).
 """
 
 import math
@@ -97,9 +97,10 @@ from functools import lru_cache
 
 import numpy as np
 
-from . import codec
 from .levels import gaussian_cell_moments, gaussian_levels
 from .packing import unpack_bits
+from .payload import split
+from .schemes import SCHEMES_BY_ID, level_table
 
 __all__ = ["estimate_error", "COVERED_SCHEMES"]
 
@@ -127,7 +128,7 @@ def rht_constants(bits, bucket_size):
         qz = float(np.sum(table * first))          # E[Q(Z) Z]
         c_norm = (n * qz) ** 2
         return c_norm, c_norm * (q2 / (qz * qz) - 1.0)
-    # Monte Carlo over Gaussian buckets, quantized as codec.encode_rotated does: normalise by the
+    # Monte Carlo over Gaussian buckets, quantized as encoder.encode_rotated does: normalise by the
     # bucket's RMS, nearest level, EDEN's scale sigma / <q, r / sigma>.
     count = max(RHT_MONTE_CARLO_ELEMENTS // n, 64)
     rows = np.random.default_rng(RHT_MONTE_CARLO_SEED).standard_normal((count, n))
@@ -148,7 +149,7 @@ _GAUSS_LEGENDRE = np.polynomial.legendre.leggauss(40)
 def laplace_table_error(scheme_id, bits):
     """E[(Q(Y) - Y)^2] for Y ~ Laplace(0, 1), truncated to the unit level table of the scheme
     and rounded stochastically between adjacent levels (exact, by quadrature per cell)."""
-    table = codec.level_table(scheme_id, bits).astype(np.float64)
+    table = level_table(scheme_id, bits).astype(np.float64)
     nodes, weights = _GAUSS_LEGENDRE
     # truncation bias beyond each end level T > 0: int_T^inf (y - T)^2 e^{-y} / 2 dy = e^{-T}
     total = math.exp(-table[-1]) + math.exp(table[0])
@@ -207,9 +208,9 @@ def estimate_error(payload):
     cost and the measured accuracy of each scheme."""
     if isinstance(payload, (bytes, bytearray, memoryview)):
         payload = np.frombuffer(payload, dtype=np.uint8)
-    sections = codec.split(np.ascontiguousarray(payload, dtype=np.uint8).reshape(-1))
+    sections = split(np.ascontiguousarray(payload, dtype=np.uint8).reshape(-1))
     header = sections.header
-    name = codec.SCHEMES_BY_ID[header.scheme_id].name
+    name = SCHEMES_BY_ID[header.scheme_id].name
     if COVERED_SCHEMES.get(name, 99) > header.bits:
         return None
     if header.coded_numel == 0:  # (zero runs decode exactly: no error, no norm)

@@ -1,7 +1,7 @@
 """Levels and bucket parameters fitted to each tensor's own values: MaxMin, BinGrad, ORQ, tnq-opt.
 
 Every scheme decodes bucket i as ``offset[i] + scale[i] * table[code]``. The fixed-table schemes
-(codec.SCHEMES) take the scale from a bucket statistic; the schemes here compute their parameters
+(schemes.SCHEMES) take the scale from a bucket statistic; the schemes here compute their parameters
 from the data, and those that fit a level table send it in the payload. Each fit returns a
 BucketFit. Both framework adapters call these same functions, so both send the same bytes.
 

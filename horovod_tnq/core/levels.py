@@ -99,7 +99,7 @@ def laplace_error_bound(bits):
     return 27.0 / (s + LAPLACE_C) ** 2
 
 
-# Baselines TNQ is compared with. Their tables are for the bucket statistic named in codec.SCHEMES
+# Baselines TNQ is compared with. Their tables are for the bucket statistic named in schemes.SCHEMES
 # (L2 norm or max |x|); a table may use fewer than 2**bits codes.
 
 def qsgd_levels(bits):

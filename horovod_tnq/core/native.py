@@ -14,8 +14,49 @@ import numpy as np
 
 STATISTIC_CODES = {"mean_abs": 0, "l2": 1, "max_abs": 2}
 
-_i64, _i32, _u32, _f64 = ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_double
-_ptr = ctypes.c_void_p
+_i64, _i32, _u32, _f64, _ptr = (ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_double,
+                                 ctypes.c_void_p)
+
+# The C signatures of native.c's functions, declared once: name -> (return type, argument types,
+# the argument names as in native.c). A name ending in "_*" is one function per work dtype
+# (_f32: float, _f64: double, with the same signature).
+SIGNATURES = {
+    "tnq_bucket_statistic_*": (_i64, [_ptr, _i64, _i64, _i32, _ptr],
+                               "x n bucket statistic out"),
+    "tnq_quantize_pack_*": (None, [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i32, _u32, _u32, _u32,
+                                   _i32, _i32, _ptr],
+                            "x n bucket divisors offsets levels size key_lo key_hi step bits "
+                            "nearest out"),
+    "tnq_decode_sum": (None, [_i32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f64, _ptr,
+                              _ptr, _ptr],
+                       "payloads packed bits tables table_sizes scales offsets n bucket factor "
+                       "out32 out64 invalid"),
+    "tnq_encode_rotated_*": (_i64, [_ptr, _i64, _i64, _u32, _u32, _u32, _ptr, _i32, _i32, _ptr,
+                                    _ptr, _ptr, _ptr, _ptr],
+                             "x n bucket key_lo key_hi step levels size bits norms dots scratch "
+                             "codes out"),
+    "tnq_rotated_decode_sum": (None, [_i32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
+                                      _i64, _i64, _i32, _f64, _ptr, _ptr, _ptr, _ptr, _ptr],
+                               "payloads packed bits tables table_sizes scales keys_lo keys_hi "
+                               "steps exponents n bucket single factor out32 out64 invalid "
+                               "scratch codes"),
+    "tnq_scan_*": (_i64, [_ptr, _i64, _i64, _ptr, _i64, _ptr], "data n min_run runs capacity amax"),
+    "tnq_set_vector_path": (_i32, [_i32], "avx512"),
+    "tnq_keep_denormals": (_u32, [], ""),
+    "tnq_restore_csr": (None, [_u32], "csr"),
+}
+for _name, (_, _argtypes, _names) in SIGNATURES.items():
+    assert len(_argtypes) == len(_names.split()), _name
+
+
+def _declare(library):
+    """Set every function's argtypes and restype from SIGNATURES."""
+    for pattern, (restype, argtypes, _) in SIGNATURES.items():
+        names = [pattern[:-1] + suffix for suffix in ("f32", "f64")] if pattern.endswith("_*") \
+            else [pattern]
+        for name in names:
+            function = getattr(library, name)
+            function.argtypes, function.restype = argtypes, restype
 
 
 def _load():
@@ -29,33 +70,7 @@ def _load():
             break
     else:
         return None
-    for name in ("tnq_bucket_statistic_f32", "tnq_bucket_statistic_f64"):
-        getattr(library, name).argtypes = [_ptr, _i64, _i64, _i32, _ptr]
-        getattr(library, name).restype = _i64
-    for name in ("tnq_quantize_pack_f32", "tnq_quantize_pack_f64"):
-        getattr(library, name).argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i32, _u32, _u32,
-                                           _u32, _i32, _i32, _ptr]
-        getattr(library, name).restype = None
-    library.tnq_decode_sum.argtypes = [_i32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
-                                       _f64, _ptr, _ptr, _ptr]
-    library.tnq_decode_sum.restype = None
-    for name in ("tnq_encode_rotated_f32", "tnq_encode_rotated_f64"):
-        getattr(library, name).argtypes = [_ptr, _i64, _i64, _u32, _u32, _u32, _ptr, _i32, _i32,
-                                           _ptr, _ptr, _ptr, _ptr, _ptr]
-        getattr(library, name).restype = _i64
-    library.tnq_rotated_decode_sum.argtypes = [_i32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
-                                               _ptr, _ptr, _i64, _i64, _i32, _f64, _ptr, _ptr,
-                                               _ptr, _ptr, _ptr]
-    library.tnq_rotated_decode_sum.restype = None
-    for name in ("tnq_scan_f32", "tnq_scan_f64"):
-        getattr(library, name).argtypes = [_ptr, _i64, _i64, _ptr, _i64, _ptr]
-        getattr(library, name).restype = _i64
-    library.tnq_set_vector_path.argtypes = [_i32]
-    library.tnq_set_vector_path.restype = _i32
-    library.tnq_keep_denormals.argtypes = []
-    library.tnq_keep_denormals.restype = _u32
-    library.tnq_restore_csr.argtypes = [_u32]
-    library.tnq_restore_csr.restype = None
+    _declare(library)
     library.tnq_set_vector_path(1)
     return library
 
@@ -127,7 +142,7 @@ def quantize_pack(flat, bucket_size, divisors, table, key_words, step, bits, off
 
 
 def scan(flat, min_run):
-    """codec.scan in one streaming pass: ((start, length) rows, int64, of flat's maximal runs of
+    """encoder.scan in one streaming pass: ((start, length) rows, int64, of flat's maximal runs of
     at least ``min_run`` exact zeros, largest |finite element| as a float)."""
     flat = np.ascontiguousarray(flat)
     function = getattr(LIBRARY, f"tnq_scan_{_suffix(flat.dtype)}")
@@ -148,7 +163,7 @@ def set_vector_path(avx512):
 def decode_sum(payloads, numel, bucket_size, factor, out_dtype, out=None):
     """(factor * sum over payloads of offset + scale * table[code] per bucket, accumulated in
     float64 in payload order, as out_dtype (float32 or float64); per payload, the number of
-    codes beyond its table). ``payloads`` are codec.Sections: each has its own bits, table,
+    codes beyond its table). ``payloads`` are payload.Sections: each has its own bits, table,
     scales and (or None) offsets. Writes into ``out`` (numel contiguous out_dtype) when given."""
     return _decode_sum(payloads, numel, bucket_size, factor, out_dtype, out, rotated=False)
 
@@ -210,7 +225,7 @@ def _decode_sum(payloads, numel, bucket_size, factor, out_dtype, out, rotated):
 
 def encode_rotated(flat, bucket_size, key_words, step, table, bits, out):
     """(L2 norm of each rotated bucket, <table[code], rotated> per bucket, number of
-    non-finite elements) of codec.encode_rotated, in one pass that keeps each bucket in cache;
+    non-finite elements) of encoder.encode_rotated, in one pass that keeps each bucket in cache;
     non-finite elements are taken as 0 and the packed codes are written into ``out``."""
     flat = np.ascontiguousarray(flat)
     table = np.ascontiguousarray(table, dtype=np.float32)
@@ -231,5 +246,5 @@ def encode_rotated(flat, bucket_size, key_words, step, table, bits, out):
 
 
 def rotated_decode_sum(payloads, numel, bucket_size, factor, out_dtype, out=None):
-    """decode_sum for payloads of the rotated scheme (codec.Sections with ``rotation`` set)."""
+    """decode_sum for payloads of the rotated scheme (payload.Sections with ``rotation`` set)."""
     return _decode_sum(payloads, numel, bucket_size, factor, out_dtype, out, rotated=True)

@@ -51,15 +51,15 @@ would carry the private gradient into later releases and break the accounting.
 import functools
 import math
 import struct
-import sys
 
 import numpy as np
 
 from . import levels
-from .codec import HEADER, PayloadError, Scheme
+from .payload import HEADER, PayloadError
 from .packing import pack_bits, unpack_bits
 from .quantize import stochastic_round
 from .rng import derived_key, random_words, uniform_noise
+from .schemes import Body, Scheme
 
 PREFIX = struct.Struct("<IB3xd")  # trials m, wire bits w, reserved, clip (float64)
 MAX_WIRE_BITS = 16
@@ -278,7 +278,7 @@ def account(numels, steps, bits, dp_clip, dp_epsilon=DEFAULT_EPSILON, dp_delta=D
 
 SCHEME = Scheme("dp-binomial", 22, None, "", "binomial mechanism on quantized gradients: cpSGD "
                 "(Agarwal et al., NeurIPS 2018); Yan et al., arXiv 2304.13545",
-                body=sys.modules[__name__],
+                body=Body(check_bits, encode, size, decode, max_size),
                 options={"dp_clip": None, "dp_epsilon": DEFAULT_EPSILON, "dp_delta": DEFAULT_DELTA,
                          "dp_sensitivity": None},
                 check_options=check_options,

@@ -10,7 +10,7 @@ The inverse is x = d * H r / n; the decoder folds 1/n into each bucket's scale.
 The signs come from the counter-based stream of rng.py (element i's sign is bit i % 32 of
 random_words(i // 32): one hash per 32 signs), keyed by the sender's (seed, rank, tensor,
 step): each rank rotates differently, so quantization errors are independent across ranks and
-fall like 1/N in the average. The payload carries the key and step (codec.py), so any rank can
+fall like 1/N in the average. The payload carries the key and step (payload.py), so any rank can
 undo the rotation.
 
 The last bucket of a tensor is padded with zeros to the full bucket size. Butterflies run in the

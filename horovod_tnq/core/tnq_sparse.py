@@ -101,14 +101,14 @@ with a shape index in a reserved byte and the width of the level grid where Top-
 
 import functools
 import struct
-import sys
 
 import numpy as np
 
 from . import topk
-from .codec import PayloadError, Scheme
+from .payload import PayloadError
 from .packing import pack_bits, unpack_bits
 from .rng import uniform_noise
+from .schemes import Body, Scheme
 
 PREFIX = struct.Struct("<QQBBB5xdd")
 # The same size as Top-K's prefix, so Top-K's budget arithmetic (max_k, candidates) holds as is.
@@ -333,4 +333,4 @@ def max_size(numel, bits, **_options):
 SCHEME = Scheme("tnq-sparse", 23, None, "", "TNQ's objective with a sparsification term: the K "
                 "largest entries on truncated non-uniform levels fitted to their tail (this "
                 "project; Yan et al. arXiv 2402.01160, Ruan et al. arXiv 2210.13532)",
-                body=sys.modules[__name__], error_feedback_default=1.0)
+                body=Body(check_bits, encode, size, decode, max_size), error_feedback_default=1.0)

@@ -56,14 +56,14 @@ cost at most one bit per element for their indices, sparse ones about log2(n / K
 
 import functools
 import struct
-import sys
 
 import numpy as np
 
 from . import levels
-from .codec import HEADER, PayloadError, Scheme
+from .payload import HEADER, PayloadError
 from .packing import pack_bits, unpack_bits
 from .rng import uniform_noise
+from .schemes import Body, Scheme
 
 PREFIX = struct.Struct("<QQBB6xdd")
 FIXED_BYTES = HEADER.size + PREFIX.size
@@ -294,5 +294,5 @@ def max_size(numel, bits, **_options):
 
 
 SCHEME = Scheme("topk", 20, None, "", "Ruan, Yan, Xiao, Song, Xu, Adaptive Top-K in SGD, "
-                "arXiv 2210.13532", body=sys.modules[__name__],
+                "arXiv 2210.13532", body=Body(check_bits, encode, size, decode, max_size),
                 error_feedback_default=1.0)  # what it leaves out must come back later

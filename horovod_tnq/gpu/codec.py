@@ -28,7 +28,7 @@ import numpy as np
 
 from ..core import codec as core
 from ..core import rotation
-from ..core.levels import check_bits
+from ..core.encoder import check_encode
 from ..core.packing import packed_size
 from ..core.rng import key_words
 
@@ -214,22 +214,11 @@ def encode(tensor, *, scheme="tnq-rht", bits, bucket_size, key, step=0, dtype_na
     kernels = _kernels()
     if scheme not in SCHEMES:
         raise ValueError(f"the GPU codec runs schemes {SCHEMES}, not {scheme!r}")
-    bits = check_bits(bits)
-    core.check_scheme_bits(scheme, bits)
     if not torch.is_tensor(tensor) or tensor.dtype not in _dtype_names():
         raise TypeError(f"the GPU codec encodes float16/bfloat16/float32/float64 torch tensors, "
                         f"got {getattr(tensor, 'dtype', type(tensor))}")
     dtype_name = dtype_name or _dtype_names()[tensor.dtype]
-    if dtype_name not in core.DTYPE_CODES:
-        raise TypeError(f"unsupported dtype {dtype_name}; supported: {sorted(core.DTYPE_CODES)}")
-    if not isinstance(bucket_size, (int, np.integer)) or \
-            not 1 <= bucket_size <= core.MAX_BUCKET_SIZE:
-        raise ValueError(f"bucket_size must be an int in [1, {core.MAX_BUCKET_SIZE}], got "
-                         f"{bucket_size!r}")
-    bucket_size = int(bucket_size)
-    spec = core.get_scheme(scheme)
-    if spec.rotation:
-        rotation.check_bucket_size(bucket_size)
+    spec, bits, bucket_size = check_encode(scheme, bits, bucket_size, dtype_name)  # as the host's
     _check_device(tensor)
     shape = tuple(tensor.shape) if shape is None else shape
     flat = tensor.detach().reshape(-1)

@@ -150,7 +150,7 @@ def _unpack_load(in_ptr, group_byte, limit, GROUPS: tl.constexpr, BITS: tl.const
     return codes.to(tl.int32)
 
 
-# ---- tnq-rht: codec.encode_rotated / codec._encode_rotated ----
+# ---- tnq-rht: encoder.encode_rotated / encoder._encode_rotated ----
 
 @triton.jit(do_not_specialize=["key_lo", "step_word"])
 def rht_encode_kernel(x_ptr, n, num_buckets, num_tiles, scratch_ptr, table_ptr, scales_ptr,
@@ -232,7 +232,7 @@ def _rht_values(p, buf_ptr, payload_size, codes_offset, codes_size, scales_ptr, 
                 table_ptr, first, bucket, ok, num_buckets, B: tl.constexpr,
                 LOG2B: tl.constexpr, ROWS: tl.constexpr, BITS: tl.constexpr,
                 WORK_F64: tl.constexpr):
-    """codec._rotated_values of payload p for the tile's ROWS buckets (from bucket ``first``):
+    """decoder._rotated_values of payload p for the tile's ROWS buckets (from bucket ``first``):
     scale * table[code] in the work dtype, Hadamard-transformed, signs flipped."""
     TILE: tl.constexpr = ROWS * B
     base = p * payload_size + codes_offset
@@ -255,7 +255,7 @@ def rht_decode_kernel(buf_ptr, payload_size, codes_offset, codes_size, scales_pt
                       table_ptr, out_ptr, factor: tl.float64, n, num_buckets, num_payloads,
                       B: tl.constexpr, LOG2B: tl.constexpr, ROWS: tl.constexpr,
                       BITS: tl.constexpr, WORK_F64: tl.constexpr, OUT_F64: tl.constexpr):
-    """codec.decode_sum of num_payloads tnq-rht payloads laid end to end (payload_size bytes
+    """decoder.decode_sum of num_payloads tnq-rht payloads laid end to end (payload_size bytes
     each) for ROWS buckets: each payload's values in the work dtype, summed in float64 in
     payload order (the first one is the sum's start, as in the reference: no -0 + 0), times
     factor, rounded once to the output dtype. scales: (num_payloads, num_buckets) as sent;
@@ -279,7 +279,7 @@ def rht_decode_kernel(buf_ptr, payload_size, codes_offset, codes_size, scales_pt
         tl.store(out_ptr + offs, acc.to(tl.float32), mask=offs < n)
 
 
-# ---- tnq: codec.encode's fixed-table path with the "mean_abs" statistic ----
+# ---- tnq: encoder.encode_table with the "mean_abs" statistic ----
 
 @triton.jit(do_not_specialize=["key_lo", "step_word"])
 def tnq_encode_kernel(x_ptr, n, bucket_size, num_buckets, table_ptr, scales_ptr, divisors_ptr,
@@ -344,7 +344,7 @@ def tnq_quantize_kernel(x_ptr, n, bucket_size, divisors_ptr, table_ptr, codes_pt
                         key_lo: tl.uint32, step_word: tl.uint32, BLOCK: tl.constexpr,
                         BITS: tl.constexpr, WORK_F64: tl.constexpr):
     """Stochastic rounding and packing of BLOCK consecutive elements (buckets not a multiple of
-    8 elements, whose codes do not start on a byte): the element-wise part of codec.encode."""
+    8 elements, whose codes do not start on a byte): the element-wise part of encode_table."""
     if WORK_F64:
         work: tl.constexpr = tl.float64
     else:
@@ -365,7 +365,7 @@ def tnq_quantize_kernel(x_ptr, n, bucket_size, divisors_ptr, table_ptr, codes_pt
 @triton.jit
 def _tnq_values(p, buf_ptr, payload_size, codes_offset, codes_size, scales_ptr, table_ptr,
                 start, bucket, m, num_buckets, BLOCK: tl.constexpr, BITS: tl.constexpr):
-    """codec._values of payload p for BLOCK elements from ``start``: table[code] * scale in
+    """decoder._table_values of payload p for BLOCK elements from ``start``: table[code] * scale in
     float64 (scales: float64, as split() widens them)."""
     base = p * payload_size + codes_offset
     group_byte = base + (start // 8 + tl.arange(0, BLOCK // 8)) * BITS
@@ -379,7 +379,7 @@ def _tnq_values(p, buf_ptr, payload_size, codes_offset, codes_size, scales_ptr, 
 def tnq_decode_kernel(buf_ptr, payload_size, codes_offset, codes_size, scales_ptr, table_ptr,
                       out_ptr, factor: tl.float64, n, bucket_size, num_buckets, num_payloads,
                       BLOCK: tl.constexpr, BITS: tl.constexpr, OUT_F64: tl.constexpr):
-    """codec.decode_sum of num_payloads tnq payloads for BLOCK elements: float64 sum in payload
+    """decoder.decode_sum of num_payloads tnq payloads for BLOCK elements: float64 sum in payload
     order, times factor, rounded once to the output dtype. table: float64."""
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)

@@ -23,7 +23,6 @@ import sys
 import pytest
 from launch import ROOT, WORKERS, run_workers
 
-pytestmark = pytest.mark.horovodrun
 
 JOB_TIMEOUT_S = 300
 MISMATCH_TIMEOUT_S = 120  # the workers' Gloo timeout is 60 s: a hang fails well before this

@@ -5,7 +5,6 @@ also when a kernel fails on one rank and that rank falls back to the host codec.
 import pytest
 from launch import run_workers
 
-pytestmark = pytest.mark.horovodrun
 pytest.importorskip("triton")
 
 

@@ -21,8 +21,6 @@ import sys
 import pytest
 from launch import ROOT, WORKERS
 
-pytestmark = pytest.mark.horovodrun
-
 
 def run_elastic(mode, event, tmp_path, steps=20, workers=2, extra_env=None, check=True):
     """Run an elastic job of ``workers`` workers at most and one fewer at least; ``mode``:

@@ -7,7 +7,6 @@ import pytest
 
 from launch import run_workers, same_on_all_ranks
 
-pytestmark = pytest.mark.horovodrun
 
 WITHOUT_JOIN = "two_optimizers,no_gradient,sparse,process_set,mismatched_count"
 # hvd.join() needs Horovod's response cache off: Horovod 0.28.1's joined rank crashes in any

@@ -12,7 +12,6 @@ import pytest
 
 from launch import run_workers
 
-pytestmark = pytest.mark.horovodrun
 
 HOROVOD_OPTIMIZER_TESTS = [
     "test_broadcast_state", "test_broadcast_state_options", "test_broadcast_state_no_grad",

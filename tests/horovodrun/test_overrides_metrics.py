@@ -8,8 +8,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from launch import run_workers, same_on_all_ranks
 
-pytestmark = pytest.mark.horovodrun
-
 
 @pytest.fixture(scope="module")
 def torch_job(tmp_path_factory):

@@ -47,7 +47,6 @@ def row(reports, scheme, exchange):
     return entries[0], single
 
 
-@pytest.mark.horovodrun
 def test_ranks_agree_and_use_the_exchange_asked_for(job):
     size, reports = job
     assert [report["size"] for report in reports] == [size] * size
@@ -59,7 +58,6 @@ def test_ranks_agree_and_use_the_exchange_asked_for(job):
     assert len(summary) == 4
 
 
-@pytest.mark.horovodrun
 def test_rotated_errors_average_out_across_ranks(job):
     size, reports = job
     entry, single = row(reports, "tnq-rht", "allgather")
@@ -69,7 +67,6 @@ def test_rotated_errors_average_out_across_ranks(job):
     assert entry["nmse"] >= 0.8 * single / size, (entry["nmse"], single)
 
 
-@pytest.mark.horovodrun
 def test_reduce_scatter_keeps_averaging_like_one_over_n(job):
     size, reports = job
     entry, single = row(reports, "tnq-rht", "reduce-scatter")
@@ -79,7 +76,6 @@ def test_reduce_scatter_keeps_averaging_like_one_over_n(job):
     assert 0.8 * single / size <= entry["nmse"] <= 1.3 * single / size, (entry["nmse"], single)
 
 
-@pytest.mark.horovodrun
 def test_biased_tnq_has_a_floor(job):
     size, reports = job
     entry, single = row(reports, "tnq", "allgather")

@@ -39,7 +39,6 @@ from horovod_tnq.protocol import Hosts, choose_exchange, second_round_configs
 
 from benchmarks import scale_simulator
 
-pytestmark = pytest.mark.horovodrun
 
 EXCHANGES = ("allgather", "reduce-scatter", "auto", "hierarchical")
 KINDS = ("allgather", "reduce-scatter", "hierarchical")  # the exchanges a tensor can take

@@ -5,7 +5,6 @@ import pytest
 
 from launch import run_workers, same_on_all_ranks
 
-pytestmark = pytest.mark.horovodrun
 
 UNNAMED_CALLS = {"torch": 1000, "tf": 300}
 

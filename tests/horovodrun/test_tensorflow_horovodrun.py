@@ -9,8 +9,6 @@ from horovod_tnq import core
 
 from launch import run_workers, same_on_all_ranks, worker_runs
 
-pytestmark = pytest.mark.horovodrun
-
 
 @pytest.fixture(scope="module", params=worker_runs(("gloo", 2), ("mpi", 2)))
 def checks(request, tmp_path_factory):

@@ -7,8 +7,6 @@ import pytest
 from horovod_tnq import core
 from launch import run_workers, same_on_all_ranks, worker_runs
 
-pytestmark = pytest.mark.horovodrun
-
 
 @pytest.fixture(scope="module", params=worker_runs(("gloo", 2), ("gloo", 3), ("mpi", 3)))
 def checks(request, tmp_path_factory):

@@ -92,7 +92,6 @@ def run_benchmark(script, *args):
     return done.stdout
 
 
-@pytest.mark.horovodrun
 def test_bandwidth_benchmark_two_steps(tmp_path):
     tf_none, tf_tnq = "none:framework=tf", "tnq-rht:bits=4,framework=tf"
     ddp_none, ddp_fp16 = "none:framework=ddp", "fp16:framework=ddp"
@@ -172,7 +171,6 @@ def test_bandwidth_benchmark_two_steps(tmp_path):
     assert "| 2 | ddp | powersgd:rank=4 |" in out
 
 
-@pytest.mark.horovodrun
 def test_convergence_benchmark_short_run(tmp_path):
     out = run_benchmark("convergence", "--baselines", "none", "--schemes", "tnq", "--bits", "2",
                         "--steps", "20", "--eval-every", "10", "--out", str(tmp_path))
@@ -186,7 +184,6 @@ def test_convergence_benchmark_short_run(tmp_path):
     assert "| 2 | tnq:bits=2 |" in out
 
 
-@pytest.mark.horovodrun
 def test_convergence_benchmark_char_lm_beside_ddp_hooks(tmp_path):
     ddp_none, ddp_rank1 = "none:framework=ddp", "powersgd:rank=1,framework=ddp"
     specs = ("none", "tnq-rht:bits=2", ddp_none, ddp_rank1)
@@ -223,7 +220,6 @@ def test_convergence_benchmark_char_lm_beside_ddp_hooks(tmp_path):
                         float(table[ddp_rank1][3]) - float(table[ddp_none][3]), abs_tol=0.011)
 
 
-@pytest.mark.horovodrun
 def test_scaling_bytes_benchmark_two_and_three_workers(tmp_path):
     allgather, scalable = "tnq:bits=4,exchange=allgather", "tnq:bits=4,exchange=reduce-scatter"
     out = run_benchmark("scaling_bytes", "--workers", "2", "3", "--configs", "none",
@@ -248,7 +244,6 @@ def test_scaling_bytes_benchmark_two_and_three_workers(tmp_path):
     assert "| 3 |" in out
 
 
-@pytest.mark.horovodrun
 def test_overlap_timeline_sees_transfers_inside_backward(tmp_path):
     out = run_benchmark("overlap_timeline", "--steps", "4", "--out", str(tmp_path))
     with open(tmp_path / "overlap.csv") as f:

@@ -11,8 +11,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from launch import ROOT
 
-pytestmark = pytest.mark.horovodrun
-
 
 @pytest.fixture(scope="module", params=["stock", "fused"])
 def run(request, tmp_path_factory):

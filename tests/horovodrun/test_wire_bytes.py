@@ -11,8 +11,6 @@ itself then lasted about half a second)."""
 import pytest
 from launch import run_workers
 
-pytestmark = pytest.mark.horovodrun
-
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):

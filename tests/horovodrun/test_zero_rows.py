@@ -5,7 +5,6 @@ import pytest
 
 from launch import run_workers, same_on_all_ranks
 
-pytestmark = pytest.mark.horovodrun
 CONFIGS = [f"{scheme}/{optimizer}" for scheme in ("tnq-rht", "tnq")
            for optimizer in ("stock", "fused")]
 
