@@ -161,6 +161,16 @@ def test_uneven_inputs_under_ddp_join(checks):
         assert 0 < drift < 0.02 * scale, (case, drift, scale)
 
 
+def test_static_graph(checks):
+    ranks = entries(checks, "static_graph")
+    assert ranks[0]["hook"]["digest"] == ranks[1]["hook"]["digest"]
+    # every step reached the hook (each bucket 4 times), and stayed near uncompressed DDP
+    assert set(ranks[0]["hook"]["steps"].values()) == {4}, ranks[0]["hook"]["steps"]
+    plain = ranks[0]["none"]["flat"]
+    drift = max(abs(a - b) for a, b in zip(ranks[0]["hook"]["flat"], plain))
+    assert 0 < drift < 0.02 * max(abs(v) for v in plain)
+
+
 def test_error_feedback_resumes_exactly(checks):
     ranks = entries(checks, "resume")
     for rank in ranks:

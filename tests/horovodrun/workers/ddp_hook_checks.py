@@ -286,6 +286,30 @@ def join(rank, size):
     return results
 
 
+@check
+def static_graph(rank, size):
+    """DDP(static_graph=True) with the hook (error feedback on), against the same without it."""
+    results = {}
+    for case, settings in (("none", None), ("hook", dict(bits=4, error_feedback=1.0))):
+        torch.manual_seed(0)
+        model = MLP(64, 128, 8)
+        ddp = DDP(model, bucket_cap_mb=0.02, static_graph=True)
+        state = None
+        if settings is not None:
+            state = TNQHookState(**settings)
+            ddp.register_comm_hook(state, tnq_hook)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        for step in range(4):
+            optimizer.zero_grad()
+            x, y = batch(rank, step, inputs=64, outputs=8)
+            torch.nn.functional.mse_loss(ddp(x), y).backward()
+            optimizer.step()
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        results[case] = {"digest": digest([flat]), "flat": flat.tolist()[::7],
+                         "steps": None if state is None else dict(state.state.steps)}
+    return results
+
+
 RESUME_SETTINGS = dict(bits=2, error_feedback=0.5)
 RESUME_STEPS, RESUME_AT = 6, 3
 
