@@ -55,8 +55,9 @@ class TNQHookState(CompressorBase):
         process_group: the group DDP reduces over (None: the default group).
         bits, scheme, bucket_size, min_numel, seed, error_feedback, exchange, part_elements,
             and the scheme's own options: TNQCompressor's settings (horovod_tnq.torch), with
-            the same defaults and checks. ``min_numel`` applies to whole DDP buckets: a bucket
-            of fewer elements (or of integer gradients) is averaged by DDP's plain allreduce.
+            the same defaults and checks. ``min_numel`` applies to whole DDP buckets (to each
+            segment, with ``overrides``): a bucket of fewer elements (or of integer gradients)
+            is averaged by DDP's plain allreduce.
             On several nodes of several ranks each (torchrun's GROUP_RANK and LOCAL_RANK, or
             the hosts' names), "auto" and "hierarchical" take the hierarchical exchange over
             groups the first hook call makes (dist.new_group), for the default group.
@@ -268,7 +269,17 @@ def tnq_hook(state: TNQHookState, bucket: dist.GradBucket) -> torch.futures.Futu
     flat = tensor.view(-1)
     futures = [_reduce(state, flat[start:stop], config, segment_name, group)
                for start, stop, config, segment_name in segments]
-    return torch.futures.collect_all(futures).then(lambda _: tensor)
+    return torch.futures.collect_all(futures).then(_whole_bucket(tensor))
+
+
+def _whole_bucket(tensor):
+    """The callback that hands DDP the bucket once all its segments are reduced, raising the
+    first segment's error (collect_all completes whether its futures failed or not)."""
+    def whole(done):
+        for future in done.value():
+            future.value()  # raises where that segment failed
+        return tensor
+    return whole
 
 
 def _reduce(state, tensor, config, name, group):
