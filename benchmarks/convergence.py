@@ -1,7 +1,8 @@
 """Convergence of the compression schemes at equal bits: loss curves and final accuracy.
 
-    python -m benchmarks.convergence [--task digits|char-lm] [--schemes tnq tnq-fit qsgd ...]
-                                     [--bits 2 4] [--steps 400] [--workers 2]
+    python -m benchmarks.convergence [--task digits|char-lm|transformer]
+                                     [--schemes tnq tnq-fit qsgd ...] [--bits 2 4]
+                                     [--steps 400] [--workers 2] [--seeds 0 1 2]
                                      [--extra-configs tnq:bits=2,error_feedback=1]
 
 Each run is ``horovodrun -np W -H localhost:W --gloo`` on the task's worker, trained with SGD +
@@ -16,11 +17,29 @@ same initialisation, data order and step count for every scheme:
   windows of 64 characters per worker; test loss (nats per character) and next-character
   accuracy on a held-out tenth of the text. Harder, and the gradients (a sparse embedding, a
   heavy-tailed output layer) are less kind to quantisation.
+- ``--task transformer``, benchmarks/transformer_worker.py: examples/train_transformer.py's
+  GPT-style byte-level decoder (--hidden is its width, 64 by default; 2 pre-norm blocks of 4
+  heads, context 64: 137k parameters) on the same text, trained as transformers are: AdamW,
+  peak lr 0.01, linear warm-up over 5% of the steps then cosine decay to a tenth, the averaged
+  gradient clipped to norm 1, 1200 steps of 32 windows of 64 bytes per worker (the last 20% of
+  uncompressed training improve its test loss by 1.9%); test loss on held-out text. Its plot
+  shows test loss and its ratio to uncompressed training of the same seed; its table adds that
+  ratio and the steps each run took to first reach uncompressed training's final test loss +
+  1% (``--target``). A spec may carry the worker's ``overrides=`` (per-layer settings, e.g.
+  ``tnq-rht:bits=2,overrides=docs``: docs/overrides.md's recommendation); the per-layer error
+  and AdamW statistics the worker reports go to convergence_transformer_layers.csv
+  (``--diagnose-every K``: with the averaged gradient's measured error every K steps).
 
 Every scheme in --schemes runs at
 every width in --bits that it supports, next to uncompressed and fp16 Horovod; --extra-configs
 adds any other compressor spec (see jobs.py), e.g. a scheme with options. A run that fails is
 reported as failed and the others go on.
+
+``--seeds 0 1 2`` runs every configuration once per seed (seeds outermost); a spec's own
+``seeds=N`` option (taken off before the worker sees it) runs it at the first N of them only,
+e.g. ``--seeds 0 1 2 --extra-configs tnq-rht:bits=3,seeds=1``. With several seeds the table
+per run is followed by one per configuration: means over seeds, and the gap to uncompressed
+training of the same seed as mean (min..max). --seeds overrides --seed.
 
 A spec with ``framework=ddp`` runs PyTorch's DistributedDataParallel instead of Horovod, started
 by ``torchrun --standalone --nproc-per-node W`` (Gloo on loopback), with PyTorch's own hook:
@@ -36,8 +55,9 @@ allreduce (PowerSGD's: over the steps it compresses).
 
 Writes convergence.csv (one row per evaluation: training loss averaged over the steps since the
 previous evaluation and over ranks, test loss and accuracy on the held-out data) and
-convergence.png (curves per bit width), named convergence_char_lm.* for char-lm and with a
-_seed<N> suffix for --seed N other than 0, and prints the final numbers as a markdown table. The
+convergence.png (curves per bit width; of the first seed), named convergence_char_lm.* for
+char-lm, convergence_transformer.* for transformer, and with a _seed<N> suffix for a single
+seed N other than 0, and prints the final numbers as a markdown table. The
 MB handed to Horovod per step is the compressor's own count, and 4 or 2 bytes per parameter for
 Horovod's "none" and "fp16".
 """
@@ -66,6 +86,8 @@ TASKS = {
                    accuracy_range=(80, 100)),
     "char-lm": dict(worker="benchmarks.lm_worker", steps=300, batch_size=32,
                     hidden="256", lr=0.5, accuracy_range=None),
+    "transformer": dict(worker="benchmarks.transformer_worker", steps=1200, batch_size=32,
+                        hidden="64", lr=1e-2, accuracy_range=None),
 }
 BASELINE_BYTES = {"none": 4, "fp16": 2}  # per parameter, what Horovod's own compressors hand it
 COLUMNS = [
@@ -75,6 +97,17 @@ COLUMNS = [
     ("train loss (last 10%)", "train_loss_end", ".4f"),
     # handed to Horovod, or to allreduce by a DDP hook
     ("MB handed to collectives/step", lambda row: row["compressor_bytes_per_step"] and
+     row["compressor_bytes_per_step"] / 1e6, ".4f"),
+    ("run s", "job_s", ".0f"),
+]
+# the transformer's: the test loss against uncompressed training's, and steps to reach it
+TRANSFORMER_COLUMNS = [
+    ("bits", "bits", "s"), ("gradients", "compressor", "s"), ("seed", "seed", "d"),
+    ("test loss", "test_loss", ".4f"), ("vs none (x)", "vs_none_loss", ".4f"),
+    ("steps to none + target", lambda row: row["steps_to_target"] or (
+        "not reached" if row["vs_none_loss"] is not None else None), ""),
+    ("train loss (last 10%)", "train_loss_end", ".4f"),
+    ("MB handed to Horovod/step", lambda row: row["compressor_bytes_per_step"] and
      row["compressor_bytes_per_step"] / 1e6, ".4f"),
     ("run s", "job_s", ".0f"),
 ]
@@ -91,6 +124,7 @@ def configs(baselines, schemes, bits_list, extra):
             chosen.append((str(bits), f"{scheme}:bits={bits}"))
     for spec in extra:
         name, options = parse_spec(spec)
+        options.pop("seeds", None)
         if "bits" in options:
             bits = str(options["bits"])
         elif name == "powersgd":
@@ -99,6 +133,54 @@ def configs(baselines, schemes, bits_list, extra):
             bits = {"none": "32", "fp16": "16"}.get(name, "")
         chosen.append((bits, spec))
     return chosen
+
+
+def split_seeds(spec):
+    """(the spec without its ``seeds`` option, that option or None): how many of --seeds it
+    runs at."""
+    name, options = parse_spec(spec)
+    if "seeds" not in options:
+        return spec, None
+    count = options.pop("seeds")
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"spec {spec!r}: seeds must be a positive count")
+    rest = ",".join(f"{key}={value}" for key, value in options.items())
+    return name + (":" + rest if rest else ""), count
+
+
+def steps_to(curve, target):
+    """The first evaluated step whose test loss is at most ``target``, or None."""
+    return next((point["step"] for point in curve if point["test_loss"] <= target), None)
+
+
+def spread(values, fmt):
+    """"mean (min..max)" of ``values``, or the one value."""
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return format(mean, fmt)
+    return f"{format(mean, fmt)} ({format(min(values), fmt)}..{format(max(values), fmt)})"
+
+
+def seed_summary(rows, target=0.01):
+    """Markdown table, one line per configuration over its seeds: test loss, its ratio to
+    uncompressed training of the same seed (mean, min..max), steps to that run's final loss
+    + the target (per seed) and the bytes."""
+    lines = ["| bits | gradients | seeds | test loss | vs none (x) | steps to none + "
+             f"{100 * target:g}% (per seed) | train loss (last 10%) | MB handed to Horovod/step |",
+             "|---|---|---|---|---|---|---|---|"]
+    for spec in dict.fromkeys(row["compressor"] for row in rows):
+        mine = [row for row in rows if row["compressor"] == spec]
+        ratios = [row["vs_none_loss"] for row in mine if row.get("vs_none_loss") is not None]
+        steps = ", ".join(str(row["steps_to_target"] or "-") for row in mine
+                          if row.get("vs_none_loss") is not None)
+        handed = mine[0]["compressor_bytes_per_step"]
+        lines.append(
+            f"| {mine[0]['bits']} | {spec} | {len(mine)} | "
+            f"{spread([row['test_loss'] for row in mine], '.4f')} | "
+            f"{spread(ratios, '.4f') if ratios else ''} | {steps} | "
+            f"{spread([row['train_loss_end'] for row in mine], '.4f')} | "
+            f"{'' if handed is None else format(handed / 1e6, '.4f')} |")
+    return "\n".join(lines)
 
 
 def smoothed(losses, curve):
@@ -131,14 +213,19 @@ def worker_for(task, framework):
     return task["worker"] if task["worker"] != WORKER else WORKERS[framework]
 
 
-def plot(rows, curves, path, title, accuracy_range=(80, 100)):
+def plot(rows, curves, path, title, accuracy_range=(80, 100), loss_ratio=False):
+    """Training loss and test accuracy per bit width; ``loss_ratio``: test loss and its ratio
+    to the uncompressed run's instead of accuracy (the language models')."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     widths = [b for b in dict.fromkeys(row["bits"] for row in rows) if b not in ("32", "16")]
-    fig, axes = plt.subplots(2, max(1, len(widths)), figsize=(6 * max(1, len(widths)), 8),
-                             squeeze=False)
+    panels = 3 if loss_ratio else 2
+    fig, axes = plt.subplots(panels, max(1, len(widths)),
+                             figsize=(6 * max(1, len(widths)), 4 * panels), squeeze=False)
+    none = next((curves[row["compressor"]] for row in rows
+                 if parse_spec(row["compressor"])[0] == "none"), None)
     for column, bits in enumerate(widths or ["32"]):
         for row in rows:
             if row["bits"] not in (bits, "32", "16"):
@@ -149,13 +236,30 @@ def plot(rows, curves, path, title, accuracy_range=(80, 100)):
                 if row["bits"] in ("32", "16") else {}
             axes[0][column].plot(steps, [p["train_loss_window"] for p in curve],
                                  label=row["compressor"], **style)
-            axes[1][column].plot(steps, [100 * p["test_accuracy"] for p in curve],
-                                 label=row["compressor"], **style)
+            if loss_ratio:
+                axes[1][column].plot(steps, [p["test_loss"] for p in curve],
+                                     label=row["compressor"], **style)
+                if none:
+                    base = {p["step"]: p["test_loss"] for p in none}
+                    axes[2][column].plot(steps, [p["test_loss"] / base[p["step"]]
+                                                 if p["step"] in base else float("nan")
+                                                 for p in curve],
+                                         label=row["compressor"], **style)
+            else:
+                axes[1][column].plot(steps, [100 * p["test_accuracy"] for p in curve],
+                                     label=row["compressor"], **style)
         axes[0][column].set_yscale("log")
         width = f"{bits} bits" if bits.isdigit() else bits  # PowerSGD's: "rank R"
         axes[0][column].set_title(f"{width}: training loss")
-        axes[1][column].set_title(f"{width}: test accuracy (%)")
-        axes[1][column].set_xlabel("step")
+        if loss_ratio:
+            axes[1][column].set_title(f"{width}: test loss (nats per byte)")
+            axes[1][column].set_yscale("log")
+            axes[2][column].set_title(f"{width}: test loss / uncompressed test loss")
+            axes[2][column].axhline(1.01, color="red", linewidth=0.5)
+            axes[2][column].set_ylim(0.95, 1.15)
+        else:
+            axes[1][column].set_title(f"{width}: test accuracy (%)")
+        axes[panels - 1][column].set_xlabel("step")
         if accuracy_range:
             axes[1][column].set_ylim(*accuracy_range)
         axes[0][column].legend(fontsize=8)
@@ -175,14 +279,25 @@ def parse_args():
                         help="Horovod's own compressors to run beside the schemes")
     parser.add_argument("--extra-configs", nargs="*", default=[], metavar="SPEC")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--steps", type=int, help="default: the task's (400 digits, 300 char-lm)")
+    parser.add_argument("--steps", type=int, help="default: the task's (400 digits, 300 char-lm, "
+                        "1200 transformer)")
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--batch-size", type=int, help="per worker; default: the task's "
-                        "(16 digits, 32 char-lm windows)")
+                        "(16 digits, 32 char-lm windows, 32 transformer windows)")
     parser.add_argument("--hidden", help="hidden widths; default: the task's (256,256 digits, "
-                        "256 char-lm)")
-    parser.add_argument("--lr", type=float, help="default: the task's (0.05 digits, 0.5 char-lm)")
+                        "256 char-lm, 64 transformer)")
+    parser.add_argument("--lr", type=float, help="default: the task's (0.05 digits, 0.5 char-lm, "
+                        "0.01 transformer: AdamW's peak)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="run every configuration at each of these seeds (a spec's "
+                        "seeds=N: at the first N); default: --seed")
+    parser.add_argument("--target", type=float, default=0.01,
+                        help="transformer: steps to the uncompressed run's final test loss "
+                        "times 1 + this")
+    parser.add_argument("--diagnose-every", type=int, default=0,
+                        help="transformer: measure each layer's averaged-gradient error every "
+                        "K steps (an extra uncompressed allreduce; training unchanged)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--out", default=os.path.join(HERE, "out"))
     args = parser.parse_args()
@@ -190,70 +305,111 @@ def parse_args():
     for key in ("steps", "batch_size", "hidden", "lr"):
         if getattr(args, key) is None:
             setattr(args, key, task[key])
+    if args.seeds is None:
+        args.seeds = [args.seed]
+    if args.diagnose_every and args.task != "transformer":
+        parser.error("--diagnose-every is the transformer task's")
     return args
 
 
 def main():
     args = parse_args()
     task = TASKS[args.task]
+    transformer = args.task == "transformer"
     os.makedirs(args.out, exist_ok=True)
-    rows, curves, points, failed = [], {}, [], []
-    for bits, spec in configs(args.baselines, args.schemes, args.bits, args.extra_configs):
-        worker_args = ["--compressor", spec, "--steps", str(args.steps), "--warmup", "0",
-                       "--eval-every", str(args.eval_every), "--batch-size",
-                       str(args.batch_size), "--hidden", args.hidden, "--lr", str(args.lr),
-                       "--seed", str(args.seed)]
-        start = time.perf_counter()
-        framework = parse_spec(spec)[1].get("framework", "torch")
-        try:
-            report = run_worker(worker_for(task, framework), args.workers, worker_args,
-                                timeout=args.timeout, framework=framework)
-        except Exception as error:  # one broken scheme must not hide the others' results
-            failed.append((spec, str(error).splitlines()[0]))
-            print(f"  {spec}: FAILED: {str(error)[-1500:]}", flush=True)
-            continue
-        report["job_s"] = time.perf_counter() - start
-        name = parse_spec(spec)[0]
-        if report.get("compressor_bytes_per_step") is None and name in BASELINE_BYTES:
-            report["compressor_bytes_per_step"] = BASELINE_BYTES[name] * report["parameters"]
-        report["framework"] = framework
-        curve = report.pop("curve")
-        for point, loss in zip(curve, smoothed(report.pop("train_loss_per_step"), curve)):
-            point["train_loss_window"] = loss
-            points.append({"compressor": spec, "bits": bits, **point})
-        curves[spec] = curve
-        tail = curve[-max(1, len(curve) // 10):]
-        report.update(bits=bits, train_loss_end=sum(p["train_loss_window"] for p in tail) /
-                      len(tail))
-        rows.append(report)
-        print(f"  {spec}: test accuracy {100 * report['test_accuracy']:.2f}%, test loss "
-              f"{report['test_loss']:.4f} ({report['job_s']:.0f} s)", flush=True)
+    rows, curves, points, failed, layers = [], {}, [], [], []
+    chosen = [(bits, *split_seeds(spec)) for bits, spec in
+              configs(args.baselines, args.schemes, args.bits, args.extra_configs)]
+    for index, seed in enumerate(args.seeds):
+        for bits, spec, seed_count in chosen:
+            if seed_count is not None and index >= seed_count:
+                continue
+            report = run_config(args, task, spec, seed, failed)
+            if report is None:
+                continue
+            curve = report.pop("curve")
+            for point, loss in zip(curve, smoothed(report.pop("train_loss_per_step"), curve)):
+                point["train_loss_window"] = loss
+                points.append({"compressor": spec, "bits": bits, "seed": seed, **point})
+            if index == 0:
+                curves[spec] = curve
+            for name, stats in report.pop("layer_stats", {}).items():
+                layers.append({"compressor": spec, "seed": seed, "parameter": name, **stats})
+            tail = curve[-max(1, len(curve) // 10):]
+            report.update(bits=bits, seed=seed, compressor=spec, curve=curve,
+                          train_loss_end=sum(p["train_loss_window"] for p in tail) / len(tail))
+            rows.append(report)
+            print(f"  {spec}, seed {seed}: test accuracy {100 * report['test_accuracy']:.2f}%, "
+                  f"test loss {report['test_loss']:.4f} ({report['job_s']:.0f} s)", flush=True)
     for row in rows:  # against the none row of the row's own framework (Horovod's, DDP's)
         base = next((other for other in rows if other["framework"] == row["framework"]
+                     and other["seed"] == row["seed"]
                      and parse_spec(other["compressor"])[0] == "none"), None)
         row["vs_none_pp"] = 100 * (row["test_accuracy"] - base["test_accuracy"]) if base else None
-    stem = "convergence" + ("_char_lm" if args.task == "char-lm" else "") + \
-        (f"_seed{args.seed}" if args.seed else "")
+        row["vs_none_loss"] = row["test_loss"] / base["test_loss"] if base else None
+        row["steps_to_target"] = (steps_to(row["curve"], base["test_loss"] * (1 + args.target))
+                                  if base else None)
+    stem = "convergence" + {"char-lm": "_char_lm", "transformer": "_transformer"}.get(
+        args.task, "") + (f"_seed{args.seeds[0]}" if args.seeds != [0] and
+                          len(args.seeds) == 1 else "")
     write_csv(os.path.join(args.out, stem + ".csv"), points)
+    if layers:
+        write_csv(os.path.join(args.out, stem + "_layers.csv"), layers)
     parameters = rows[0]["parameters"] if rows else 0
     if args.task == "digits":
         title = f"MLP 64-{args.hidden.replace(',', '-')}-10 ({parameters} parameters) on digits"
+    elif transformer:
+        title = (f"byte-level GPT, width {args.hidden} ({parameters} parameters) on Python "
+                 f"stdlib source, AdamW lr {args.lr} cosine")
     else:
         title = (f"char GRU {args.hidden} ({parameters} parameters) on Python stdlib source, "
                  f"lr {args.lr}")
     title += f", {args.workers} workers, batch {args.batch_size}/worker, {args.steps} steps"
-    if args.seed:
-        title += f", seed {args.seed}"
+    if len(args.seeds) > 1:
+        title += f", seed {args.seeds[0]} of {len(args.seeds)}"
+    elif args.seeds[0]:
+        title += f", seed {args.seeds[0]}"
     if rows:
-        plot(rows, curves, os.path.join(args.out, stem + ".png"), title,
-             task["accuracy_range"])
+        plot([row for row in rows if row["seed"] == args.seeds[0]], curves,
+             os.path.join(args.out, stem + ".png"), title, task["accuracy_range"],
+             loss_ratio=transformer)
     print(f"\n{title}\n")
-    print(markdown_table(rows, COLUMNS))
+    print(markdown_table(rows, TRANSFORMER_COLUMNS if transformer else COLUMNS))
+    if len(args.seeds) > 1:
+        print(f"\nOver seeds (vs none: test loss over uncompressed training's of the same "
+              f"seed; steps to that run's final test loss x {1 + args.target:g}):\n")
+        print(seed_summary(rows, args.target))
     for spec, reason in failed:
         print(f"\nFAILED {spec}: {reason}")
     print(f"\nwrote {os.path.join(args.out, stem + '.csv')} and {stem}.png")
     if failed:
         sys.exit(1)
+
+
+def run_config(args, task, spec, seed, failed):
+    """One run of ``spec`` at ``seed``: its report with job_s and framework added, or None
+    (added to ``failed``) when it failed."""
+    worker_args = ["--compressor", spec, "--steps", str(args.steps), "--warmup", "0",
+                   "--eval-every", str(args.eval_every), "--batch-size",
+                   str(args.batch_size), "--hidden", args.hidden, "--lr", str(args.lr),
+                   "--seed", str(seed)]
+    if args.diagnose_every:
+        worker_args += ["--diagnose-every", str(args.diagnose_every)]
+    start = time.perf_counter()
+    framework = parse_spec(spec)[1].get("framework", "torch")
+    try:
+        report = run_worker(worker_for(task, framework), args.workers, worker_args,
+                            timeout=args.timeout, framework=framework)
+    except Exception as error:  # one broken scheme must not hide the others' results
+        failed.append((f"{spec} (seed {seed})", str(error).splitlines()[0]))
+        print(f"  {spec}, seed {seed}: FAILED: {str(error)[-1500:]}", flush=True)
+        return None
+    report["job_s"] = time.perf_counter() - start
+    name = parse_spec(spec)[0]
+    if report.get("compressor_bytes_per_step") is None and name in BASELINE_BYTES:
+        report["compressor_bytes_per_step"] = BASELINE_BYTES[name] * report["parameters"]
+    report["framework"] = framework
+    return report
 
 
 if __name__ == "__main__":

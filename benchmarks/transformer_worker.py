@@ -1,0 +1,261 @@
+"""One worker of convergence.py's transformer task: a GPT-style decoder trained with AdamW.
+
+examples/train_transformer.py's ``CharTransformer`` (byte embedding, learned positions, pre-norm
+causal self-attention blocks, a linear output over the 256 byte values; one implementation,
+imported from there) learns to predict the next byte of Python's standard-library source
+(lm_worker.split_text: the last ``--test-fraction`` of the text, whole other modules, is held
+out). It trains as people train transformers: AdamW (betas 0.9/0.95, weight decay on the
+matrices only), a linear warm-up to ``--lr`` over ``--lr-warmup`` of the steps, then cosine
+decay to a tenth of it, the averaged gradient's norm clipped to ``--clip`` after the exchange,
+through the stock ``hvd.DistributedOptimizer(..., compression=get_compressor(...))`` with the
+compressor named by a spec (see jobs.py). Each rank draws its own random windows of the
+training text; every rank starts from the same initialisation.
+
+Beyond jobs.py's options a spec may carry ``overrides=...``, TNQCompressor's per-layer
+settings: ``overrides=docs`` for docs/overrides.md's recommendation (the example's OVERRIDES:
+embedding and output head at 8 bits, LayerNorms uncompressed), or ``pattern@bits`` terms joined
+by ``+`` (``@none``: uncompressed), e.g. ``tnq-rht:bits=2,overrides=embed.*@8+head.*@none``.
+
+Rank 0 prints one report line (JSON after jobs.REPORT_MARKER) with the fields convergence.py
+reads, as lm_worker.py does (training loss per step, test loss and next-byte accuracy on the
+held-out text at ``--eval-every`` steps and at the end, parameters, bytes handed to Horovod per
+step), and, under "layer_stats", per parameter: its size, its share of the gradient's squared norm,
+for TNQ's compressors the estimated quantization error summed over the run
+(``compressor.metrics()``: relative error and share of the model's error, this rank's gradients)
+and bits per element, and AdamW's second-moment estimate at the end (mean of ``exp_avg_sq``, to
+compare across runs: quantization noise adds its variance to it); "(model)" sums them over
+the parameters. ``--diagnose-every K``
+also measures, every K steps, the true error of the averaged gradient per parameter against an
+extra uncompressed allreduce of the local gradients (``measured_relative_error``).
+
+    horovodrun -np 2 -H localhost:2 --gloo python -m benchmarks.transformer_worker \
+        --compressor tnq-rht:bits=2 --steps 100
+"""
+
+import argparse
+import json
+import math
+
+import horovod.torch as hvd
+import torch
+
+from benchmarks.jobs import REPORT_MARKER
+from benchmarks.lm_worker import evaluate, split_text, test_windows
+from benchmarks.worker_common import compressor_spec
+from examples.train_transformer import OVERRIDES, CharTransformer
+from horovod_tnq.torch import get_compressor
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compressor", default="none", help="spec: name[:key=value,...]")
+    parser.add_argument("--hidden", default="64", help="model width")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--context", type=int, default=64, help="bytes per window")
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="accepted for convergence.py's common arguments; must be 0")
+    parser.add_argument("--batch-size", type=int, default=32, help="windows per worker")
+    parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate")
+    parser.add_argument("--lr-warmup", type=float, default=0.05,
+                        help="fraction of the steps of linear warm-up")
+    parser.add_argument("--min-lr", type=float, default=0.1,
+                        help="the cosine decay ends at this fraction of --lr")
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--clip", type=float, default=1.0,
+                        help="clip the averaged gradient's norm to this (0: off), after the "
+                        "exchange, so every rank clips the same decoded gradient")
+    parser.add_argument("--text-bytes", type=int, default=2_000_000,
+                        help="bytes of standard library source to use")
+    parser.add_argument("--test-fraction", type=float, default=0.1)
+    parser.add_argument("--test-windows", type=int, default=256,
+                        help="held-out windows of --context characters, evenly spaced")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=0, help="0: evaluate at the end only")
+    parser.add_argument("--diagnose-every", type=int, default=0,
+                        help="measure the averaged gradient's error per parameter every K "
+                        "steps against an extra uncompressed allreduce (0: off)")
+    args = parser.parse_args()
+    if args.steps < 1 or args.warmup != 0:
+        parser.error(f"--steps must be >= 1 and --warmup 0, got {args.steps}, {args.warmup}")
+    return args
+
+
+def parse_overrides(text):
+    """TNQCompressor's overrides from a spec's ``overrides=`` value (see the docstring)."""
+    if text == "docs":
+        return dict(OVERRIDES)
+    overrides = {}
+    for term in text.split("+"):
+        pattern, at, bits = term.partition("@")
+        if not at or not pattern:
+            raise ValueError(f"overrides term {term!r} is not pattern@bits or pattern@none")
+        overrides[pattern] = None if bits == "none" else {"bits": int(bits)}
+    return overrides
+
+
+def learning_rate(step, args):
+    """Linear warm-up to args.lr, then cosine decay to args.min_lr * args.lr at the last
+    step (``step`` counts from 1)."""
+    warmup = max(1, round(args.lr_warmup * args.steps))
+    if step <= warmup:
+        return args.lr * step / warmup
+    progress = (step - warmup) / max(1, args.steps - warmup)
+    return args.lr * (args.min_lr + (1 - args.min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def adamw(model, args):
+    """AdamW as GPT-style models are trained: weight decay on the matrices (embeddings
+    included), none on biases and LayerNorm parameters."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}],
+                             lr=args.lr, betas=(0.9, 0.95))
+
+
+def main():
+    args = parse_args()
+    hvd.init()
+    rank, size = hvd.rank(), hvd.size()
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(1)
+    name, options = compressor_spec(args.compressor, "torch")
+    if name not in ("none", "fp16"):  # the compressor's random rounding varies with the seed
+        options.setdefault("seed", args.seed)
+    if "overrides" in options:
+        options["overrides"] = parse_overrides(str(options["overrides"]))
+    compression = get_compressor(name, **options)
+
+    train_text, test_text = split_text(args.text_bytes, args.test_fraction)
+    held_out = test_windows(test_text, args.test_windows, length=args.context)
+    model = CharTransformer(dim=int(args.hidden), heads=args.heads, layers=args.layers,
+                            context=args.context)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    named = list(model.named_parameters())
+    optimizer = hvd.DistributedOptimizer(adamw(model, args), named_parameters=named,
+                                         compression=compression)
+    generator = torch.Generator().manual_seed(args.seed * 1000 + rank)
+    metrics = getattr(compression, "metrics", None)  # TNQ's; none for Horovod's own
+
+    def handed():
+        stats = getattr(compression, "stats", None)
+        return stats and stats["payload_bytes"] + stats["passthrough_bytes"]
+
+    # per parameter, summed over the run: squared norm of the averaged gradient, and (TNQ)
+    # the compressor's squared error and squared norm of this rank's gradient and its bits
+    layers = {n: {"numel": p.numel(), "grad_sq": 0.0, "squared_error": 0.0,
+                  "squared_norm": 0.0, "bits": 0.0, "exchanges": 0,
+                  "measured_error": 0.0, "measured_norm": 0.0, "adam_error": 0.0,
+                  "adam_norm": 0.0} for n, p in named}
+    handed_before = handed()
+    losses, curve = [], []
+    for step in range(1, args.steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args)
+        starts = torch.randint(0, len(train_text) - args.context - 1, (args.batch_size,),
+                               generator=generator)
+        window = torch.stack([train_text[s: s + args.context + 1] for s in starts.tolist()])
+        optimizer.zero_grad()
+        logits = model(window[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256),
+                                                 window[:, 1:].reshape(-1))
+        loss.backward()
+        diagnose = args.diagnose_every and step % args.diagnose_every == 0
+        if diagnose:  # the local gradients, before synchronize() replaces them
+            local = [p.grad.detach().clone() for _, p in named]
+        optimizer.synchronize()
+        records = metrics()["tensors"] if metrics is not None else {}
+        if diagnose:
+            for (n, p), grad in zip(named, local):
+                true = hvd.allreduce(grad, op=hvd.Average, name=f"diagnose.{n}",
+                                     compression=hvd.Compression.none)
+                # only tensors the compressor quantized: Horovod averages the others in place,
+                # so their copy above may already hold (part of) the average
+                if not records.get(n, {}).get("compressed_elements"):
+                    continue
+                error = (p.grad - true).pow(2)
+                layers[n]["measured_error"] += error.sum().item()
+                layers[n]["measured_norm"] += true.pow(2).sum().item()
+                # the same error as Adam sees it: each coordinate over its second-moment
+                # estimate's square root (before this step's update)
+                v = optimizer.state.get(p, {}).get("exp_avg_sq")
+                if v is not None:
+                    layers[n]["adam_error"] += (error / (v + 1e-16)).sum().item()
+                    layers[n]["adam_norm"] += (true.pow(2) / (v + 1e-16)).sum().item()
+        for n, p in named:
+            layers[n]["grad_sq"] += p.grad.pow(2).sum().item()
+        for n, record in records.items():
+            if n in layers and record["compressed_elements"]:
+                entry = layers[n]
+                entry["squared_error"] += record["squared_error"]
+                entry["squared_norm"] += record["squared_norm"]
+                entry["bits"] += record["bits_per_element"]
+                entry["exchanges"] += 1
+        if args.clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        with optimizer.skip_synchronize():
+            optimizer.step()
+        losses.append(loss.item())
+        if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
+            test_loss, test_accuracy = evaluate(model, held_out)
+            curve.append({"step": step, "test_loss": test_loss, "test_accuracy": test_accuracy})
+
+    mine = {"losses": losses}
+    if handed_before is not None:
+        mine["compressor_bytes_per_step"] = (handed() - handed_before) / args.steps
+    everyone = hvd.allgather_object(mine)
+    if rank != 0:
+        return
+    train_loss = [sum(values) / len(values) for values in zip(*(r["losses"] for r in everyone))]
+    for point in curve:
+        point["train_loss"] = train_loss[point["step"] - 1]
+    total_grad_sq = sum(entry["grad_sq"] for entry in layers.values())
+    total_error = sum(entry["squared_error"] for entry in layers.values())
+    report_layers = {}
+    for n, p in named:
+        entry = layers[n]
+        state = optimizer.state.get(p, {})
+        report_layers[n] = {
+            "numel": entry["numel"],
+            "grad_share": entry["grad_sq"] / total_grad_sq if total_grad_sq else None,
+            "relative_error": (entry["squared_error"] / entry["squared_norm"]
+                               if entry["squared_norm"] else None),
+            "error_share": entry["squared_error"] / total_error if total_error else None,
+            "bits_per_element": (entry["bits"] / entry["exchanges"]
+                                 if entry["exchanges"] else None),
+            "measured_relative_error": (entry["measured_error"] / entry["measured_norm"]
+                                        if entry["measured_norm"] else None),
+            "adam_relative_error": (entry["adam_error"] / entry["adam_norm"]
+                                    if entry["adam_norm"] else None),
+            "adam_exp_avg_sq": (state["exp_avg_sq"].mean().item()
+                                if "exp_avg_sq" in state else None),
+        }
+    report = {
+        "compressor": args.compressor, "task": "transformer", "workers": size,
+        "framework": "torch", "parameters": sum(p.numel() for p in model.parameters()),
+        "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
+        "batch_size": args.batch_size, "context": args.context, "steps": args.steps,
+        "lr": args.lr, "lr_warmup": args.lr_warmup, "clip": args.clip,
+        "compressor_bytes_per_step": (
+            sum(r["compressor_bytes_per_step"] for r in everyone) / len(everyone)
+            if "compressor_bytes_per_step" in mine else None),
+        "train_loss": sum(train_loss[-10:]) / len(train_loss[-10:]),
+        "test_loss": curve[-1]["test_loss"], "test_accuracy": curve[-1]["test_accuracy"],
+        "curve": curve, "train_loss_per_step": train_loss, "layer_stats": report_layers,
+    }
+    # the whole model's, as a row "(model)" of layer_stats: every layer's squared errors over
+    # every layer's squared norms
+    whole = {"numel": report["parameters"]}
+    for key, error, norm in (("relative_error", "squared_error", "squared_norm"),
+                             ("measured_relative_error", "measured_error", "measured_norm"),
+                             ("adam_relative_error", "adam_error", "adam_norm")):
+        norms = sum(entry[norm] for entry in layers.values())
+        whole[key] = sum(entry[error] for entry in layers.values()) / norms if norms else None
+    report_layers["(model)"] = whole
+    print(REPORT_MARKER + json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    main()
