@@ -63,7 +63,11 @@ Horovod's "none" and "fp16".
 """
 
 import argparse
+import contextlib
+import itertools
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -73,6 +77,8 @@ from benchmarks.jobs import (ROOT, WORKER, WORKERS, horovodrun_command, markdown
 from horovod_tnq import core
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# each DDP job's rendezvous on a port of its own (bandwidth.py's reason: TIME_WAIT)
+MASTER_PORTS = itertools.count(29500)
 
 # the schemes of the quality benchmark's equal-bits comparison (dqsgd picks its own width and
 # dp-binomial adds privacy noise; add them with --schemes or --extra-configs)
@@ -100,16 +106,25 @@ COLUMNS = [
      row["compressor_bytes_per_step"] / 1e6, ".4f"),
     ("run s", "job_s", ".0f"),
 ]
+def time_text(row):
+    """Seconds to the target, "not reached", or None where there is no none row to aim at."""
+    if row.get("vs_none_loss") is None:
+        return None
+    return "not reached" if row["s_to_target"] is None else f"{row['s_to_target']:.1f}"
+
+
 # the transformer's: the test loss against uncompressed training's, and steps to reach it
 TRANSFORMER_COLUMNS = [
     ("bits", "bits", "s"), ("gradients", "compressor", "s"), ("seed", "seed", "d"),
     ("test loss", "test_loss", ".4f"), ("vs none (x)", "vs_none_loss", ".4f"),
     ("steps to none + target", lambda row: row["steps_to_target"] or (
         "not reached" if row["vs_none_loss"] is not None else None), ""),
+    ("s to none + target", time_text, ""),
+    ("s/step", "s_per_step", ".3f"),
     ("train loss (last 10%)", "train_loss_end", ".4f"),
-    ("MB handed to Horovod/step", lambda row: row["compressor_bytes_per_step"] and
+    ("MB handed to collectives/step", lambda row: row["compressor_bytes_per_step"] and
      row["compressor_bytes_per_step"] / 1e6, ".4f"),
-    ("run s", "job_s", ".0f"),
+    ("run s", "job_s", ".0f"), ("load before", "load_before", ".1f"),
 ]
 
 
@@ -163,24 +178,72 @@ def spread(values, fmt):
 
 def seed_summary(rows, target=0.01):
     """Markdown table, one line per configuration over its seeds: test loss, its ratio to
-    uncompressed training of the same seed (mean, min..max), steps to that run's final loss
-    + the target (per seed) and the bytes."""
+    uncompressed training of the same seed (mean, min..max), steps and training seconds to that
+    run's final loss + the target (per seed), seconds per step and the bytes."""
     lines = ["| bits | gradients | seeds | test loss | vs none (x) | steps to none + "
-             f"{100 * target:g}% (per seed) | train loss (last 10%) | MB handed to Horovod/step |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{100 * target:g}% (per seed) | s to none + {100 * target:g}% (per seed) | "
+             "s/step | train loss (last 10%) | MB handed to collectives/step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for spec in dict.fromkeys(row["compressor"] for row in rows):
         mine = [row for row in rows if row["compressor"] == spec]
-        ratios = [row["vs_none_loss"] for row in mine if row.get("vs_none_loss") is not None]
-        steps = ", ".join(str(row["steps_to_target"] or "-") for row in mine
-                          if row.get("vs_none_loss") is not None)
+        aimed = [row for row in mine if row.get("vs_none_loss") is not None]
+        ratios = [row["vs_none_loss"] for row in aimed]
+        steps = ", ".join(str(row["steps_to_target"] or "-") for row in aimed)
+        seconds = ", ".join("-" if row.get("s_to_target") is None else
+                            f"{row['s_to_target']:.0f}" for row in aimed)
+        per_step = [row["s_per_step"] for row in mine if row.get("s_per_step")]
         handed = mine[0]["compressor_bytes_per_step"]
         lines.append(
             f"| {mine[0]['bits']} | {spec} | {len(mine)} | "
             f"{spread([row['test_loss'] for row in mine], '.4f')} | "
-            f"{spread(ratios, '.4f') if ratios else ''} | {steps} | "
+            f"{spread(ratios, '.4f') if ratios else ''} | {steps} | {seconds} | "
+            f"{spread(per_step, '.3f') if per_step else ''} | "
             f"{spread([row['train_loss_end'] for row in mine], '.4f')} | "
             f"{'' if handed is None else format(handed / 1e6, '.4f')} |")
     return "\n".join(lines)
+
+
+def plateau(curve, fraction=0.2):
+    """(step, relative improvement of the test loss from the evaluation nearest the start of
+    the last ``fraction`` of the steps to the end): how much the end of training still gave."""
+    last = curve[-1]
+    start = min(curve, key=lambda point: abs(point["step"] - (1 - fraction) * last["step"]))
+    return start["step"], (start["test_loss"] - last["test_loss"]) / last["test_loss"]
+
+
+def plot_time(rows, path, title, target=0.01):
+    """Test loss against the training's wall-clock seconds, every run (the first seed's
+    solid, the others' faint), and the first seed's uncompressed final loss + ``target``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 6))
+    specs = list(dict.fromkeys(row["compressor"] for row in rows))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    first = min(row["seed"] for row in rows)
+    for i, spec in enumerate(specs):
+        for row in rows:
+            if row["compressor"] != spec or not row["curve"][0].get("train_s"):
+                continue
+            own = row["seed"] == first
+            ax.plot([p["train_s"] for p in row["curve"]], [p["test_loss"] for p in row["curve"]],
+                    color=colours[i % len(colours)], alpha=1.0 if own else 0.3,
+                    linestyle=":" if "framework=ddp" in spec else "-",
+                    label=spec if own else None)
+    base = next((row for row in rows if row["seed"] == first and row["framework"] == "torch"
+                 and parse_spec(row["compressor"])[0] == "none"), None)
+    if base:
+        ax.axhline(base["test_loss"] * (1 + target), color="red", linewidth=0.7,
+                   label=f"uncompressed final + {100 * target:g}% (seed {first})")
+        ax.set_ylim(base["test_loss"] * 0.97, base["test_loss"] * 1.25)
+    ax.set_xlabel("training wall-clock seconds (evaluations excluded)")
+    ax.set_ylabel("test loss (nats per byte)")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def smoothed(losses, curve):
@@ -193,9 +256,27 @@ def smoothed(losses, curve):
     return out
 
 
-def run_worker(worker, workers, worker_args, timeout=None, framework="torch"):
-    """jobs.run_local with another worker script (torchrun for DDP): rank 0's report."""
+def run_worker(worker, workers, worker_args, timeout=None, framework="torch", network=None):
+    """jobs.run_local with another worker script (torchrun for DDP): rank 0's report. With
+    ``network`` (an EmulatedNetwork of ``workers`` hosts) one rank on each emulated host, their
+    collectives over its shaped links (as bandwidth.py runs them)."""
     env = worker_env()
+    if network is not None:
+        if framework == "ddp":
+            master = (network.addresses[0], next(MASTER_PORTS))
+            commands = [torchrun_command(worker, worker_args, nproc=1, nodes=workers,
+                                         node_rank=host, master=master)
+                        for host in range(workers)]
+            done = network.run_on_hosts(commands, dict(env, GLOO_SOCKET_IFNAME="eth0"),
+                                        timeout)
+            done = subprocess.CompletedProcess(
+                done[0].args, next((d.returncode for d in done if d.returncode), 0),
+                "".join(d.stdout for d in done), "".join(d.stderr for d in done))
+        else:
+            command = horovodrun_command(workers, network.hosts_argument(workers), worker_args,
+                                         ["--network-interfaces", "eth0"], worker=worker)
+            done = network.horovodrun(command, env, timeout=timeout)
+        return read_report(done, " ".join(worker_args))
     if framework == "ddp":
         command = torchrun_command(worker, worker_args, nproc=workers)
         env["GLOO_SOCKET_IFNAME"] = "lo"  # not whatever this machine's hostname resolves to
@@ -298,7 +379,15 @@ def parse_args():
     parser.add_argument("--diagnose-every", type=int, default=0,
                         help="transformer: measure each layer's averaged-gradient error every "
                         "K steps (an extra uncompressed allreduce; training unchanged)")
+    parser.add_argument("--rate-mbit", type=float, default=0,
+                        help="run each job's ranks on emulated hosts (one rank each) whose "
+                        "links are shaped to this rate per direction "
+                        "(benchmarks/emulated_network.py; needs root); 0: loopback")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    parser.add_argument("--from-runs", nargs="+", metavar="JSONL",
+                        help="run nothing: the tables and plots of the runs saved in these "
+                        "files (each run writes <out>/<name>_runs.jsonl as it goes); the other "
+                        "arguments only name the task, outputs and --target")
     parser.add_argument("--out", default=os.path.join(HERE, "out"))
     args = parser.parse_args()
     task = TASKS[args.task]
@@ -312,46 +401,96 @@ def parse_args():
     return args
 
 
+def stem_for(args):
+    """The output files' name: convergence[_char_lm|_transformer][_seed<N>]."""
+    return "convergence" + {"char-lm": "_char_lm", "transformer": "_transformer"}.get(
+        args.task, "") + (f"_seed{args.seeds[0]}" if args.seeds != [0] and
+                          len(args.seeds) == 1 else "")
+
+
 def main():
     args = parse_args()
     task = TASKS[args.task]
-    transformer = args.task == "transformer"
     os.makedirs(args.out, exist_ok=True)
     rows, curves, points, failed, layers = [], {}, [], [], []
+    if args.from_runs:  # the tables and plots again, from runs saved before
+        saved = []
+        for path in args.from_runs:
+            with open(path) as f:
+                saved += [json.loads(line) for line in f if line.strip()]
+        first = min(entry["seed"] for entry in saved)
+        for entry in saved:
+            add_run(entry["report"], entry["bits"], entry["spec"], entry["seed"],
+                    entry["seed"] == first, rows, curves, points, layers)
+        args.seeds = sorted({entry["seed"] for entry in saved})
+        report = saved[0]["report"]
+        args.steps, args.hidden, args.batch_size, args.lr, args.workers, args.rate_mbit = (
+            report["steps"], report["hidden"], report["batch_size"], report["lr"],
+            report["workers"], report.get("rate_mbit", 0))
+        finish(args, task, rows, curves, points, failed, layers)
+        return
     chosen = [(bits, *split_seeds(spec)) for bits, spec in
               configs(args.baselines, args.schemes, args.bits, args.extra_configs)]
-    for index, seed in enumerate(args.seeds):
-        for bits, spec, seed_count in chosen:
-            if seed_count is not None and index >= seed_count:
-                continue
-            report = run_config(args, task, spec, seed, failed)
-            if report is None:
-                continue
-            curve = report.pop("curve")
-            for point, loss in zip(curve, smoothed(report.pop("train_loss_per_step"), curve)):
-                point["train_loss_window"] = loss
-                points.append({"compressor": spec, "bits": bits, "seed": seed, **point})
-            if index == 0:
-                curves[spec] = curve
-            for name, stats in report.pop("layer_stats", {}).items():
-                layers.append({"compressor": spec, "seed": seed, "parameter": name, **stats})
-            tail = curve[-max(1, len(curve) // 10):]
-            report.update(bits=bits, seed=seed, compressor=spec, curve=curve,
-                          train_loss_end=sum(p["train_loss_window"] for p in tail) / len(tail))
-            rows.append(report)
-            print(f"  {spec}, seed {seed}: test accuracy {100 * report['test_accuracy']:.2f}%, "
-                  f"test loss {report['test_loss']:.4f} ({report['job_s']:.0f} s)", flush=True)
+    network = contextlib.nullcontext()
+    if args.rate_mbit:
+        from benchmarks.emulated_network import EmulatedNetwork, remove_stale_namespaces
+        # SIGTERM ends the run like Ctrl-C, so the namespaces are removed either way
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+        remove_stale_namespaces()
+        network = EmulatedNetwork(args.workers, rate_mbit=args.rate_mbit)
+    # every run's report as it comes, for --from-runs (a long run cut short keeps its runs)
+    saved = os.path.join(args.out, stem_for(args) + "_runs.jsonl")
+    with network as network, open(saved, "w") as save:
+        for index, seed in enumerate(args.seeds):
+            for bits, spec, seed_count in chosen:
+                if seed_count is not None and index >= seed_count:
+                    continue
+                report = run_config(args, task, spec, seed, failed, network)
+                if report is None:
+                    continue
+                save.write(json.dumps({"bits": bits, "spec": spec, "seed": seed,
+                                       "report": report}) + "\n")
+                save.flush()
+                add_run(report, bits, spec, seed, index == 0, rows, curves, points, layers)
+    finish(args, task, rows, curves, points, failed, layers)
+
+
+def add_run(report, bits, spec, seed, first, rows, curves, points, layers):
+    """File one run's report: its evaluations in ``points``, its curve in ``curves`` (of the
+    first seed), its per-layer statistics in ``layers``, the report in ``rows``."""
+    curve = report.pop("curve")
+    for point, loss in zip(curve, smoothed(report.pop("train_loss_per_step"), curve)):
+        point["train_loss_window"] = loss
+        points.append({"compressor": spec, "bits": bits, "seed": seed, **point})
+    if first:
+        curves[spec] = curve
+    for name, stats in report.pop("layer_stats", {}).items():
+        layers.append({"compressor": spec, "seed": seed, "parameter": name, **stats})
+    tail = curve[-max(1, len(curve) // 10):]
+    report.update(bits=bits, seed=seed, compressor=spec, curve=curve,
+                  train_loss_end=sum(p["train_loss_window"] for p in tail) / len(tail))
+    rows.append(report)
+    print(f"  {spec}, seed {seed}: test accuracy {100 * report['test_accuracy']:.2f}%, "
+          f"test loss {report['test_loss']:.4f} ({report['job_s']:.0f} s, load before "
+          f"{report['load_before']:.1f})", flush=True)
+
+
+def finish(args, task, rows, curves, points, failed, layers):
+    """Ratios to uncompressed training, the CSVs, plots and tables."""
+    transformer = args.task == "transformer"
     for row in rows:  # against the none row of the row's own framework (Horovod's, DDP's)
         base = next((other for other in rows if other["framework"] == row["framework"]
                      and other["seed"] == row["seed"]
                      and parse_spec(other["compressor"])[0] == "none"), None)
         row["vs_none_pp"] = 100 * (row["test_accuracy"] - base["test_accuracy"]) if base else None
         row["vs_none_loss"] = row["test_loss"] / base["test_loss"] if base else None
-        row["steps_to_target"] = (steps_to(row["curve"], base["test_loss"] * (1 + args.target))
-                                  if base else None)
-    stem = "convergence" + {"char-lm": "_char_lm", "transformer": "_transformer"}.get(
-        args.task, "") + (f"_seed{args.seeds[0]}" if args.seeds != [0] and
-                          len(args.seeds) == 1 else "")
+        target = base["test_loss"] * (1 + args.target) if base else None
+        row["steps_to_target"] = steps_to(row["curve"], target) if base else None
+        # the training's own wall time (evaluations excluded) when it first got there
+        row["s_to_target"] = (next((point.get("train_s") for point in row["curve"]
+                                    if point["test_loss"] <= target), None) if base else None)
+        row["s_per_step"] = row["train_s"] / row["steps"] if row.get("train_s") else None
+    stem = stem_for(args)
     write_csv(os.path.join(args.out, stem + ".csv"), points)
     if layers:
         write_csv(os.path.join(args.out, stem + "_layers.csv"), layers)
@@ -373,8 +512,17 @@ def main():
         plot([row for row in rows if row["seed"] == args.seeds[0]], curves,
              os.path.join(args.out, stem + ".png"), title, task["accuracy_range"],
              loss_ratio=transformer)
+    if rows and args.rate_mbit:
+        title += f", {args.rate_mbit:g} Mbit/s emulated links"
+    if rows and transformer and any(row.get("train_s") for row in rows):
+        plot_time(rows, os.path.join(args.out, stem + "_time.png"), title, args.target)
     print(f"\n{title}\n")
     print(markdown_table(rows, TRANSFORMER_COLUMNS if transformer else COLUMNS))
+    for row in rows:
+        if parse_spec(row["compressor"])[0] == "none" and len(row["curve"]) > 1:
+            step, gain = plateau(row["curve"])
+            print(f"\n{row['compressor']}, seed {row['seed']}: test loss improved "
+                  f"{100 * gain:.2f}% from step {step} to the last ({row['curve'][-1]['step']})")
     if len(args.seeds) > 1:
         print(f"\nOver seeds (vs none: test loss over uncompressed training's of the same "
               f"seed; steps to that run's final test loss x {1 + args.target:g}):\n")
@@ -386,7 +534,7 @@ def main():
         sys.exit(1)
 
 
-def run_config(args, task, spec, seed, failed):
+def run_config(args, task, spec, seed, failed, network=None):
     """One run of ``spec`` at ``seed``: its report with job_s and framework added, or None
     (added to ``failed``) when it failed."""
     worker_args = ["--compressor", spec, "--steps", str(args.steps), "--warmup", "0",
@@ -395,16 +543,19 @@ def run_config(args, task, spec, seed, failed):
                    "--seed", str(seed)]
     if args.diagnose_every:
         worker_args += ["--diagnose-every", str(args.diagnose_every)]
+    load = os.getloadavg()[0]
     start = time.perf_counter()
     framework = parse_spec(spec)[1].get("framework", "torch")
     try:
         report = run_worker(worker_for(task, framework), args.workers, worker_args,
-                            timeout=args.timeout, framework=framework)
+                            timeout=args.timeout, framework=framework, network=network)
     except Exception as error:  # one broken scheme must not hide the others' results
         failed.append((f"{spec} (seed {seed})", str(error).splitlines()[0]))
         print(f"  {spec}, seed {seed}: FAILED: {str(error)[-1500:]}", flush=True)
         return None
     report["job_s"] = time.perf_counter() - start
+    report["load_before"] = load
+    report["rate_mbit"] = args.rate_mbit
     name = parse_spec(spec)[0]
     if report.get("compressor_bytes_per_step") is None and name in BASELINE_BYTES:
         report["compressor_bytes_per_step"] = BASELINE_BYTES[name] * report["parameters"]

@@ -35,14 +35,16 @@ extra uncompressed allreduce of the local gradients (``measured_relative_error``
 import argparse
 import json
 import math
+import time
 
 import horovod.torch as hvd
 import torch
 
-from benchmarks.jobs import REPORT_MARKER
+from benchmarks.jobs import REPORT_MARKER, parse_spec
 from benchmarks.lm_worker import evaluate, split_text, test_windows
 from benchmarks.worker_common import compressor_spec
 from examples.train_transformer import OVERRIDES, CharTransformer
+import horovod_tnq.torch as tnq
 from horovod_tnq.torch import get_compressor
 
 
@@ -115,33 +117,105 @@ def adamw(model, args):
                              lr=args.lr, betas=(0.9, 0.95))
 
 
+class HorovodTraining:
+    """Horovod's DistributedOptimizer (``fused``: horovod_tnq's fused one) around AdamW with
+    the spec's compressor: ``model`` to call, ``synchronize()`` (gradients averaged when it
+    returns), ``step()``, ``handed()`` (bytes handed to Horovod so far, None where not
+    counted), ``metrics`` (TNQ's, else None) and ``allgather``."""
+
+    framework = "torch"
+
+    def __init__(self, model, args, name, options):
+        fused = bool(options.pop("fused", 0))
+        self.compression = get_compressor(name, **options)
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        wrap = tnq.DistributedOptimizer if fused else hvd.DistributedOptimizer
+        self.model = model
+        self.optimizer = wrap(adamw(model, args), named_parameters=list(model.named_parameters()),
+                              compression=self.compression)
+        self.metrics = getattr(self.compression, "metrics", None)  # TNQ's; none for Horovod's
+        self.allgather = hvd.allgather_object
+        self.plain_steps = 0
+
+    def synchronize(self):
+        self.optimizer.synchronize()
+
+    def step(self):
+        with self.optimizer.skip_synchronize():
+            self.optimizer.step()
+
+    def handed(self):
+        stats = getattr(self.compression, "stats", None)
+        return stats and stats["payload_bytes"] + stats["passthrough_bytes"]
+
+    def allreduce(self, tensor, name):
+        return hvd.allreduce(tensor, op=hvd.Average, name=name,
+                             compression=hvd.Compression.none)
+
+
+class DDPTraining(HorovodTraining):
+    """PyTorch DistributedDataParallel with one of its own hooks (benchmarks/ddp.py): none,
+    fp16, or PowerSGD (error feedback and warm start on) from step ``start_iter`` on, by
+    default the end of the learning-rate warm-up (PyTorch's docs and the PowerSGD paper:
+    compress once the early, fast-changing steps are over). The gradients are averaged when
+    backward returns."""
+
+    framework = "ddp"
+
+    def __init__(self, model, args, name, options):
+        from benchmarks import ddp
+        start = int(options.pop("start_iter", warmup_steps(args)))
+        self.model, self.counter = ddp.wrap(model, name, options, start_iter=start)
+        self.optimizer = adamw(model, args)
+        self.metrics = None
+        self.allgather = ddp.allgather_object
+        self.plain_steps = max(2, start) if name == "powersgd" else 0
+
+    def synchronize(self):
+        pass
+
+    def step(self):
+        self.optimizer.step()
+
+    def handed(self):
+        return self.counter and self.counter.total
+
+    def allreduce(self, tensor, name):
+        raise ValueError("--diagnose-every measures Horovod's exchange, not DDP's")
+
+
+def warmup_steps(args):
+    return max(1, round(args.lr_warmup * args.steps))
+
+
 def main():
     args = parse_args()
-    hvd.init()
-    rank, size = hvd.rank(), hvd.size()
+    framework = parse_spec(args.compressor)[1].get("framework", "torch")
+    if framework == "ddp":
+        from benchmarks import ddp
+        rank, size = ddp.init_from_env()
+    else:
+        hvd.init()
+        rank, size = hvd.rank(), hvd.size()
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
-    name, options = compressor_spec(args.compressor, "torch")
-    if name not in ("none", "fp16"):  # the compressor's random rounding varies with the seed
-        options.setdefault("seed", args.seed)
+    name, options = compressor_spec(args.compressor, framework)
+    if framework != "ddp" and name not in ("none", "fp16"):
+        options.setdefault("seed", args.seed)  # the compressor's random rounding
     if "overrides" in options:
         options["overrides"] = parse_overrides(str(options["overrides"]))
-    compression = get_compressor(name, **options)
 
     train_text, test_text = split_text(args.text_bytes, args.test_fraction)
     held_out = test_windows(test_text, args.test_windows, length=args.context)
     model = CharTransformer(dim=int(args.hidden), heads=args.heads, layers=args.layers,
                             context=args.context)
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    training = (DDPTraining if framework == "ddp" else HorovodTraining)(model, args, name,
+                                                                       options)
+    optimizer = training.optimizer
     named = list(model.named_parameters())
-    optimizer = hvd.DistributedOptimizer(adamw(model, args), named_parameters=named,
-                                         compression=compression)
     generator = torch.Generator().manual_seed(args.seed * 1000 + rank)
-    metrics = getattr(compression, "metrics", None)  # TNQ's; none for Horovod's own
-
-    def handed():
-        stats = getattr(compression, "stats", None)
-        return stats and stats["payload_bytes"] + stats["passthrough_bytes"]
+    metrics = training.metrics
+    handed = training.handed
 
     # per parameter, summed over the run: squared norm of the averaged gradient, and (TNQ)
     # the compressor's squared error and squared norm of this rank's gradient and its bits
@@ -149,28 +223,29 @@ def main():
                   "squared_norm": 0.0, "bits": 0.0, "exchanges": 0,
                   "measured_error": 0.0, "measured_norm": 0.0, "adam_error": 0.0,
                   "adam_norm": 0.0} for n, p in named}
-    handed_before = handed()
+    handed_at = [handed()]  # before each step and after the last
     losses, curve = [], []
+    train_s = 0.0  # wall time of the training steps so far, evaluations excluded
     for step in range(1, args.steps + 1):
+        started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
         starts = torch.randint(0, len(train_text) - args.context - 1, (args.batch_size,),
                                generator=generator)
         window = torch.stack([train_text[s: s + args.context + 1] for s in starts.tolist()])
         optimizer.zero_grad()
-        logits = model(window[:, :-1])
+        logits = training.model(window[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256),
                                                  window[:, 1:].reshape(-1))
         loss.backward()
         diagnose = args.diagnose_every and step % args.diagnose_every == 0
         if diagnose:  # the local gradients, before synchronize() replaces them
             local = [p.grad.detach().clone() for _, p in named]
-        optimizer.synchronize()
+        training.synchronize()
         records = metrics()["tensors"] if metrics is not None else {}
         if diagnose:
             for (n, p), grad in zip(named, local):
-                true = hvd.allreduce(grad, op=hvd.Average, name=f"diagnose.{n}",
-                                     compression=hvd.Compression.none)
+                true = training.allreduce(grad, f"diagnose.{n}")
                 # only tensors the compressor quantized: Horovod averages the others in place,
                 # so their copy above may already hold (part of) the average
                 if not records.get(n, {}).get("compressed_elements"):
@@ -195,17 +270,21 @@ def main():
                 entry["exchanges"] += 1
         if args.clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        with optimizer.skip_synchronize():
-            optimizer.step()
+        training.step()
         losses.append(loss.item())
+        handed_at.append(handed())
+        train_s += time.perf_counter() - started
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
             test_loss, test_accuracy = evaluate(model, held_out)
-            curve.append({"step": step, "test_loss": test_loss, "test_accuracy": test_accuracy})
+            curve.append({"step": step, "test_loss": test_loss, "test_accuracy": test_accuracy,
+                          "train_s": train_s})
 
-    mine = {"losses": losses}
-    if handed_before is not None:
-        mine["compressor_bytes_per_step"] = (handed() - handed_before) / args.steps
-    everyone = hvd.allgather_object(mine)
+    mine = {"losses": losses, "train_s": train_s}
+    if handed_at[-1] is not None:
+        # per step once compression runs (PowerSGD's plain first steps excluded)
+        skip = training.plain_steps if args.steps > training.plain_steps else 0
+        mine["compressor_bytes_per_step"] = (handed_at[-1] - handed_at[skip]) / (args.steps - skip)
+    everyone = training.allgather(mine)
     if rank != 0:
         return
     train_loss = [sum(values) / len(values) for values in zip(*(r["losses"] for r in everyone))]
@@ -234,7 +313,9 @@ def main():
         }
     report = {
         "compressor": args.compressor, "task": "transformer", "workers": size,
-        "framework": "torch", "parameters": sum(p.numel() for p in model.parameters()),
+        "framework": training.framework, "plain_steps": training.plain_steps,
+        "train_s": max(r["train_s"] for r in everyone),
+        "parameters": sum(p.numel() for p in model.parameters()),
         "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
         "batch_size": args.batch_size, "context": args.context, "steps": args.steps,
         "lr": args.lr, "lr_warmup": args.lr_warmup, "clip": args.clip,
