@@ -19,16 +19,29 @@ same initialisation, data order and step count for every scheme:
   heavy-tailed output layer) are less kind to quantisation.
 - ``--task transformer``, benchmarks/transformer_worker.py: examples/train_transformer.py's
   GPT-style byte-level decoder (--hidden is its width, 64 by default; 2 pre-norm blocks of 4
-  heads, context 64: 137k parameters) on the same text, trained as transformers are: AdamW,
-  peak lr 0.01, linear warm-up over 5% of the steps then cosine decay to a tenth, the averaged
-  gradient clipped to norm 1, 1200 steps of 32 windows of 64 bytes per worker (the last 20% of
-  uncompressed training improve its test loss by 1.9%); test loss on held-out text. Its plot
-  shows test loss and its ratio to uncompressed training of the same seed; its table adds that
-  ratio and the steps each run took to first reach uncompressed training's final test loss +
-  1% (``--target``). A spec may carry the worker's ``overrides=`` (per-layer settings, e.g.
-  ``tnq-rht:bits=2,overrides=docs``: docs/overrides.md's recommendation); the per-layer error
-  and AdamW statistics the worker reports go to convergence_transformer_layers.csv
-  (``--diagnose-every K``: with the averaged gradient's measured error every K steps).
+  heads, context 64: 137k parameters) on the same text, trained as transformers are: AdamW
+  (betas 0.9/0.95, weight decay 0.1 on the matrices), peak lr 0.01, linear warm-up over 5% of
+  the steps then cosine decay to a tenth, the averaged gradient clipped to norm 1, 800 steps
+  of 32 windows of 64 bytes per worker; test loss on held-out text. Its plot shows test loss
+  and its ratio to uncompressed training of the same seed; its table adds that ratio, the
+  steps and the training's wall-clock seconds (evaluations excluded) each run took to first
+  reach uncompressed training's final test loss + 1% (``--target``), and seconds per step;
+  convergence_transformer_time.png plots test loss against those seconds. For each
+  uncompressed run it prints how much its last 20% of steps improved the test loss (the
+  plateau check). A spec may carry the worker's ``overrides=`` (per-layer settings, e.g.
+  ``tnq-rht:bits=2,overrides=docs``: docs/overrides.md's recommendation) and ``fused=1``
+  (horovod_tnq's fused DistributedOptimizer); ``framework=ddp`` specs train under
+  DistributedDataParallel with AdamW too, PowerSGD from the end of the lr warm-up on (spec
+  option ``start_iter``). The per-layer error and AdamW statistics the worker reports go to
+  convergence_transformer_layers.csv (``--diagnose-every K``: with the averaged gradient's
+  measured error every K steps).
+
+``--rate-mbit R`` runs every job over emulated hosts (benchmarks/emulated_network.py, as
+bandwidth.py: one rank per network namespace, each with a full-duplex link shaped to R Mbit/s,
+joined by a bridge; horovodrun from host 0, DDP's torchrun on every host; needs root), so the
+seconds to the target are time to accuracy over that network. Every run's report is appended
+to <out>/<name>_runs.jsonl as it finishes; ``--from-runs FILE ...`` makes the tables and plots
+again from such files without running anything (a long run cut short, or runs made in parts).
 
 Every scheme in --schemes runs at
 every width in --bits that it supports, next to uncompressed and fp16 Horovod; --extra-configs

@@ -40,7 +40,7 @@ import time
 import horovod.torch as hvd
 import torch
 
-from benchmarks.jobs import REPORT_MARKER, parse_spec
+from benchmarks.jobs import DDP_HOOKS, REPORT_MARKER, parse_spec
 from benchmarks.lm_worker import evaluate, split_text, test_windows
 from benchmarks.worker_common import compressor_spec
 from examples.train_transformer import OVERRIDES, CharTransformer
@@ -164,21 +164,27 @@ class DDPTraining(HorovodTraining):
 
     def __init__(self, model, args, name, options):
         from benchmarks import ddp
-        start = int(options.pop("start_iter", warmup_steps(args)))
-        self.model, self.counter = ddp.wrap(model, name, options, start_iter=start)
         self.optimizer = adamw(model, args)
         self.metrics = None
         self.allgather = ddp.allgather_object
-        self.plain_steps = max(2, start) if name == "powersgd" else 0
+        self.plain_steps = 0
+        if name in DDP_HOOKS:
+            start = int(options.pop("start_iter", warmup_steps(args)))
+            self.model, self.counter = ddp.wrap(model, name, options, start_iter=start)
+            self.plain_steps = max(2, start) if name == "powersgd" else 0
+            self.handed = lambda: self.counter and self.counter.total
+        else:  # horovod_tnq's own hook (docs/ddp.md), the spec's scheme and settings
+            from horovod_tnq.torch import TNQHookState, tnq_hook
+            self.model = torch.nn.parallel.DistributedDataParallel(model)
+            state = TNQHookState(scheme=name, **options)
+            self.model.register_comm_hook(state, tnq_hook)
+            self.handed = lambda: state.stats["payload_bytes"] + state.stats["passthrough_bytes"]
 
     def synchronize(self):
         pass
 
     def step(self):
         self.optimizer.step()
-
-    def handed(self):
-        return self.counter and self.counter.total
 
     def allreduce(self, tensor, name):
         raise ValueError("--diagnose-every measures Horovod's exchange, not DDP's")
@@ -199,8 +205,13 @@ def main():
         rank, size = hvd.rank(), hvd.size()
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
-    name, options = compressor_spec(args.compressor, framework)
-    if framework != "ddp" and name not in ("none", "fp16"):
+    if framework == "ddp" and parse_spec(args.compressor)[0] not in DDP_HOOKS:
+        # a horovod_tnq scheme under DDP: its communication hook (DDPTraining)
+        name, options = parse_spec(args.compressor)
+        options.pop("framework")
+    else:
+        name, options = compressor_spec(args.compressor, framework)
+    if name not in ("none", "fp16", "powersgd"):
         options.setdefault("seed", args.seed)  # the compressor's random rounding
     if "overrides" in options:
         options["overrides"] = parse_overrides(str(options["overrides"]))
