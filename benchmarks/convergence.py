@@ -83,6 +83,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 from benchmarks.jobs import (ROOT, WORKER, WORKERS, horovodrun_command, markdown_table,
@@ -254,7 +255,7 @@ def plot_time(rows, path, title, target=0.01):
     ax.set_xlabel("training wall-clock seconds (evaluations excluded)")
     ax.set_ylabel("test loss (nats per byte)")
     ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 110), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
