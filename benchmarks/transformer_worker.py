@@ -40,7 +40,7 @@ import time
 import horovod.torch as hvd
 import torch
 
-from benchmarks.jobs import DDP_HOOKS, REPORT_MARKER, parse_spec
+from benchmarks.jobs import REPORT_MARKER, parse_spec
 from benchmarks.lm_worker import evaluate, split_text, test_windows
 from benchmarks.worker_common import compressor_spec
 from examples.train_transformer import OVERRIDES, CharTransformer
@@ -154,11 +154,11 @@ class HorovodTraining:
 
 
 class DDPTraining(HorovodTraining):
-    """PyTorch DistributedDataParallel with one of its own hooks (benchmarks/ddp.py): none,
-    fp16, or PowerSGD (error feedback and warm start on) from step ``start_iter`` on, by
-    default the end of the learning-rate warm-up (PyTorch's docs and the PowerSGD paper:
-    compress once the early, fast-changing steps are over). The gradients are averaged when
-    backward returns."""
+    """PyTorch DistributedDataParallel with a hook of benchmarks/ddp.py: PyTorch's none, fp16,
+    or PowerSGD (error feedback and warm start on) from step ``start_iter`` on, by default the
+    end of the learning-rate warm-up (PyTorch's docs and the PowerSGD paper: compress once the
+    early, fast-changing steps are over), or for a TNQ scheme name horovod_tnq's own tnq_hook.
+    The gradients are averaged when backward returns."""
 
     framework = "ddp"
 
@@ -167,24 +167,19 @@ class DDPTraining(HorovodTraining):
         self.optimizer = adamw(model, args)
         self.metrics = None
         self.allgather = ddp.allgather_object
-        self.plain_steps = 0
-        if name in DDP_HOOKS:
-            start = int(options.pop("start_iter", warmup_steps(args)))
-            self.model, self.counter = ddp.wrap(model, name, options, start_iter=start)
-            self.plain_steps = max(2, start) if name == "powersgd" else 0
-            self.handed = lambda: self.counter and self.counter.total
-        else:  # horovod_tnq's own hook (docs/ddp.md), the spec's scheme and settings
-            from horovod_tnq.torch import TNQHookState, tnq_hook
-            self.model = torch.nn.parallel.DistributedDataParallel(model)
-            state = TNQHookState(scheme=name, **options)
-            self.model.register_comm_hook(state, tnq_hook)
-            self.handed = lambda: state.stats["payload_bytes"] + state.stats["passthrough_bytes"]
+        start = int(options.pop("start_iter", warmup_steps(args)))
+        # PyTorch's hooks, or horovod_tnq's tnq_hook for a TNQ scheme name (ddp.wrap)
+        self.model, self.counter = ddp.wrap(model, name, options, start_iter=start)
+        self.plain_steps = max(2, start) if name == "powersgd" else 0
 
     def synchronize(self):
         pass
 
     def step(self):
         self.optimizer.step()
+
+    def handed(self):
+        return self.counter and self.counter.total
 
     def allreduce(self, tensor, name):
         raise ValueError("--diagnose-every measures Horovod's exchange, not DDP's")
@@ -205,12 +200,7 @@ def main():
         rank, size = hvd.rank(), hvd.size()
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
-    if framework == "ddp" and parse_spec(args.compressor)[0] not in DDP_HOOKS:
-        # a horovod_tnq scheme under DDP: its communication hook (DDPTraining)
-        name, options = parse_spec(args.compressor)
-        options.pop("framework")
-    else:
-        name, options = compressor_spec(args.compressor, framework)
+    name, options = compressor_spec(args.compressor, framework)
     if name not in ("none", "fp16", "powersgd"):
         options.setdefault("seed", args.seed)  # the compressor's random rounding
     if "overrides" in options:
@@ -249,7 +239,9 @@ def main():
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256),
                                                  window[:, 1:].reshape(-1))
         loss.backward()
-        diagnose = args.diagnose_every and step % args.diagnose_every == 0
+        # (Horovod's runs only: under DDP the gradients are averaged when backward returns)
+        diagnose = (args.diagnose_every and training.framework != "ddp"
+                    and step % args.diagnose_every == 0)
         if diagnose:  # the local gradients, before synchronize() replaces them
             local = [p.grad.detach().clone() for _, p in named]
         training.synchronize()

@@ -8,11 +8,7 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from launch import ROOT
-
-pytestmark = pytest.mark.horovodrun
 
 OVERRIDDEN = "tnq-rht:bits=2,overrides=docs"
 
