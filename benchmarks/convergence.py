@@ -376,7 +376,7 @@ def parse_args():
     parser.add_argument("--extra-configs", nargs="*", default=[], metavar="SPEC")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, help="default: the task's (400 digits, 300 char-lm, "
-                        "1200 transformer)")
+                        "800 transformer)")
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--batch-size", type=int, help="per worker; default: the task's "
                         "(16 digits, 32 char-lm windows, 32 transformer windows)")
@@ -453,9 +453,10 @@ def main():
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
         remove_stale_namespaces()
         network = EmulatedNetwork(args.workers, rate_mbit=args.rate_mbit)
-    # every run's report as it comes, for --from-runs (a long run cut short keeps its runs)
+    # every run's report as it comes, for --from-runs (a long run cut short keeps its runs);
+    # appended, so that runs made in parts (several invocations) all stay
     saved = os.path.join(args.out, stem_for(args) + "_runs.jsonl")
-    with network as network, open(saved, "w") as save:
+    with network as network, open(saved, "a") as save:
         for index, seed in enumerate(args.seeds):
             for bits, spec, seed_count in chosen:
                 if seed_count is not None and index >= seed_count:

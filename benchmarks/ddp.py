@@ -86,7 +86,8 @@ def wrap(model, name, options, start_iter=2):
     if name not in PYTORCH_HOOKS:
         from horovod_tnq.torch.ddp import TNQHookState, tnq_hook
 
-        state = TNQHookState(scheme=name, **options)
+        # (the unwrapped model's names: what overrides' patterns match on Horovod's workers)
+        state = TNQHookState(scheme=name, named_parameters=model.named_parameters(), **options)
         ddp_model.register_comm_hook(state, tnq_hook)
         return ddp_model, HookBytes(state)
     handed = HandedBytes()

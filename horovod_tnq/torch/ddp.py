@@ -269,17 +269,35 @@ def tnq_hook(state: TNQHookState, bucket: dist.GradBucket) -> torch.futures.Futu
     flat = tensor.view(-1)
     futures = [_reduce(state, flat[start:stop], config, segment_name, group)
                for start, stop, config, segment_name in segments]
-    return torch.futures.collect_all(futures).then(_whole_bucket(tensor))
+    return _when_all(tensor, futures, lambda: tensor)
 
 
-def _whole_bucket(tensor):
-    """The callback that hands DDP the bucket once all its segments are reduced, raising the
-    first segment's error (collect_all completes whether its futures failed or not)."""
-    def whole(done):
-        for future in done.value():
-            future.value()  # raises where that segment failed
-        return tensor
-    return whole
+def _when_all(tensor, futures, result):
+    """The future DDP waits on for bucket ``tensor``: ``result()`` once every future of
+    ``futures`` has completed, failing with the first one's error (collect_all completes
+    whether they failed or not). collect_all's future carries no CUDA devices, so DDP's wait on
+    it would not order DDP's stream after the collectives and the decoders: for a CUDA bucket
+    each future is waited on (the current stream waits for it) and the result is set on a
+    future of the bucket's device (which records the current stream, for DDP's wait)."""
+    combined = torch.futures.collect_all(futures)
+    if not tensor.is_cuda:
+        def complete(done):
+            for future in done.value():
+                future.value()  # raises where that one failed
+            return result()
+        return combined.then(complete)
+    out = torch.futures.Future(devices=[tensor.device])
+
+    def complete_on_device(done):
+        try:
+            for future in done.value():
+                future.wait()
+            out.set_result(result())
+        except Exception as error:  # handed to DDP's wait, as a CPU future's would be
+            out.set_exception(error)
+
+    combined.add_done_callback(complete_on_device)
+    return out
 
 
 def _reduce(state, tensor, config, name, group):
@@ -304,14 +322,14 @@ def _reduce(state, tensor, config, name, group):
         with state._lock:
             state._in_flight.append(exchange)
 
-        def finish(_):
+        def finish():
             try:
                 return _into_bucket(tensor, codec, exchange.finish(exchange.scale,
                                                                    exchange.target))
             finally:
                 _forget(state, exchange)
 
-        return torch.futures.collect_all(futures).then(finish)
+        return _when_all(tensor, futures, finish)
     with state._lock:
         in_flight = list(state._in_flight)
     # (exchanges in flight here are allgathers, all of whose collectives were issued: none

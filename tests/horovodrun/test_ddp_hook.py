@@ -11,7 +11,7 @@ Gloo), and beside the Horovod adapter under horovodrun.
   and several), the reduce-scatter, error feedback, bfloat16 and a scheme with its own body;
 * workers/ddp_hook_mismatch.py: ranks with other settings both raise, naming the setting.
 
-The three jobs take about 25 s on a quiet 2-core machine.
+The checks job takes 40-60 s on a 2-core machine at load 7.
 """
 
 import json
@@ -24,8 +24,8 @@ import pytest
 from launch import ROOT, WORKERS, run_workers
 
 
-JOB_TIMEOUT_S = 300
-MISMATCH_TIMEOUT_S = 120  # the workers' Gloo timeout is 60 s: a hang fails well before this
+JOB_TIMEOUT_S = 1200  # for a loaded CI machine: the checks job took 40-60 s at load 7
+MISMATCH_TIMEOUT_S = 300  # the workers' Gloo timeout is 60 s: a hang fails well before this
 
 
 def run_torchrun(script, out_dir, timeout=JOB_TIMEOUT_S, nproc=2, args=()):
@@ -158,7 +158,7 @@ def test_uneven_inputs_under_ddp_join(checks):
     scale = max(abs(v) for v in plain)
     for case in ("allgather", "reduce-scatter", "overrides"):
         drift = max(abs(a - b) for a, b in zip(ranks[0][case]["flat"], plain))
-        assert 0 < drift < 0.02 * scale, (case, drift, scale)
+        assert 0 < drift < 0.01 * scale, (case, drift, scale)  # measured 0.1-0.5%
 
 
 def test_static_graph(checks):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from horovod_tnq.torch.ddp import TNQHookState, _whole_bucket, average_scale
+from horovod_tnq.torch.ddp import TNQHookState, _when_all, average_scale
 
 
 class Bucket:
@@ -141,12 +141,11 @@ def test_residuals_saved_with_another_layout_are_dropped_with_a_warning():
 
 
 def test_a_failed_segment_fails_its_bucket():
-    # collect_all completes whether its futures failed or not: the bucket's callback must raise
+    # collect_all completes whether its futures failed or not: the bucket's future must fail
     done, failed = torch.futures.Future(), torch.futures.Future()
     done.set_result(torch.zeros(2))
     failed.set_exception(ValueError("segment 1 failed"))
     bucket = torch.ones(4)
-    whole = torch.futures.collect_all([done, failed]).then(_whole_bucket(bucket))
     with pytest.raises(RuntimeError, match="segment 1 failed"):
-        whole.wait()
-    assert torch.futures.collect_all([done, done]).then(_whole_bucket(bucket)).wait() is bucket
+        _when_all(bucket, [done, failed], lambda: bucket).wait()
+    assert _when_all(bucket, [done, done], lambda: bucket).wait() is bucket
