@@ -20,12 +20,13 @@ from horovod.tensorflow.compression import Compressor
 
 from .. import core
 from ..core import native
-from ..protocol.naming import record_name
 from ..protocol import (CompressorBase, DefaultInstanceMethod, Hosts, check_settings_agree,
-                        exchange_refused_by_join, gradient_owner, horovod_call_site, plan_code,
-                        probe_values, read_probe, reduction_scale, settings_buffer)
+                        exchange_refused_by_join, plan_code, probe_values, read_probe,
+                        reduction_scale, settings_buffer)
 from ..protocol.exchange import Exchange, Job, NumpyCodec
 from ..protocol.hosts import hosts_of_job
+from ..protocol.naming import NamedCompression, TensorName, record_name
+from . import horovod_frames
 
 # What the core reads: float64 stays, every other float goes as float32, which holds float16 and
 # bfloat16 exactly (numpy has no bfloat16), as in the PyTorch adapter.
@@ -118,9 +119,10 @@ class TNQCompressor(CompressorBase, Compressor):
     nmse_target; dp_clip, dp_epsilon, dp_delta, dp_sensitivity), and ``overrides`` (per-tensor
     settings by variable name, e.g. ``{"*embed*": {"bits": 8}, "*norm*": None}``: see
     docs/overrides.md; DistributedGradientTape and the DistributedOptimizers give the variables'
-    names, as ``var.name`` without ":0", or a Keras 3 variable's ``path``). A tensor whose size
-    is known only when the graph runs is compressed whatever its size (min_numel needs the size
-    when the graph is built), through the allgather in one payload.
+    names, as ``var.name`` without ":0", or a Keras 3 variable's ``path``:
+    naming.variable_name). A tensor whose size is known only when the graph runs is compressed
+    whatever its size (min_numel needs the size when the graph is built), through the
+    allgather in one payload.
     """
 
     def __init__(self, *args, **kwargs):
@@ -199,12 +201,33 @@ class TNQCompressor(CompressorBase, Compressor):
     @DefaultInstanceMethod
     @tf.autograph.experimental.do_not_convert  # plain Python control flow, traced as written
     def compress(self, tensor):
+        """Horovod's Compressor interface, for the stock path (DistributedGradientTape, the
+        DistributedOptimizers, ``hvd.allreduce(..., compression=...)``), which does not pass
+        the tensor's names: they are read from Horovod's frames (horovod_frames.py). Callers
+        that know them pass them: ``compression=compressor.named(...)`` (compress_named), as
+        the Keras 3 optimizer (keras.py) does."""
+        return self.compress_named(tensor, horovod_frames.tensor_name(tensor))
+
+    @DefaultInstanceMethod
+    def named(self, collective=None, parameter=None, names=(), process_set=None):
+        """``compression=`` for one Horovod collective whose tensor its caller names:
+        ``hvd.allreduce(grad, name=n, compression=compressor.named(n, "dense/kernel"))``
+        compresses ``grad`` as ``compress()`` would for the tape's variable "dense/kernel",
+        without reading Horovod's frames. Arguments: naming.TensorName's."""
+        return NamedCompression(self, TensorName(collective, parameter, tuple(names),
+                                                 process_set))
+
+    @DefaultInstanceMethod
+    @tf.autograph.experimental.do_not_convert
+    def compress_named(self, tensor, tensor_name):
+        """compress() of ``tensor``, named by ``tensor_name`` (a naming.TensorName): the probe
+        Horovod allreduces, and the context for decompress()."""
         if isinstance(tensor, tf.IndexedSlices):
             raise TypeError("TNQCompressor needs dense gradients; use sparse_as_dense=True")
-        owner, names = gradient_owner(tensor)
+        owner, names = tensor_name.parameter, tensor_name.names
         tensor = tf.convert_to_tensor(tensor)
-        name, process_set = horovod_call_site()
-        process_set = process_set or hvd.global_process_set
+        name = tensor_name.collective
+        process_set = tensor_name.process_set or hvd.global_process_set
         self._check_settings(process_set)
         eager = tf.executing_eagerly()
         if name is None and not eager:
