@@ -10,6 +10,7 @@ stream, and the error-feedback residuals) lives in the compressor's ``state``
 """
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,7 +130,8 @@ class TNQCompressor(CompressorBase, Compressor):
         super().__init__(*args, **kwargs)
         # bytes handed to Horovod for each named tensor (compressed or not) at its last call,
         # without non-finite exceptions: in graphs this is known when the graph is traced
-        self.bytes_by_tensor = {}
+        # (metrics()' "planned_bytes")
+        self._planned_bytes = {}
         self._plans_checked = set()  # tensors whose exchange plan all ranks share (eager)
         self._settings_agreed = False
         self._generation = 0  # reset() count: a graph traced before a reset must not run
@@ -141,6 +143,25 @@ class TNQCompressor(CompressorBase, Compressor):
         numel = tensor.shape.num_elements()
         return tensor.dtype in _WORK and \
             (numel is None or numel >= (config or self.config).min_numel)
+
+    @DefaultInstanceMethod
+    def metrics(self):
+        """CompressorBase.metrics(), and ``"planned_bytes"``: {tensor: the bytes it hands to
+        Horovod per call}, for every named tensor at its last call (compressed: its payloads'
+        size, at most this for schemes whose size depends on the data, without non-finite
+        exceptions; passed through: its size). In graphs it is known when the graph is traced,
+        before it runs, whereas the other records fill as the graph runs."""
+        summary = super().metrics()
+        summary["planned_bytes"] = dict(self._planned_bytes)
+        return summary
+
+    @property
+    def bytes_by_tensor(self):
+        """Deprecated: ``metrics()["planned_bytes"]`` (this is the live dict, as before)."""
+        warnings.warn('compressor.bytes_by_tensor is deprecated and will be removed in the next '
+                      'release: use compressor.metrics()["planned_bytes"]', DeprecationWarning,
+                      stacklevel=2)
+        return self._planned_bytes
 
     def _key(self, slot):
         return core.stream_key(self.config.seed, hvd.rank(), slot)
@@ -189,7 +210,7 @@ class TNQCompressor(CompressorBase, Compressor):
         return (hvd.rank(), hvd.size()) if hvd.is_initialized() else (None, None)
 
     def _count_passthrough(self, tensor, name):
-        """Count ``tensor`` in the stats and metrics as sent uncompressed: eagerly at each call;
+        """Count ``tensor`` in the counters and metrics as sent uncompressed: eagerly at each call;
         in graphs once, when traced (its size is fixed there), so metrics()' last step holds it
         and its total counts it once. Counting each graph run would take a stateful op inside
         Horovod's tf.cond, which TF then runs in program order with every other stateful cond:
@@ -236,7 +257,7 @@ class TNQCompressor(CompressorBase, Compressor):
         config = self.config_for(owner or name, names)
         if config is None or not self.should_compress(tensor, config):
             if name is not None and numel is not None:
-                self.bytes_by_tensor[name] = numel * tensor.dtype.size
+                self._planned_bytes[name] = numel * tensor.dtype.size
             self._count_passthrough(tensor, owner or name)
             return tensor, None
         base_name, collective_name = self.state.namer.acquire(name)
@@ -258,7 +279,7 @@ class TNQCompressor(CompressorBase, Compressor):
             if numel is not None:
                 # at most this for schemes whose payload size depends on the data
                 sent_config, bounds = exchange.payload_plan()
-                self.bytes_by_tensor[record_name(base_name)] = sum(
+                self._planned_bytes[record_name(base_name)] = sum(
                     core.encoded_size(stop - start, sent_config.bits, sent_config.bucket_size,
                                       tensor.dtype.name, scheme=sent_config.scheme,
                                       options=sent_config.scheme_options())
