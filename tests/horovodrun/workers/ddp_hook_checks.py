@@ -254,7 +254,7 @@ def overrides(rank, size):
     metrics = state.metrics()["tensors"]
     return {"steps": results, "segments": sorted(metrics),
             "bits": {name: entry.get("bits_per_element") for name, entry in metrics.items()},
-            "stats": dict(state.stats)}
+            "stats": state.metrics()["counters"]}
 
 
 JOIN_CASES = {"none": None, "allgather": dict(bits=4, exchange="allgather"),
