@@ -60,15 +60,15 @@ class HandedBytes:
 
 class HookBytes:
     """Bytes ``tnq_hook`` handed to torch.distributed so far: its payloads and the buckets it
-    passed through uncompressed, as its CompressorState counts them."""
+    passed through uncompressed, as its metrics()["counters"] count them."""
 
     def __init__(self, state):
         self._state = state
 
     @property
     def total(self):
-        stats = self._state.stats
-        return stats["payload_bytes"] + stats["passthrough_bytes"]
+        counters = self._state.metrics()["counters"]
+        return counters["payload_bytes"] + counters["passthrough_bytes"]
 
 
 def wrap(model, name, options, start_iter=2):

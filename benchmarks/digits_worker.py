@@ -21,8 +21,8 @@ hierarchical exchange needs for its per-host sets, for every spec; the spec opti
 ``process_sets=static`` starts it without (``hvd.init()``): on hosts of several ranks
 horovod_tnq then warns and runs a flat exchange. With a TNQ compressor rank 0 also prints
 (jobs.REPORT_EXTRA_MARKER) how many tensors per timed step took each exchange ("allgather",
-"reduce-scatter", "hierarchical"), from the compressor's ``stats``, and whether every rank
-counted the same.
+"reduce-scatter", "hierarchical"), from the compressor's ``metrics()["counters"]``, and
+whether every rank counted the same.
 
     horovodrun -np 2 -H localhost:2 --gloo python -m benchmarks.digits_worker \
         --compressor tnq:bits=4
@@ -85,6 +85,11 @@ class TimedCompression:
                 self.decompress_cpu_s += time.thread_time() - began
 
         self.inner.start, self.inner.finish = timed_start, timed_finish
+
+
+def counters(compression):
+    """What a TNQ compressor handed to Horovod (metrics()["counters"]); {} for Horovod's own."""
+    return compression.metrics()["counters"] if hasattr(compression, "metrics") else {}
 
 
 def build_model(hidden):
@@ -159,7 +164,7 @@ def main():
     def start_window():
         compression.compress_s = compression.decompress_cpu_s = 0.0
         phases.update(dict.fromkeys(phases, 0.0))
-        stats_start.update(getattr(compression.inner, "stats", {}))
+        stats_start.update(counters(compression.inner))
 
     def train_step(batch):
         t0 = time.perf_counter()
@@ -183,7 +188,7 @@ def main():
                              profile=args.profile and hvd.rank() == 0,
                              on_window_start=start_window)
 
-    stats_end = getattr(compression.inner, "stats", {})
+    stats_end = counters(compression.inner)
     handed = exchanges = None
     if stats_end:
         handed = sum(stats_end[k] - stats_start[k] for k in ("payload_bytes", "passthrough_bytes"))

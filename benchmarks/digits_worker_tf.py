@@ -111,8 +111,8 @@ def main():
         "decode_s": codec.decode_cpu_s if codec else None,
     }, core, compressor_bytes=None if codec is None else
         # what TNQ hands to Horovod for each tensor per step, known when the graph was traced
-        # (its stats are counted by the PyTorch adapter only)
-        args.steps * sum(compression.bytes_by_tensor.values()))
+        # (metrics()' "planned_bytes"; the counters of graph runs: PyTorch only)
+        args.steps * sum(compression.metrics()["planned_bytes"].values()))
     everyone = hvd.allgather_object(mine)
     if hvd.rank() == 0:
         common.print_report(args, run, everyone, sum(int(np.prod(v.shape)) for v in variables),

@@ -112,8 +112,10 @@ def horovod_training(name, options, model, args):
             optimizer.step()
 
     def handed():
-        stats = getattr(compression, "stats", None)  # TNQ's counts; none for Horovod's own
-        return stats and stats["payload_bytes"] + stats["passthrough_bytes"]
+        if not hasattr(compression, "metrics"):  # Horovod's own compressors count nothing
+            return None
+        counters = compression.metrics()["counters"]
+        return counters["payload_bytes"] + counters["passthrough_bytes"]
 
     return Training(model, optimizer, optimizer.synchronize, step, handed, hvd.allgather_object)
 

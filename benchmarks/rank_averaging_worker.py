@@ -72,12 +72,13 @@ def measure(inputs, truth, scheme, bits, exchange, bucket_size):
     own = core.decode(core.encode(mine, scheme=scheme, bits=bits, bucket_size=bucket_size,
                                   key=core.stream_key(compressor.config.seed, rank, name),
                                   step=0))[0]
-    used = [kind for kind in ("allgather", "reduce-scatter") if compressor.stats[kind]]
+    counters = compressor.metrics()["counters"]
+    used = [kind for kind in ("allgather", "reduce-scatter") if counters[kind]]
     return {"scheme": scheme, "bits": bits, "exchange": exchange, "ranks": hvd.size(),
             "exchange_used": used, "digest": digest(out),
             "nmse": nmse(out.double().numpy(), truth),
             "single_nmse": nmse(own, mine.astype(np.float64)),
-            "payload_bytes": compressor.stats["payload_bytes"]}
+            "payload_bytes": counters["payload_bytes"]}
 
 
 def main():

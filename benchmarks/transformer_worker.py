@@ -145,8 +145,10 @@ class HorovodTraining:
             self.optimizer.step()
 
     def handed(self):
-        stats = getattr(self.compression, "stats", None)
-        return stats and stats["payload_bytes"] + stats["passthrough_bytes"]
+        if not hasattr(self.compression, "metrics"):  # Horovod's own compressors count nothing
+            return None
+        counters = self.compression.metrics()["counters"]
+        return counters["payload_bytes"] + counters["passthrough_bytes"]
 
     def allreduce(self, tensor, name):
         return hvd.allreduce(tensor, op=hvd.Average, name=name,

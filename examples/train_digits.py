@@ -49,8 +49,9 @@ def main():
         predictions = model(torch.from_numpy(x_test)).argmax(1).numpy()
     accuracy = float((predictions == y_test).mean())
     elements = sum(p.numel() for p in model.parameters())
-    stats = getattr(compression, "stats", None)
-    sent = stats and (stats["payload_bytes"] + stats["passthrough_bytes"]) / steps
+    # what TNQ handed to Horovod (Horovod's own compressors count nothing)
+    counters = compression.metrics()["counters"] if hasattr(compression, "metrics") else None
+    sent = counters and (counters["payload_bytes"] + counters["passthrough_bytes"]) / steps
     if hvd.rank() == 0:
         print(report("pytorch", args.compression, args.bits, hvd.size(), steps, accuracy,
                      float(loss), sent, elements))

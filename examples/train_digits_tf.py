@@ -64,7 +64,8 @@ def main():
     predictions = forward(variables, tf.constant(x_test)).numpy().argmax(1)
     accuracy = float((predictions == y_test).mean())
     elements = sum(int(np.prod(v.shape)) for v in variables)
-    sent = sum(getattr(compression, "bytes_by_tensor", {}).values())
+    sent = sum(compression.metrics()["planned_bytes"].values()) \
+        if hasattr(compression, "metrics") else 0  # (Horovod's own compressors: nothing)
     if hvd.rank() == 0:
         print(report("tensorflow", args.compression, args.bits, hvd.size(), steps, accuracy,
                      float(loss), sent, elements))

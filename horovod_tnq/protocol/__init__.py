@@ -3,8 +3,9 @@
 Stock Horovod hands ``compress(tensor)`` to an *allreduce*, but packed codes cannot be summed.
 So each compressor, inside the stock interface:
 
-1. names the tensor's collectives from the name Horovod gives the allreduce (naming.py), so
-   every rank pairs the same tensors, and picks its exchange and payloads (plan.py);
+1. names the tensor's collectives from the name Horovod gives the allreduce (naming.py: the
+   caller passes it, or the adapter reads it from stock Horovod's frames), so every rank pairs
+   the same tensors, and picks its exchange and payloads (plan.py);
 2. encodes each payload (state.py: error feedback, the step that seeds the random stream) and
    starts its exchange: the allgather, the reduce-scatter or the hierarchical exchange, all
    written once in exchange.py over the adapter's collectives (hosts.py finds the hosts);
@@ -19,7 +20,7 @@ horovod_tnq.tensorflow) add only tensor conversion and Horovod calls.
 """
 
 from .base import CompressorBase, DefaultInstanceMethod, compressor_registry
-from .naming import CollectiveNamer, gradient_owner, horovod_call_site
+from .naming import CollectiveNamer, NamedCompression, TensorName
 from .overrides import TENSOR_SETTINGS, TensorSettings
 from .plan import (REDUCED, WHOLE, Hosts, choose_exchange, chunk_bounds, cross_config,
                    host_bits, local_bounds, part_bounds,
@@ -39,8 +40,7 @@ __all__ = [
     "CompressorState", "DefaultInstanceMethod", "ProbeReading",
     "cached_exchange_under_join", "exchange_refused_by_join", "choose_exchange", "chunk_bounds",
     "TENSOR_SETTINGS", "TensorSettings", "check_settings_agree", "compressor_registry",
-    "gradient_owner",
-    "horovod_call_site", "new_stats", "part_bounds", "part_names", "plan",
+    "NamedCompression", "TensorName", "new_stats", "part_bounds", "part_names", "plan",
     "second_bits", "second_round_configs", "second_widths", "Hosts", "cross_config", "host_bits",
     "local_bounds",
     "plan_code", "probe_values", "read_probe", "reduction_scale", "scheme_option_names",

@@ -3,6 +3,7 @@ the state, and each framework's ``get_compressor`` (no framework imports)."""
 
 import itertools
 import threading
+import warnings
 
 from ..core import SCHEMES
 from .overrides import TensorSettings, given_settings
@@ -109,19 +110,27 @@ class CompressorBase:
             self.settings.check_names(names)
         return self.settings.for_name(name)
 
-    @DefaultInstanceProperty
-    def stats(self):
-        """What this rank handed to Horovod so far (state.new_stats lists the counters)."""
-        return self.state.stats
-
     @DefaultInstanceMethod
     def metrics(self):
-        """What this rank's compressor did: ``{"last_step": ..., "total": ..., "tensors":
-        {name: ...}}`` with bytes handed to Horovod (compressed payloads and pass-through),
-        bits per element, encode/decode seconds and the estimated relative quantization error
-        (protocol/metrics.py says how each is measured). log_metrics() writes them to
-        TensorBoard."""
-        return self.state.metrics.summary()
+        """What this rank's compressor did, the one accounting API: ``{"last_step": ...,
+        "total": ..., "tensors": {name: ...}, "counters": ...}``. The first three hold bytes
+        handed to Horovod (compressed payloads and pass-through), bits per element,
+        encode/decode seconds and the estimated relative quantization error
+        (protocol/metrics.py says how each is measured); log_metrics() writes them to
+        TensorBoard. ``counters`` (what ``stats`` gave, state.new_stats lists them) counts
+        since the start or the last reset(): tensors compressed and passed through, their
+        payload and pass-through bytes and compressed elements, and the exchanges each kind
+        ran ("allgather", "reduce-scatter", "hierarchical")."""
+        summary = self.state.metrics.summary()
+        summary["counters"] = self.state.counters()
+        return summary
+
+    @DefaultInstanceProperty
+    def stats(self):
+        """Deprecated: ``metrics()["counters"]`` (this is the live dict, as before)."""
+        warnings.warn('compressor.stats is deprecated and will be removed in the next release: '
+                      'use compressor.metrics()["counters"]', DeprecationWarning, stacklevel=3)
+        return self.state.stats
 
     def state_dict(self):
         """Per-rank state to checkpoint with the model: each tensor's step count (which seeds its

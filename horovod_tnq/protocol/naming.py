@@ -1,59 +1,64 @@
-"""Naming each tensor's collectives identically on every rank (no framework imports)."""
+"""Naming each tensor's collectives identically on every rank (no framework imports).
 
-import sys
+Who calls compress() says what the tensor is called, in a TensorName: horovod_tnq's own callers
+(the Keras 3 DistributedOptimizer, through ``compressor.named(...)``) pass it; PyTorch's fused
+DistributedOptimizer and DDP hook name their buckets themselves (``TNQCompressor.start``, the
+hook's Job). Only stock Horovod (``hvd.DistributedOptimizer``, ``DistributedGradientTape``,
+``hvd.allreduce(..., compression=c)``) calls ``compress(tensor)`` without names; for it each
+adapter reads them from Horovod's frames in one module of its own (torch/horovod_frames.py,
+tensorflow/horovod_frames.py). This module keeps what is framework-free: the TensorName, the
+namer of collectives and the names records are kept under.
+"""
+
+import dataclasses
 import threading
 import weakref
+from typing import Any, Optional
 
 
-# Functions of stock Horovod that call compress(); each holds the collective's name in a local
-# variable ``name`` and its process set in ``process_set`` or ``self.process_set``.
-_HOROVOD_CALLERS = {
-    "_allreduce_grad_async", "_grouped_allreduce_grad_async", "allreduce", "grouped_allreduce",
-    "_allreduce_cond", "_grouped_allreduce_cond", "allreduce_grads",
-}
+@dataclasses.dataclass(frozen=True)
+class TensorName:
+    """What compress() is told of a tensor besides its data.
+
+    ``collective``: the name of the Horovod collective it serves (None: unnamed, see
+    CollectiveNamer; a CallSiteName also holds the parameter); ``parameter``: the name of the
+    parameter or variable whose gradient it is, which per-tensor settings (overrides.py) match
+    and its metrics are kept under (None: ``collective``); ``names``: every parameter name of
+    its optimizer, checked once against the override patterns; ``process_set``: Horovod's
+    process set (None: the global one)."""
+
+    collective: Optional[str] = None
+    parameter: Optional[str] = None
+    names: tuple = ()
+    process_set: Any = None
+
+    @property
+    def setting_name(self):
+        """The name the tensor's settings are looked up by."""
+        return self.parameter or self.collective
 
 
-def horovod_call_site(max_depth=12):
-    """(name, process_set) of the Horovod collective that called compress(), or (None, None).
+class NamedCompression:
+    """``compression=`` for one Horovod collective whose tensor the caller can name: Horovod
+    calls ``compress(tensor)`` and ``decompress(tensor, ctx)`` on it, and the compressor gets
+    the TensorName with the tensor (``compressor.named(...)`` makes one)."""
 
-    Stock Horovod does not pass the name to compress(); reading it from the calling frame is what
-    lets the allgather be named like the allreduce it accompanies, so ranks that reach their
-    tensors in different orders still pair them correctly. Inside tf.function, AutoGraph runs
-    converted copies of Horovod's functions (``tf__allreduce``) a few frames further up. Tested
-    against Horovod 0.28.1; when nothing is found the caller falls back to Horovod's own
-    convention (the graph tensor name in TF graphs, a sequence number otherwise), and payload
-    headers still catch mismatched shapes.
+    def __init__(self, compressor, name):
+        self.compressor = compressor
+        self.name = name
 
-    Where a stock PyTorch optimizer reduces a parameter's gradient (``p`` in its
-    ``_allreduce_grad_async`` or in the comprehension of its grouped twin), the name is a
-    CallSiteName that also holds the parameter: two models of one compressor may give their
-    parameters the same names, and CollectiveNamer keeps their state apart by it.
-    """
-    frame = sys._getframe(1)
-    parameter = None
-    for _ in range(max_depth):
-        if frame is None:
-            break
-        module = frame.f_globals.get("__name__", "")
-        function = frame.f_code.co_name
-        if function.startswith("tf__"):
-            function = function[len("tf__"):]
-        if module.startswith("horovod."):
-            local = frame.f_locals
-            if module == "horovod.torch.optimizer":
-                parameter = local.get("p", parameter)
-            if function in _HOROVOD_CALLERS:
-                process_set = local.get("process_set")
-                owner = local.get("self")
-                if process_set is None and owner is not None:
-                    process_set = getattr(owner, "process_set", None)
-                name = local.get("name")
-                if not isinstance(name, str) or not name:
-                    return None, process_set
-                return (name if parameter is None else CallSiteName(name, parameter)), \
-                    process_set
-        frame = frame.f_back
-    return None, None
+    def compress(self, tensor):
+        return self.compressor.compress_named(tensor, self.name)
+
+    def decompress(self, tensor, ctx):
+        return self.compressor.decompress(tensor, ctx)
+
+
+def variable_name(variable):
+    """A TF variable's name without its ":0" (Keras 3 variables: their path): what overrides of
+    the TensorFlow adapter match."""
+    name = getattr(variable, "path", None) or getattr(variable, "name", "")
+    return name.rsplit(":", 1)[0] if ":" in name else name
 
 
 class CallSiteName(str):
@@ -106,59 +111,6 @@ def record_name(name):
     name, or UNNAMED for every tensor that Horovod did not name, so that such records stay one
     however many calls come."""
     return UNNAMED if is_anonymous(name) else name
-
-
-# modules whose optimizers reduce gradients next to their parameters (see gradient_owner)
-_OPTIMIZER_MODULES = ("horovod.", "horovod_tnq.tensorflow.keras")
-
-
-def gradient_owner(tensor, max_depth=80):
-    """(name, every name) of the parameter or variable whose gradient ``tensor`` is, as the
-    Horovod optimizer that called compress() names them; (None, None) outside one.
-
-    Per-tensor settings (overrides.py) match these names, which Horovod does not pass to
-    compress() either: PyTorch's ``_allreduce_grad_async(self, p)`` (and the comprehension over
-    ``p`` of its grouped twin, whose optimizer is one frame up) holds the parameter and
-    ``self._parameter_names``; TensorFlow's ``allreduce_grads(grads, vars)`` (behind
-    DistributedGradientTape and the DistributedOptimizers) holds the gradients beside their
-    variables, some 40 frames up inside tf.function (AutoGraph's converted calls), as does
-    horovod_tnq's Keras 3 optimizer. Tested against Horovod 0.28.1.
-    """
-    frame = sys._getframe(1)
-    position = variable = None
-    for _ in range(max_depth):
-        if frame is None:
-            break
-        if frame.f_globals.get("__name__", "").startswith(_OPTIMIZER_MODULES):
-            local = frame.f_locals
-            parameter = local.get("p")
-            if parameter is not None and (getattr(parameter, "grad", None) is tensor or
-                                          local.get("tensor") is tensor):
-                for scope in (local, frame.f_back.f_locals if frame.f_back else {}):
-                    names = getattr(scope.get("self"), "_parameter_names", None)
-                    if isinstance(names, dict) and parameter in names:
-                        return names[parameter], list(names.values())
-            if local.get("grad") is tensor:
-                # the comprehension over the gradients: its position, or (Keras 3 wrapper) its
-                # variable, tells apart variables that TF gave one gradient tensor, e.g. a and
-                # b of (a + b) * x
-                position = local.get("i") if isinstance(local.get("i"), int) else position
-                variable = local.get("var", variable)
-            grads, variables = local.get("grads"), local.get("vars")
-            if isinstance(grads, (list, tuple)) and isinstance(variables, (list, tuple)):
-                matches = [j for j, grad in enumerate(grads[:len(variables)]) if grad is tensor]
-                if matches:
-                    if variable is None:
-                        variable = variables[position if position in matches else matches[0]]
-                    return _variable_name(variable), [_variable_name(v) for v in variables]
-        frame = frame.f_back
-    return None, None
-
-
-def _variable_name(variable):
-    """A TF variable's name without its ":0" (Keras 3 variables: their path)."""
-    name = getattr(variable, "path", None) or getattr(variable, "name", "")
-    return name.rsplit(":", 1)[0] if ":" in name else name
 
 
 class CollectiveNamer:

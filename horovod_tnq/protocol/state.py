@@ -12,9 +12,10 @@ of their own. Per rank it holds
    gradient before quantizing (``encode``);
 3. the **privacy accounting** of dp-binomial: the elements each tensor releases per step
    (core/privacy.py composes them over the steps);
-4. **stats**: what was handed to Horovod, for reporting bytes on the wire, and **metrics**
-   (metrics.py): per tensor and in total, bytes, bits per element, seconds and the estimated
-   quantization error, for live training metrics;
+4. **counters** (``stats``): what was handed to Horovod, for reporting bytes on the wire, and
+   **metrics** (metrics.py): per tensor and in total, bytes, bits per element, seconds and the
+   estimated quantization error, for live training metrics; the compressor's ``metrics()``
+   reports both;
 5. the collective namer (naming.py), whose counter of unnamed tensors is saved too.
 
 Names key all of it (CollectiveNamer's base names). A tensor Horovod did not name (e.g.
@@ -76,6 +77,11 @@ class CompressorState(LockedState):
             step = self.steps.get(name, 0)
             self.steps[name] = step + 1
         return step
+
+    def counters(self):
+        """A copy of the counters (new_stats), for metrics()' "counters"."""
+        with self._lock:
+            return dict(self.stats)
 
     def count(self, **increments):
         with self._lock:

@@ -10,6 +10,7 @@ stream, and the error-feedback residuals) lives in the compressor's ``state``
 """
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,12 +21,13 @@ from horovod.tensorflow.compression import Compressor
 
 from .. import core
 from ..core import native
-from ..protocol.naming import record_name
 from ..protocol import (CompressorBase, DefaultInstanceMethod, Hosts, check_settings_agree,
-                        exchange_refused_by_join, gradient_owner, horovod_call_site, plan_code,
-                        probe_values, read_probe, reduction_scale, settings_buffer)
+                        exchange_refused_by_join, plan_code, probe_values, read_probe,
+                        reduction_scale, settings_buffer)
 from ..protocol.exchange import Exchange, Job, NumpyCodec
 from ..protocol.hosts import hosts_of_job
+from ..protocol.naming import NamedCompression, TensorName, record_name
+from . import horovod_frames
 
 # What the core reads: float64 stays, every other float goes as float32, which holds float16 and
 # bfloat16 exactly (numpy has no bfloat16), as in the PyTorch adapter.
@@ -118,16 +120,18 @@ class TNQCompressor(CompressorBase, Compressor):
     nmse_target; dp_clip, dp_epsilon, dp_delta, dp_sensitivity), and ``overrides`` (per-tensor
     settings by variable name, e.g. ``{"*embed*": {"bits": 8}, "*norm*": None}``: see
     docs/overrides.md; DistributedGradientTape and the DistributedOptimizers give the variables'
-    names, as ``var.name`` without ":0", or a Keras 3 variable's ``path``). A tensor whose size
-    is known only when the graph runs is compressed whatever its size (min_numel needs the size
-    when the graph is built), through the allgather in one payload.
+    names, as ``var.name`` without ":0", or a Keras 3 variable's ``path``:
+    naming.variable_name). A tensor whose size is known only when the graph runs is compressed
+    whatever its size (min_numel needs the size when the graph is built), through the
+    allgather in one payload.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # bytes handed to Horovod for each named tensor (compressed or not) at its last call,
         # without non-finite exceptions: in graphs this is known when the graph is traced
-        self.bytes_by_tensor = {}
+        # (metrics()' "planned_bytes")
+        self._planned_bytes = {}
         self._plans_checked = set()  # tensors whose exchange plan all ranks share (eager)
         self._settings_agreed = False
         self._generation = 0  # reset() count: a graph traced before a reset must not run
@@ -139,6 +143,25 @@ class TNQCompressor(CompressorBase, Compressor):
         numel = tensor.shape.num_elements()
         return tensor.dtype in _WORK and \
             (numel is None or numel >= (config or self.config).min_numel)
+
+    @DefaultInstanceMethod
+    def metrics(self):
+        """CompressorBase.metrics(), and ``"planned_bytes"``: {tensor: the bytes it hands to
+        Horovod per call}, for every named tensor at its last call (compressed: its payloads'
+        size, at most this for schemes whose size depends on the data, without non-finite
+        exceptions; passed through: its size). In graphs it is known when the graph is traced,
+        before it runs, whereas the other records fill as the graph runs."""
+        summary = super().metrics()
+        summary["planned_bytes"] = dict(self._planned_bytes)
+        return summary
+
+    @property
+    def bytes_by_tensor(self):
+        """Deprecated: ``metrics()["planned_bytes"]`` (this is the live dict, as before)."""
+        warnings.warn('compressor.bytes_by_tensor is deprecated and will be removed in the next '
+                      'release: use compressor.metrics()["planned_bytes"]', DeprecationWarning,
+                      stacklevel=2)
+        return self._planned_bytes
 
     def _key(self, slot):
         return core.stream_key(self.config.seed, hvd.rank(), slot)
@@ -187,7 +210,7 @@ class TNQCompressor(CompressorBase, Compressor):
         return (hvd.rank(), hvd.size()) if hvd.is_initialized() else (None, None)
 
     def _count_passthrough(self, tensor, name):
-        """Count ``tensor`` in the stats and metrics as sent uncompressed: eagerly at each call;
+        """Count ``tensor`` in the counters and metrics as sent uncompressed: eagerly at each call;
         in graphs once, when traced (its size is fixed there), so metrics()' last step holds it
         and its total counts it once. Counting each graph run would take a stateful op inside
         Horovod's tf.cond, which TF then runs in program order with every other stateful cond:
@@ -199,12 +222,33 @@ class TNQCompressor(CompressorBase, Compressor):
     @DefaultInstanceMethod
     @tf.autograph.experimental.do_not_convert  # plain Python control flow, traced as written
     def compress(self, tensor):
+        """Horovod's Compressor interface, for the stock path (DistributedGradientTape, the
+        DistributedOptimizers, ``hvd.allreduce(..., compression=...)``), which does not pass
+        the tensor's names: they are read from Horovod's frames (horovod_frames.py). Callers
+        that know them pass them: ``compression=compressor.named(...)`` (compress_named), as
+        the Keras 3 optimizer (keras.py) does."""
+        return self.compress_named(tensor, horovod_frames.tensor_name(tensor))
+
+    @DefaultInstanceMethod
+    def named(self, collective=None, parameter=None, names=(), process_set=None):
+        """``compression=`` for one Horovod collective whose tensor its caller names:
+        ``hvd.allreduce(grad, name=n, compression=compressor.named(n, "dense/kernel"))``
+        compresses ``grad`` as ``compress()`` would for the tape's variable "dense/kernel",
+        without reading Horovod's frames. Arguments: naming.TensorName's."""
+        return NamedCompression(self, TensorName(collective, parameter, tuple(names),
+                                                 process_set))
+
+    @DefaultInstanceMethod
+    @tf.autograph.experimental.do_not_convert
+    def compress_named(self, tensor, tensor_name):
+        """compress() of ``tensor``, named by ``tensor_name`` (a naming.TensorName): the probe
+        Horovod allreduces, and the context for decompress()."""
         if isinstance(tensor, tf.IndexedSlices):
             raise TypeError("TNQCompressor needs dense gradients; use sparse_as_dense=True")
-        owner, names = gradient_owner(tensor)
+        owner, names = tensor_name.parameter, tensor_name.names
         tensor = tf.convert_to_tensor(tensor)
-        name, process_set = horovod_call_site()
-        process_set = process_set or hvd.global_process_set
+        name = tensor_name.collective
+        process_set = tensor_name.process_set or hvd.global_process_set
         self._check_settings(process_set)
         eager = tf.executing_eagerly()
         if name is None and not eager:
@@ -213,7 +257,7 @@ class TNQCompressor(CompressorBase, Compressor):
         config = self.config_for(owner or name, names)
         if config is None or not self.should_compress(tensor, config):
             if name is not None and numel is not None:
-                self.bytes_by_tensor[name] = numel * tensor.dtype.size
+                self._planned_bytes[name] = numel * tensor.dtype.size
             self._count_passthrough(tensor, owner or name)
             return tensor, None
         base_name, collective_name = self.state.namer.acquire(name)
@@ -235,7 +279,7 @@ class TNQCompressor(CompressorBase, Compressor):
             if numel is not None:
                 # at most this for schemes whose payload size depends on the data
                 sent_config, bounds = exchange.payload_plan()
-                self.bytes_by_tensor[record_name(base_name)] = sum(
+                self._planned_bytes[record_name(base_name)] = sum(
                     core.encoded_size(stop - start, sent_config.bits, sent_config.bucket_size,
                                       tensor.dtype.name, scheme=sent_config.scheme,
                                       options=sent_config.scheme_options())

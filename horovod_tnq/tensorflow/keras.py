@@ -15,11 +15,21 @@ import re
 
 import horovod.tensorflow as hvd
 
+from ..protocol.naming import variable_name
 from .compressor import TNQCompressor
 
 
 def _collective_name(variable):
     return "keras3." + re.sub(r"[^A-Za-z0-9_.]", "_", variable.path)
+
+
+def _named(compression, variable, names):
+    """``compression`` told the names of ``variable``'s gradient: its collective's, its own
+    (which overrides match) and every variable's; Horovod's own compressors as they are."""
+    if isinstance(compression, TNQCompressor) or (isinstance(compression, type) and
+                                                  issubclass(compression, TNQCompressor)):
+        return compression.named(_collective_name(variable), variable_name(variable), names)
+    return compression
 
 
 def DistributedOptimizer(optimizer, compression=None, op=hvd.Average):
@@ -31,15 +41,15 @@ def DistributedOptimizer(optimizer, compression=None, op=hvd.Average):
 
     class _Distributed(base):
         def apply(self, grads, trainable_variables=None):
-            # named as in horovod.tensorflow's allreduce_grads(grads, vars), where the
-            # compressor finds each gradient's variable (protocol.gradient_owner)
-            vars = trainable_variables if trainable_variables is not None else \
+            # each gradient's names passed to the compressor (no frames read)
+            variables = trainable_variables if trainable_variables is not None else \
                 self._trainable_variables
+            names = tuple(variable_name(variable) for variable in variables)
             grads = list(grads)
             reduced = [None if grad is None else
-                       hvd.allreduce(grad, name=_collective_name(var), op=op,
-                                     compression=compression)
-                       for grad, var in zip(grads, vars)]
+                       hvd.allreduce(grad, name=_collective_name(variable), op=op,
+                                     compression=_named(compression, variable, names))
+                       for grad, variable in zip(grads, variables)]
             return super().apply(reduced, trainable_variables)
 
     _Distributed.__name__ = f"Distributed{base.__name__}"

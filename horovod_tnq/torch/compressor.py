@@ -20,10 +20,12 @@ from horovod.torch.compression import Compressor
 
 from .. import core
 from ..protocol import (CompressorBase, DefaultInstanceMethod, Hosts, check_settings_agree,
-                        exchange_refused_by_join, gradient_owner, horovod_call_site, plan_code,
-                        probe_values, read_probe, settings_buffer)
+                        exchange_refused_by_join, plan_code, probe_values, read_probe,
+                        settings_buffer)
 from ..protocol.exchange import Exchange, Job, run_to_end
 from ..protocol.hosts import hosts_of_job
+from ..protocol.naming import NamedCompression, TensorName
+from . import horovod_frames
 from .codecs import DTYPE_NAMES, codec_for, sum_dtype
 
 _SUPPORTED_DEVICES = ("cpu", "cuda")
@@ -165,20 +167,37 @@ class TNQCompressor(CompressorBase, Compressor):
 
     @DefaultInstanceMethod
     def compress(self, tensor):
+        """Horovod's Compressor interface, for the stock path (``hvd.DistributedOptimizer``,
+        ``hvd.allreduce(..., compression=...)``), which does not pass the tensor's names: they
+        are read from Horovod's frames (horovod_frames.py). Callers that know them pass them:
+        ``compression=compressor.named(...)`` (compress_named)."""
+        return self.compress_named(tensor, horovod_frames.tensor_name(tensor))
+
+    @DefaultInstanceMethod
+    def named(self, collective=None, parameter=None, names=(), process_set=None):
+        """``compression=`` for one Horovod collective whose tensor its caller names:
+        ``hvd.allreduce(grad, name=n, compression=compressor.named(n, "fc.weight"))`` compresses
+        ``grad`` as ``compress()`` would for the stock optimizer's parameter "fc.weight",
+        without reading Horovod's frames. Arguments: naming.TensorName's."""
+        return NamedCompression(self, TensorName(collective, parameter, tuple(names),
+                                                 process_set))
+
+    @DefaultInstanceMethod
+    def compress_named(self, tensor, name):
+        """compress() of ``tensor``, named by ``name`` (a naming.TensorName): the probe Horovod
+        allreduces, and the context for decompress()."""
         if tensor.is_sparse:
             raise TypeError("TNQCompressor needs dense gradients; use sparse_as_dense=True")
         if tensor.device.type not in _SUPPORTED_DEVICES:
             raise TypeError(f"TNQCompressor supports CPU and CUDA tensors, got device "
                             f"{tensor.device}")
-        name, process_set = horovod_call_site()
-        owner, names = gradient_owner(tensor)
-        config = self.config_for(owner or name, names)
+        config = self.config_for(name.setting_name, name.names)
         if config is None or not self.should_compress(tensor, config):
-            self.state.passthrough(owner or name, tensor.numel(),
+            self.state.passthrough(name.setting_name, tensor.numel(),
                                    tensor.numel() * tensor.element_size())
             return tensor, None
 
-        pending = self.start(tensor, name, process_set, config, owner)
+        pending = self.start(tensor, name.collective, name.process_set, config, name.parameter)
         process_set = pending.process_set
         probe = torch.tensor(probe_values(process_set.rank(),
                                           plan_code(pending.kind, pending.bounds),
@@ -192,7 +211,8 @@ class TNQCompressor(CompressorBase, Compressor):
         metrics() (its collectives' base name by default).
 
         compress() calls it with the name of the Horovod allreduce it serves; the fused
-        DistributedOptimizer (optimizer.py) calls it directly, with its buckets' names.
+        DistributedOptimizer (optimizer.py) calls it directly, with its buckets' names and
+        settings.
         """
         process_set = process_set or hvd.global_process_set
         self._start_settings_check(process_set)

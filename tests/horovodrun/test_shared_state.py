@@ -62,5 +62,5 @@ def test_unnamed_torch_allreduces_keep_no_state(torch_job):
 
 def test_unnamed_tensorflow_allreduces_keep_no_state(tf_job):
     assert unnamed_entries(tf_job, "tf") == {
-        "steps": 0, "residuals": 0, "metrics": ["unnamed"], "bytes_by_tensor": ["unnamed"],
+        "steps": 0, "residuals": 0, "metrics": ["unnamed"], "planned_bytes": ["unnamed"],
         "plans_checked": 1, "in_flight": 0}

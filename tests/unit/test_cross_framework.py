@@ -106,7 +106,7 @@ def run_torch(values, dtype, settings, name, steps):
             ctx = compressor.start(tensor, name)
             probe = torch.tensor(probe_values(0, plan_code(ctx.kind, ctx.bounds)))
         results.append(compressor.decompress(probe, ctx).to(torch.float64).numpy())
-    return results, compressor.stats
+    return results, compressor.metrics()["counters"]
 
 
 def run_tf(values, dtype, settings, graph, steps):
@@ -125,7 +125,7 @@ def run_tf(values, dtype, settings, graph, steps):
     tensor = tf.cast(tf.constant(values), getattr(tf, dtype))
     results = [reduce(tensor) for _ in range(steps)]
     assert all(r.dtype == tensor.dtype and r.shape == tensor.shape for r in results)
-    return [tf.cast(r, tf.float64).numpy() for r in results], compressor.stats
+    return [tf.cast(r, tf.float64).numpy() for r in results], compressor.metrics()["counters"]
 
 
 def check_same(fakes, values, dtype, settings, graph):
@@ -184,3 +184,29 @@ def test_a_tensor_sized_only_at_run_time_is_compressed_alike(fakes):
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "tf.function"])
 def test_every_dtype_reaches_the_core_alike(fakes, dtype, graph):
     check_same(fakes, gradient((33, 61), seed=1), dtype, dict(bits=4, bucket_size=128), graph)
+
+
+def test_metrics_is_the_one_accounting_api_and_the_old_names_warn(fakes):
+    """metrics() holds what ``stats`` (its "counters") and TF's ``bytes_by_tensor`` (its
+    "planned_bytes") gave; the old names still answer, with a DeprecationWarning."""
+    values = np.random.default_rng(3).standard_normal((64, 64)).astype(np.float32)
+    _, counters = run_torch(values, "float32", {"bits": 3}, "w", 1)
+    assert counters["compressed_tensors"] == 1 and counters["allgather"] == 1
+    torch_compressor = torch_adapter.TNQCompressor(bits=3)
+    ctx = torch_compressor.start(torch.from_numpy(values), "w")
+    torch_compressor.decompress(torch.tensor(probe_values(0, plan_code(ctx.kind, ctx.bounds))),
+                                ctx)
+    metrics = torch_compressor.metrics()
+    assert set(metrics) == {"last_step", "total", "tensors", "counters"}
+    assert metrics["counters"] == counters
+    with pytest.warns(DeprecationWarning, match=r'metrics\(\)\["counters"\]'):
+        assert torch_compressor.stats == counters
+
+    tf_compressor = tf_adapter.TNQCompressor(bits=3)
+    tf_compressor.decompress(*tf_compressor.compress(tf.constant(values)))
+    metrics = tf_compressor.metrics()
+    assert set(metrics) == {"last_step", "total", "tensors", "counters", "planned_bytes"}
+    assert metrics["counters"] == counters
+    assert metrics["planned_bytes"] == {"unnamed": counters["payload_bytes"]}
+    with pytest.warns(DeprecationWarning, match=r'metrics\(\)\["planned_bytes"\]'):
+        assert tf_compressor.bytes_by_tensor == metrics["planned_bytes"]

@@ -110,8 +110,8 @@ def matches_core(rank, size):
                     BUCKET_NAME.format(0), step, dtype)
                 same.append(same_bits(model.weight.grad, reference))
             results[f"{case}/overlap={overlap}"] = {
-                "same": same, "payload_bytes": state.stats["payload_bytes"],
-                "allgather": state.stats["allgather"]}
+                "same": same, "payload_bytes": state.metrics()["counters"]["payload_bytes"],
+                "allgather": state.metrics()["counters"]["allgather"]}
     return results
 
 
@@ -216,7 +216,7 @@ def training(rank, size):
         flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         results[case] = {"digest": digest([flat]), "losses": losses,
                          "flat": flat.tolist()[::97],  # a sample, to compare with "none"
-                         "stats": None if state is None else dict(state.stats),
+                         "stats": None if state is None else state.metrics()["counters"],
                          "steps": None if state is None else dict(state.state.steps)}
     return results
 
@@ -254,7 +254,7 @@ def overrides(rank, size):
     metrics = state.metrics()["tensors"]
     return {"steps": results, "segments": sorted(metrics),
             "bits": {name: entry.get("bits_per_element") for name, entry in metrics.items()},
-            "stats": dict(state.stats)}
+            "stats": state.metrics()["counters"]}
 
 
 JOIN_CASES = {"none": None, "allgather": dict(bits=4, exchange="allgather"),

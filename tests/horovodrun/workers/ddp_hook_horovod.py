@@ -59,8 +59,9 @@ def compare(settings, rank):
     return {"same": same, "residual_slots": sorted(ours),
             "same_residuals": sorted(theirs) == sorted(ours) and
             all(np.array_equal(theirs[slot], ours[slot]) for slot in ours),
-            "stats": {kind: state.stats[kind] for kind in ("allgather", "reduce-scatter")},
-            "horovod_stats": {kind: compressor.stats[kind]
+            "stats": {kind: state.metrics()["counters"][kind]
+                      for kind in ("allgather", "reduce-scatter")},
+            "horovod_stats": {kind: compressor.metrics()["counters"][kind]
                               for kind in ("allgather", "reduce-scatter")}}
 
 

@@ -60,7 +60,7 @@ def main():
         reduced = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
         errors.append(float(((reduced - exact) ** 2).sum() / (exact ** 2).sum()))
         digests.append(hashlib.sha256(reduced.numpy().tobytes()).hexdigest())
-    stats = state.state.stats
+    stats = state.metrics()["counters"]
     report = {"rank": rank, "size": size, "errors": errors, "predicted": predicted,
               "digests": digests,
               "hierarchical": stats["hierarchical"], "allgather": stats["allgather"],

@@ -49,7 +49,7 @@ def reduce_all(on_device, scheme, bits, exchange, dtype):
         results[name] = hvd.allreduce(rank_input(name, dtype), name=f"{scheme}.{bits}.{name}",
                                       compression=compressor)
     codec = type(compressor.codec_for(rank_input("short", dtype))).__name__
-    return results, dict(compressor.stats, codec=codec)
+    return results, dict(compressor.metrics()["counters"], codec=codec)
 
 
 def fused_step(on_device):

@@ -79,10 +79,10 @@ def main():
             optimizer.zero_grad()
             model(x).square().mean().backward()
             local = [p.grad.clone() for p in model.parameters()]
-            before = compressor.stats["hierarchical"]
+            before = compressor.metrics()["counters"]["hierarchical"]
             optimizer.synchronize()
             sizes.append(hvd.size())
-            if compressor.stats["hierarchical"] > before:
+            if compressor.metrics()["counters"]["hierarchical"] > before:
                 hierarchical_at.add(hvd.size())
             ratio = (sum(float((p.grad * g).sum()) for p, g in zip(model.parameters(), local)) /
                      sum(float((g * g).sum()) for g in local))

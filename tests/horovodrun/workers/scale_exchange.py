@@ -9,7 +9,7 @@ rank's input) and averages it with hvd.allreduce(op=Average) at BITS bits, one c
 exchange, the same tensors for STEPS steps (each step draws fresh rounding). Each rank writes
 OUT_DIR/rank<r>.json: per exchange, the NMSE of each result against the true average, each
 result's digest, every rank's digests (allgathered: each rank sees the others'), and the
-compressor's stats (which exchange each tensor took); and where the rank ran (its local and
+compressor's counters (which exchange each tensor took); and where the rank ran (its local and
 cross rank and size). tests/horovodrun/test_scale_exchanges.py compares the errors with the
 simulator's.
 """
@@ -90,7 +90,7 @@ def run_exchange(framework, exchange, inputs, rank):
             rows.append({"numel": numel, "step": step, "seed": seed_of(step, index),
                          "nmse": nmse(out, truth), "digest": digest(out),
                          "dtype": str(out.dtype), "shape": list(out.shape)})
-    return {"rows": rows, "stats": dict(compressor.stats)}
+    return {"rows": rows, "stats": compressor.metrics()["counters"]}
 
 
 def main():

@@ -60,7 +60,7 @@ def scheme_sweep(inputs, rank):
                                for d, x in zip(single, inputs)])
         kind = choose_exchange(compressor.config, out.numel(), hvd.size())
         # (the reduce-scatter's chunk payloads differ in size from rank to rank)
-        sent = compressor.stats["payload_bytes"] if kind == "allgather" else None
+        sent = compressor.metrics()["counters"]["payload_bytes"] if kind == "allgather" else None
         results[scheme] = {"digest": digest(out), "single_nmse": float(single_nmse),
                            "exchange": kind, "bits": bits, "payload_bytes": sent,
                            "fixed_size": core.SCHEMES[scheme].body is None and
@@ -78,15 +78,15 @@ def exchanges(inputs, rank):
         compressor = TNQCompressor(bits=3, exchange=kind)
         out = hvd.allreduce(inputs[rank], name=f"exchange.{kind}", compression=compressor)
         report[kind] = error_report(out, inputs, False, bits=3, exchange=kind)
-        report[kind].update(digest=digest(out), stats=compressor.stats)
+        report[kind].update(digest=digest(out), stats=compressor.metrics()["counters"])
     compressor = TNQCompressor(bits=4)
     hvd.allreduce(inputs[rank], name="exchange.auto", compression=compressor)
-    report["auto_stats"] = compressor.stats
+    report["auto_stats"] = compressor.metrics()["counters"]
     # 60,000 elements in parts of 8,192 (whole buckets): 8 payloads, each its own allgather
     compressor = TNQCompressor(bits=3, exchange="allgather", part_elements=8000)
     out = hvd.allreduce(inputs[rank], name="exchange.parts", compression=compressor)
     report["parts"] = dict(error_report(out, inputs, False, bits=3, exchange="allgather"),
-                           digest=digest(out), stats=compressor.stats)
+                           digest=digest(out), stats=compressor.metrics()["counters"])
 
     compressor = TNQCompressor(bits=3, exchange="reduce-scatter")
     second = [t.flip(0) for t in inputs]
@@ -166,7 +166,8 @@ def adaptive_checks(rank, size):
         report[scheme] = {"exact": exact, "digests": digests, "payload_sizes": sizes,
                           "widths": [int(core.read_header(p).bits) for p in payloads]}
         report.setdefault("bytes_sent", {})[scheme] = [
-            compressor.stats["payload_bytes"], sum(step_sizes[rank] for step_sizes in sizes)]
+            compressor.metrics()["counters"]["payload_bytes"],
+            sum(step_sizes[rank] for step_sizes in sizes)]
         if scheme == "dp-binomial":
             report[scheme]["privacy"] = compressor.privacy_spent()
             report[scheme]["privacy_core"] = core.privacy.account(
@@ -280,7 +281,7 @@ def main():
                                         hvd.allreduce(small, name="small.ref"))),
         "int_equal": bool(torch.equal(hvd.allreduce(integer, name="int", compression=compressor),
                                       hvd.allreduce(integer, name="int.ref"))),
-        "stats": compressor.stats,
+        "stats": compressor.metrics()["counters"],
     }
 
     poisoned = mine.clone()

@@ -83,7 +83,7 @@ def train(name, options, steps=30):
         losses.append(float(loss))
         digests.append(parameters_digest(model))
     compressor = options.get("compression")
-    stats = getattr(compressor, "stats", None) or {}
+    stats = compressor.metrics()["counters"] if hasattr(compressor, "metrics") else {}
     return {"losses": losses, "digests": digests,
             "compressed_per_step": stats.get("compressed_tensors", 0) / steps}
 

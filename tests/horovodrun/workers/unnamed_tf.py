@@ -31,7 +31,7 @@ def main():
     report = {
         "entries": {"steps": len(state.steps), "residuals": len(state.residuals),
                     "metrics": sorted(compressor.metrics()["tensors"]),
-                    "bytes_by_tensor": sorted(compressor.bytes_by_tensor),
+                    "planned_bytes": sorted(compressor.metrics()["planned_bytes"]),
                     "plans_checked": len(compressor._plans_checked),
                     "in_flight": len(state.namer._in_flight)},
         "anonymous": state.namer.anonymous,

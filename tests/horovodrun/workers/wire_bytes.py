@@ -44,10 +44,11 @@ def main():
     report = {"none": {"wire_bytes": window("none", hvd.Compression.none),
                        "handed_to_horovod": STEPS * ELEMENTS * torch.float32.itemsize}}
     tnq = TNQCompressor(bits=4)
-    wire = window("tnq", tnq)  # the stats count the warm-up's payload too: as large as each
+    wire = window("tnq", tnq)  # the counters count the warm-up's payload too: as large as each
     # step's (the same gradient, settings and size every time)
     report["tnq"] = {"wire_bytes": wire,
-                     "handed_to_horovod": tnq.stats["payload_bytes"] * STEPS // (STEPS + 1)}
+                     "handed_to_horovod":
+                         tnq.metrics()["counters"]["payload_bytes"] * STEPS // (STEPS + 1)}
     with open(os.path.join(OUT_DIR, f"rank{hvd.rank()}.json"), "w") as f:
         json.dump(report, f)
 

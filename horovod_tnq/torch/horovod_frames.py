@@ -1,0 +1,125 @@
+"""The names stock ``horovod.torch`` does not pass to ``compress(tensor)``, read from its frames.
+
+This is the one place where the PyTorch adapter reads Horovod's private frames, and only for the
+stock path: ``hvd.DistributedOptimizer(compression=TNQCompressor(...))`` and
+``hvd.allreduce(..., compression=...)``. horovod_tnq's own callers pass names: the fused
+DistributedOptimizer (optimizer.py) and the DDP hook (ddp.py) name their buckets, and
+``compressor.named(...)`` hands a TensorName to compress() for any Horovod collective.
+
+What is read, from Horovod 0.28.1 (HOROVOD_VERSION):
+
+- the collective's name and process set: the locals ``name`` and ``process_set`` (or
+  ``self.process_set``) of the Horovod function that called compress() (_HOROVOD_CALLERS);
+- the parameter whose gradient it is: ``p`` in ``_allreduce_grad_async(self, p)`` or in the
+  comprehension of its grouped twin (whose optimizer is one frame up), named by the
+  optimizer's ``self._parameter_names``.
+
+With another Horovod installed the first read warns once, naming both versions; the
+stock-optimizer test (tests/unit/test_horovod_frames.py) fails when these frames change shape,
+instead of leaving the gradients silently unnamed.
+"""
+
+import sys
+import warnings
+
+from ..protocol.naming import CallSiteName, TensorName
+
+HOROVOD_VERSION = "0.28.1"  # the Horovod whose frames this module reads
+
+# Functions of stock horovod.torch that call compress(); each holds the collective's name in a
+# local variable ``name`` and its process set in ``process_set`` or ``self.process_set``.
+_HOROVOD_CALLERS = {
+    "_allreduce_grad_async", "_grouped_allreduce_grad_async", "allreduce", "grouped_allreduce",
+}
+_OPTIMIZER_MODULE = "horovod.torch.optimizer"
+
+_version_checked = False
+
+
+def check_horovod_version(version=None):
+    """Warn once per process where the installed Horovod (``version``: horovod.__version__) is
+    not the one whose frames this module was written for."""
+    global _version_checked
+    if _version_checked:
+        return
+    _version_checked = True
+    if version is None:
+        import horovod
+        version = getattr(horovod, "__version__", "unknown")
+    if version != HOROVOD_VERSION:
+        warnings.warn(version_warning(version, HOROVOD_VERSION), stacklevel=3)
+
+
+def version_warning(installed, written_for):
+    return (f"horovod_tnq reads the names of stock Horovod's gradients from Horovod "
+            f"{written_for}'s frames, and Horovod {installed} is installed: if its frames "
+            f"changed, per-tensor overrides, metrics names and error feedback silently miss "
+            f"their tensors. horovod_tnq's own DistributedOptimizer (and Keras 3 optimizer) "
+            f"pass names instead; tests/unit/test_horovod_frames.py checks a Horovod version")
+
+
+def tensor_name(tensor):
+    """The TensorName of ``tensor``, handed to compress() by stock Horovod (call it from
+    compress(): the frames read start at its caller)."""
+    check_horovod_version()
+    frame = sys._getframe(1)
+    collective, process_set = _call_site(frame)
+    parameter, names = _gradient_owner(tensor, frame)
+    return TensorName(collective, parameter, tuple(names or ()), process_set)
+
+
+def _call_site(frame, max_depth=12):
+    """(name, process_set) of the Horovod collective that called compress(), or (None, None).
+
+    Reading the name is what lets the allgather be named like the allreduce it accompanies, so
+    ranks that reach their tensors in different orders still pair them correctly. Where nothing
+    is found the tensor is unnamed (naming.CollectiveNamer), and payload headers still catch
+    mismatched shapes.
+
+    Where a stock optimizer reduces a parameter's gradient (``p`` in its
+    ``_allreduce_grad_async`` or in the comprehension of its grouped twin), the name is a
+    CallSiteName that also holds the parameter: two models of one compressor may give their
+    parameters the same names, and CollectiveNamer keeps their state apart by it.
+    """
+    parameter = None
+    for _ in range(max_depth):
+        if frame is None:
+            break
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith("horovod."):
+            local = frame.f_locals
+            if module == _OPTIMIZER_MODULE:
+                parameter = local.get("p", parameter)
+            if frame.f_code.co_name in _HOROVOD_CALLERS:
+                process_set = local.get("process_set")
+                owner = local.get("self")
+                if process_set is None and owner is not None:
+                    process_set = getattr(owner, "process_set", None)
+                name = local.get("name")
+                if not isinstance(name, str) or not name:
+                    return None, process_set
+                return (name if parameter is None else CallSiteName(name, parameter)), \
+                    process_set
+        frame = frame.f_back
+    return None, None
+
+
+def _gradient_owner(tensor, frame, max_depth=80):
+    """(name, every name) of the parameter whose gradient ``tensor`` is, as the stock optimizer
+    that called compress() names them; (None, None) outside one: its
+    ``_allreduce_grad_async(self, p)`` (or the comprehension over ``p`` of its grouped twin,
+    whose optimizer is one frame up) holds the parameter and ``self._parameter_names``."""
+    for _ in range(max_depth):
+        if frame is None:
+            break
+        if frame.f_globals.get("__name__", "") == _OPTIMIZER_MODULE:
+            local = frame.f_locals
+            parameter = local.get("p")
+            if parameter is not None and (getattr(parameter, "grad", None) is tensor or
+                                          local.get("tensor") is tensor):
+                for scope in (local, frame.f_back.f_locals if frame.f_back else {}):
+                    names = getattr(scope.get("self"), "_parameter_names", None)
+                    if isinstance(names, dict) and parameter in names:
+                        return names[parameter], list(names.values())
+        frame = frame.f_back
+    return None, None
