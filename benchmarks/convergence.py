@@ -127,7 +127,8 @@ def time_text(row):
     return "not reached" if row["s_to_target"] is None else f"{row['s_to_target']:.1f}"
 
 
-# the transformer's: the test loss against uncompressed training's, and steps to reach it
+# the transformer's (and the char-LM's over emulated links): the test loss against uncompressed
+# training's, and the steps and seconds to reach it
 TRANSFORMER_COLUMNS = [
     ("bits", "bits", "s"), ("gradients", "compressor", "s"), ("seed", "seed", "d"),
     ("test loss", "test_loss", ".4f"), ("vs none (x)", "vs_none_loss", ".4f"),
@@ -538,10 +539,13 @@ def finish(args, task, rows, curves, points, failed, layers):
              loss_ratio=transformer)
     if rows and args.rate_mbit:
         title += f", {args.rate_mbit:g} Mbit/s emulated links"
-    if rows and transformer and any(row.get("train_s") for row in rows):
+    # time to target: the transformer's table, and any language model's over emulated links
+    timed = transformer or (args.task == "char-lm" and args.rate_mbit and
+                            any(row.get("train_s") for row in rows))
+    if rows and timed and any(row.get("train_s") for row in rows):
         plot_time(rows, os.path.join(args.out, stem + "_time.png"), title, args.target)
     print(f"\n{title}\n")
-    print(markdown_table(rows, TRANSFORMER_COLUMNS if transformer else COLUMNS))
+    print(markdown_table(rows, TRANSFORMER_COLUMNS if timed else COLUMNS))
     for row in rows:
         if parse_spec(row["compressor"])[0] == "none" and len(row["curve"]) > 1:
             step, gain = plateau(row["curve"])

@@ -25,6 +25,7 @@ steps after PowerSGD's 2 plain (uncompressed) ones.
 
 import argparse
 import json
+import time
 
 import horovod.torch as hvd
 import torch
@@ -154,7 +155,9 @@ def main():
 
     handed = [training.handed()]  # so far, before each step and after the last
     losses, curve = [], []
+    train_s = 0.0  # wall time of the training steps so far, evaluations excluded
     for step in range(1, args.steps + 1):
+        started = time.perf_counter()
         starts = torch.randint(0, len(train_text) - args.length - 1, (args.batch_size,),
                                generator=generator)
         window = torch.stack([train_text[s: s + args.length + 1] for s in starts.tolist()])
@@ -169,11 +172,13 @@ def main():
         training.step()
         losses.append(loss.item())
         handed.append(training.handed())
+        train_s += time.perf_counter() - started
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
             test_loss, test_accuracy = evaluate(model, held_out)
-            curve.append({"step": step, "test_loss": test_loss, "test_accuracy": test_accuracy})
+            curve.append({"step": step, "test_loss": test_loss, "test_accuracy": test_accuracy,
+                          "train_s": train_s})
 
-    mine = {"losses": losses}
+    mine = {"losses": losses, "train_s": train_s}
     if handed[-1] is not None:
         # per step once compression runs: PowerSGD's plain first steps would otherwise count
         # as much as hundreds of its compressed ones
@@ -188,6 +193,7 @@ def main():
     report = {
         "compressor": args.compressor, "task": "char-lm", "workers": size,
         "framework": framework, "plain_steps": training.plain_steps,
+        "train_s": max(r["train_s"] for r in everyone),
         "parameters": sum(p.numel() for p in model.parameters()),
         "hidden": args.hidden, "batch_size": args.batch_size, "length": args.length,
         "steps": args.steps, "clip": args.clip,

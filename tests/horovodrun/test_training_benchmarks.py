@@ -220,6 +220,28 @@ def test_convergence_benchmark_char_lm_beside_ddp_hooks(tmp_path):
                         float(table[ddp_rank1][3]) - float(table[ddp_none][3]), abs_tol=0.011)
 
 
+def test_convergence_benchmark_char_lm_time_to_target(tmp_path):
+    # over emulated 1 Gbit/s links (needs root, as the bandwidth test): the time-to-target
+    # table; a target 10x the uncompressed final loss is met at the first evaluation (step 2)
+    specs = ("none", "tnq-rht:bits=4")
+    out = run_benchmark("convergence", "--task", "char-lm", "--baselines", "none",
+                        "--schemes", "tnq-rht", "--bits", "4", "--steps", "4", "--eval-every",
+                        "2", "--hidden", "64", "--rate-mbit", "1000", "--target", "10",
+                        "--out", str(tmp_path))
+    table = {line.split("|")[2].strip(): [cell.strip() for cell in line.split("|")]
+             for line in out.splitlines()
+             if line.startswith("| ") and not line.startswith("| bits")}
+    assert set(table) == set(specs)
+    for spec in specs:
+        cells = table[spec]
+        assert cells[6] == "2", (spec, cells)  # steps to target
+        seconds, per_step = float(cells[7]), float(cells[8])
+        # the training's own seconds at step 2 of 4, evaluations excluded: within the run's
+        assert 0 < seconds < 4 * per_step, (spec, cells)
+    assert "1000 Mbit/s emulated links" in out
+    assert (tmp_path / "convergence_char_lm_time.png").stat().st_size > 10_000
+
+
 def test_scaling_bytes_benchmark_two_and_three_workers(tmp_path):
     allgather, scalable = "tnq:bits=4,exchange=allgather", "tnq:bits=4,exchange=reduce-scatter"
     out = run_benchmark("scaling_bytes", "--workers", "2", "3", "--configs", "none",
