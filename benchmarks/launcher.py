@@ -47,18 +47,19 @@ def horovodrun_command(num_proc, hosts, program, controller="gloo", disable_cach
             *(["--disable-cache"] if disable_cache else []), *extra, sys.executable, *program]
 
 
-def torchrun_command(worker, worker_args, nproc=1, nodes=1, node_rank=0, master=None):
-    """torchrun running ``worker`` (a module): ``nproc`` processes here, and with ``master`` =
-    (address, port) node ``node_rank`` of ``nodes`` (static rendezvous at the master, as a
-    multi-node user starts it on every node); without it a standalone job on this host (its
-    rendezvous store on a free port)."""
+def torchrun_command(worker, worker_args, nproc=1, nodes=1, node_rank=0, master=None,
+                     module=True):
+    """torchrun running ``worker`` (a module, or with ``module=False`` a script's path):
+    ``nproc`` processes here, and with ``master`` = (address, port) node ``node_rank`` of
+    ``nodes`` (static rendezvous at the master, as a multi-node user starts it on every node);
+    without it a standalone job on this host (its rendezvous store on a free port)."""
     if master is None:
         where = ["--standalone"]
     else:
         where = ["--nnodes", str(nodes), "--node-rank", str(node_rank),
                  "--master-addr", master[0], "--master-port", str(master[1])]
-    return [venv_executable("torchrun"), *where, "--nproc-per-node", str(nproc), "-m", worker,
-            *worker_args]
+    return [venv_executable("torchrun"), *where, "--nproc-per-node", str(nproc),
+            *(["-m"] if module else []), worker, *worker_args]
 
 
 def worker_env(extra=None, tf_log_level="3", controller="gloo"):

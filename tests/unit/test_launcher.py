@@ -70,3 +70,15 @@ def test_the_callers_launch_through_it(monkeypatch, tmp_path):
     assert test == [HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable,
                     os.path.join(WORKERS, "torch_train.py"), str(tmp_path), "x"]
     assert averaging_env["TF_CPP_MIN_LOG_LEVEL"] == "3" and test_env["TF_CPP_MIN_LOG_LEVEL"] == "2"
+
+
+def test_torchrun_runs_a_module_or_a_script():
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    assert launcher.torchrun_command("benchmarks.digits_worker_ddp", ["--steps", "1"],
+                                     nproc=2) == [
+        torchrun, "--standalone", "--nproc-per-node", "2", "-m", "benchmarks.digits_worker_ddp",
+        "--steps", "1"]
+    assert launcher.torchrun_command("w.py", ["out"], nproc=2, nodes=2, node_rank=1,
+                                     master=("127.0.0.1", 29500), module=False) == [
+        torchrun, "--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1",
+        "--master-port", "29500", "--nproc-per-node", "2", "w.py", "out"]
