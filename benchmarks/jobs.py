@@ -1,4 +1,5 @@
-"""What the training benchmarks share: compressor specs, the horovodrun launch, CSV output.
+"""What the training benchmarks share: compressor specs, their horovodrun command line (built by
+launcher.py), reports, CSV output.
 
 A compressor *spec* is a registry name with optional options, ``name[:key=value,...]``, handed to
 ``horovod_tnq.torch.get_compressor(name, **options)`` by each worker:
@@ -22,12 +23,12 @@ exchange needs), e.g. ``tnq-rht:bits=2,exchange=hierarchical,fused=1``.
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+from benchmarks import launcher
+# the launch itself (command lines, the workers' environment) is launcher.py's; these names stay
+# here for the benchmarks that import them from jobs
+from benchmarks.launcher import ROOT, torchrun_command, worker_env  # noqa: F401
+
 WORKER = "benchmarks.digits_worker"  # run with python -m, from ROOT
 # the digits worker of each framework; a spec's "framework" option picks one (default torch)
 WORKERS = {"torch": WORKER, "tf": "benchmarks.digits_worker_tf",
@@ -65,30 +66,10 @@ def _number_or_text(text):
 
 
 def horovodrun_command(workers, hosts, worker_args, extra=(), worker=WORKER):
-    """The horovodrun command line (Gloo) running the benchmark ``worker`` (a module) on
-    ``hosts`` ("host:slots,...")."""
-    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    return [horovodrun, "-np", str(workers), "-H", hosts, "--gloo", "--disable-cache", *extra,
-            sys.executable, "-m", worker, *worker_args]
-
-
-def torchrun_command(worker, worker_args, nproc=1, nodes=1, node_rank=0, master=None):
-    """torchrun running the benchmark ``worker`` (a module): ``nproc`` processes here, and with
-    ``master`` = (address, port) node ``node_rank`` of ``nodes`` (static rendezvous at the
-    master, as a multi-node user starts it on every node); without it a standalone job on this
-    host (its rendezvous store on a free port)."""
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    if master is None:
-        where = ["--standalone"]
-    else:
-        where = ["--nnodes", str(nodes), "--node-rank", str(node_rank),
-                 "--master-addr", master[0], "--master-port", str(master[1])]
-    return [torchrun, *where, "--nproc-per-node", str(nproc), "-m", worker, *worker_args]
-
-
-def worker_env(extra=None):
-    return dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3",
-                **(extra or {}))
+    """The horovodrun command line (Gloo, --disable-cache) running the benchmark ``worker`` (a
+    module) on ``hosts`` ("host:slots,..."); launcher.horovodrun_command builds it."""
+    return launcher.horovodrun_command(workers, hosts, ["-m", worker, *worker_args],
+                                       disable_cache=True, extra=extra)
 
 
 def read_report(done, what):
@@ -111,8 +92,7 @@ def read_report(done, what):
 def run_local(workers, worker_args, timeout=None):
     """One benchmark job with every worker on this host's loopback; returns rank 0's report."""
     command = horovodrun_command(workers, f"localhost:{workers}", worker_args)
-    done = subprocess.run(command, cwd=ROOT, env=worker_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    done = launcher.run(command, worker_env(), timeout)
     return read_report(done, " ".join(worker_args))
 
 

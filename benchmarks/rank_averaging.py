@@ -22,34 +22,22 @@ Prints a markdown table; every number in it comes from the same run.
 """
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 
+from benchmarks import launcher
 from benchmarks.jobs import markdown_table, worker_env, write_csv
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = "benchmarks.rank_averaging_worker"  # run with python -m, from ROOT
 
 
 def launch(num_ranks, out_dir, worker_args=(), timeout=None):
     """Run the worker on ``num_ranks`` local Gloo ranks; return each rank's JSON report."""
-    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    command = [horovodrun, "-np", str(num_ranks), "-H", f"localhost:{num_ranks}", "--gloo",
-               "--disable-cache", sys.executable, "-m", WORKER, str(out_dir), *worker_args]
-    done = subprocess.run(command, cwd=ROOT, env=worker_env(),
-                          capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"horovodrun -np {num_ranks} failed ({done.returncode}):\n"
-                           f"{done.stdout[-5000:]}\n{done.stderr[-5000:]}")
-    reports = []
-    for rank in range(num_ranks):
-        with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
-            reports.append(json.load(f))
-    return reports
+    command = launcher.horovodrun_command(num_ranks, f"localhost:{num_ranks}",
+                                          ["-m", WORKER, str(out_dir), *worker_args],
+                                          disable_cache=True)
+    return launcher.run_ranks(command, num_ranks, out_dir, worker_env(), timeout,
+                              what=f"horovodrun -np {num_ranks}")
 
 
 def summarise(reports):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from benchmarks.jobs import DDP_HOOKS, REPORT_MARKER, parse_spec
 from horovod_tnq.core import SCHEMES
+from horovod_tnq.protocol.host_core import HOST_CORE
 
 PHASE_KEYS = ("compute_s", "encode_s", "decode_s", "comm_wait_s")
 
@@ -65,11 +66,12 @@ def compressor_spec(spec, framework):
 
 
 def replay_codec():
-    """Make the numpy core replay each tensor's first payload and first decoded sum, so that what
-    is left of a step is the exchange itself, as if encoding and decoding cost nothing. A bound
-    on speed only: the gradients applied after the first step are stale."""
-    from horovod_tnq import core
-    encode, decode_sum = core.encode, core.decode_sum
+    """Make the host codec replay each tensor's first payload and first decoded sum, so that
+    what is left of a step is the exchange itself, as if encoding and decoding cost nothing. A
+    bound on speed only: the gradients applied after the first step are stale. Installed through
+    the codec's seam (horovod_tnq.protocol.host_core.HOST_CORE); returns the function that
+    undoes it."""
+    encode, decode_sum = HOST_CORE.encode, HOST_CORE.decode_sum
     payloads, sums = {}, {}
 
     def replay_encode(values, **options):
@@ -88,7 +90,7 @@ def replay_codec():
         out[...] = total
         return out, count
 
-    core.encode, core.decode_sum = replay_encode, replay_decode_sum
+    return HOST_CORE.replace(encode=replay_encode, decode_sum=replay_decode_sum)
 
 
 def interface_counters(interface):
@@ -234,16 +236,16 @@ def print_report(args, run, everyone, parameters, interface):
 
 
 class CodecTimer:
-    """Times the numpy core's encode (wall time) and decode_sum (CPU time of the calling thread,
+    """Times the host codec's encode (wall time) and decode_sum (CPU time of the calling thread,
     which tells decoding apart from waiting) wherever they are called from: inside a TF graph
     the compressor's work runs in tf.numpy_function callbacks, which no wrapper around
-    compress() or decompress() sees. Install after replay_codec, so that it times the replay."""
+    compress() or decompress() sees. Installed through the codec's seam (HOST_CORE; ``undo``
+    removes it); install after replay_codec, so that it times the replay."""
 
     def __init__(self):
-        from horovod_tnq import core
         self.encode_s = self.decode_cpu_s = 0.0
         lock = threading.Lock()  # the callbacks may run on several of TF's threads
-        encode, decode_sum = core.encode, core.decode_sum
+        encode, decode_sum = HOST_CORE.encode, HOST_CORE.decode_sum
 
         def timed_encode(*args, **kwargs):
             start = time.perf_counter()
@@ -261,7 +263,7 @@ class CodecTimer:
                 with lock:
                     self.decode_cpu_s += time.thread_time() - start
 
-        core.encode, core.decode_sum = timed_encode, timed_decode_sum
+        self.undo = HOST_CORE.replace(encode=timed_encode, decode_sum=timed_decode_sum)
 
     def reset(self):
         self.encode_s = self.decode_cpu_s = 0.0

@@ -8,6 +8,10 @@ the factor to apply to the sum of the decoded payloads, and which ranks contribu
 op=Sum, ``gradient_predivide_factor``, pre/postscale factors and ``hvd.join()`` (a joined rank
 contributes zeros to every allreduce) then come out exactly as Horovod applies them to an
 uncompressed tensor.
+
+``probe_values`` is the one description of the probe's elements (HEAD + N float32 for N ranks);
+docs/design.md ("The probe") and the package's other docstrings agree with it
+(tests/unit/test_docs_probe.py checks them).
 """
 
 import zlib
@@ -30,8 +34,8 @@ def plan_code(kind, bounds):
 
 def probe_values(rank, code, size=None):
     """What rank ``rank`` of ``size`` contributes to the probe allreduce (``code``: plan_code):
-    [1, -1, rank + 1, c, c**2], then a mark per rank, 1 in its own slot (``size`` None: as many
-    slots as this rank needs, for single-process callers)."""
+    [1, -1, rank + 1, c, c**2] (HEAD elements), then a mark per rank, 1 in its own slot (``size``
+    None: as many slots as this rank needs, for single-process callers)."""
     marks = [0.0] * (rank + 1 if size is None else size)
     marks[rank] = 1.0
     return [1.0, -1.0, float(rank + 1), float(code), float(code * code)] + marks

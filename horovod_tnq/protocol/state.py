@@ -37,6 +37,7 @@ import warnings
 import numpy as np
 
 from .. import core
+from .host_core import HOST_CORE
 from .metrics import CompressionMetrics
 from .naming import UNNAMED, CollectiveNamer, is_anonymous
 from .picklable import LockedState
@@ -127,10 +128,10 @@ class CompressorState(LockedState):
                     raise ValueError(f"error-feedback residual for {slot!r} has shape "
                                      f"{residual.shape}, the gradient {chunk.shape}")
                 chunk = chunk + chunk.dtype.type(feedback) * residual
-        payload = core.encode(chunk, scheme=config.scheme, bits=config.bits,
-                              bucket_size=config.bucket_size, key=key, step=int(step),
-                              dtype_name=dtype_name, shape=shape,
-                              options=config.scheme_options())
+        payload = HOST_CORE.encode(chunk, scheme=config.scheme, bits=config.bits,
+                                   bucket_size=config.bucket_size, key=key, step=int(step),
+                                   dtype_name=dtype_name, shape=shape,
+                                   options=config.scheme_options())
         if feedback:
             with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: zeroed below
                 error = chunk - core.decode(payload, max_numel=None)[0].astype(chunk.dtype)

@@ -14,14 +14,13 @@ Gloo), and beside the Horovod adapter under horovodrun.
 The checks job takes 40-60 s on a 2-core machine at load 7.
 """
 
-import json
 import os
 import socket
 import subprocess
-import sys
 
 import pytest
-from launch import ROOT, WORKERS, run_workers
+from launch import (ROOT, WORKERS, read_rank_reports, run_ranks, run_workers, torchrun_command,
+                    worker_env)
 
 
 JOB_TIMEOUT_S = 1200  # for a loaded CI machine: the checks job took 40-60 s at load 7
@@ -31,20 +30,10 @@ MISMATCH_TIMEOUT_S = 300  # the workers' Gloo timeout is 60 s: a hang fails well
 def run_torchrun(script, out_dir, timeout=JOB_TIMEOUT_S, nproc=2, args=()):
     """tests/horovodrun/workers/<script> under `torchrun --standalone` (its rendezvous on a free
     port); each rank's JSON report."""
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    command = [torchrun, "--nproc-per-node", str(nproc), "--standalone",
-               os.path.join(WORKERS, script), str(out_dir), *args]
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    if done.returncode != 0:
-        raise AssertionError(f"torchrun failed ({done.returncode}):\n{done.stdout[-6000:]}\n"
-                             f"{done.stderr[-6000:]}")
-    reports = []
-    for rank in range(nproc):
-        with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
-            reports.append(json.load(f))
-    return reports
+    command = torchrun_command(os.path.join(WORKERS, script), [str(out_dir), *args], nproc=nproc,
+                               module=False)
+    return run_ranks(command, nproc, out_dir, worker_env(), timeout, error=AssertionError,
+                     what="torchrun")
 
 
 def entries(reports, check):
@@ -204,15 +193,13 @@ def run_nodes(script, out_dir, args=(), nodes=2, nproc=2, timeout=JOB_TIMEOUT_S)
     """tests/horovodrun/workers/<script> on ``nodes`` emulated nodes: one
     `torchrun --nnodes N --node-rank i` launcher per node on this machine, as a user starts a
     multi-node job (a static rendezvous on a free port); each rank's JSON report."""
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env = worker_env()
     launchers = [subprocess.Popen(
-        [torchrun, "--nnodes", str(nodes), "--node-rank", str(node), "--nproc-per-node",
-         str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(port),
-         os.path.join(WORKERS, script), str(out_dir), *args],
+        torchrun_command(os.path.join(WORKERS, script), [str(out_dir), *args], nproc=nproc,
+                         nodes=nodes, node_rank=node, master=("127.0.0.1", port), module=False),
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for node in range(nodes)]
     outputs = []
@@ -225,11 +212,7 @@ def run_nodes(script, out_dir, args=(), nodes=2, nproc=2, timeout=JOB_TIMEOUT_S)
     failed = [(node, out) for node, (launcher, out) in enumerate(zip(launchers, outputs))
               if launcher.returncode != 0]
     assert not failed, "\n".join(f"node {node}:\n{out[-5000:]}" for node, out in failed)
-    reports = []
-    for rank in range(nodes * nproc):
-        with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
-            reports.append(json.load(f))
-    return reports
+    return read_rank_reports(out_dir, nodes * nproc)
 
 
 @pytest.mark.parametrize("exchange", ["auto", "allgather"])

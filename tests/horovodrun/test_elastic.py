@@ -15,11 +15,10 @@ where 3 ranks send the larger tensor in a reduce-scatter)."""
 import json
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
-from launch import ROOT, WORKERS
+from launch import WORKERS, run, venv_executable, worker_env
 
 
 def run_elastic(mode, event, tmp_path, steps=20, workers=2, extra_env=None, check=True):
@@ -38,7 +37,7 @@ def run_elastic(mode, event, tmp_path, steps=20, workers=2, extra_env=None, chec
     discover = tmp_path / "discover.sh"
     discover.write_text(f"#!/bin/sh\ncat {hosts}\n")
     discover.chmod(0o755)
-    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    horovodrun = venv_executable("horovodrun")
     worker = ([os.path.join(WORKERS, "elastic_train_tf.py"), str(out), str(hosts), str(steps),
                event, str(workers)] if mode == "tf" else
               [os.path.join(WORKERS, "elastic_train.py"), str(out), mode, str(hosts), str(steps),
@@ -47,12 +46,10 @@ def run_elastic(mode, event, tmp_path, steps=20, workers=2, extra_env=None, chec
                "--max-np", str(workers), "--network-interfaces", "lo",
                "--blacklist-cooldown-range", "1", "2",
                "--host-discovery-script", str(discover), "--gloo", sys.executable, *worker]
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3",
-               **(extra_env or {}))
+    # (elastic: no -H, so not launcher.horovodrun_command's line; its environment and run)
     # 22-67 s measured at load 6-8 on 2 cores; CI at load 15-20 is slower still. The workers
     # wait for each change of the world at a known step (workers/elastic_hosts.py), 2 min at most
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=360)
+    done = run(command, worker_env(extra_env), timeout=360)
     if not check:
         return done
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]

@@ -25,14 +25,11 @@ single 0.54 at L = 2 (3 bits between hosts), 1.07 at L = 4.
 """
 
 import functools
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from launch import ROOT, WORKERS, same_on_all_ranks
+from launch import WORKERS, horovodrun_command, run_ranks, same_on_all_ranks, worker_env
 
 from horovod_tnq import CompressorConfig, core
 from horovod_tnq.protocol import Hosts, choose_exchange, second_round_configs
@@ -65,20 +62,10 @@ def layout_id(layout):
 def run_job(framework, hosts, out_dir, timeout=600):
     """workers/scale_exchange.py under `horovodrun --gloo -H hosts`; each rank's report."""
     num_proc = sum(int(host.split(":")[1]) for host in hosts.split(","))
-    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    command = [horovodrun, "-np", str(num_proc), "-H", hosts, "--gloo", sys.executable,
-               os.path.join(WORKERS, "scale_exchange.py"), str(out_dir), framework]
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2")
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    if done.returncode != 0:
-        raise AssertionError(f"horovodrun failed ({done.returncode}):\n{done.stdout[-6000:]}\n"
-                             f"{done.stderr[-6000:]}")
-    reports = []
-    for rank in range(num_proc):
-        with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
-            reports.append(json.load(f))
-    return reports
+    command = horovodrun_command(num_proc, hosts, [os.path.join(WORKERS, "scale_exchange.py"),
+                                                   str(out_dir), framework])
+    return run_ranks(command, num_proc, out_dir, worker_env(tf_log_level="2"), timeout,
+                     error=AssertionError)
 
 
 @pytest.fixture(scope="module", params=LAYOUTS, ids=layout_id)

@@ -3,27 +3,23 @@ and TensorBoard metrics as a user would run them."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from launch import ROOT
+from launch import ROOT, horovodrun_command, worker_env
+from launch import run as run_command
 
 
 @pytest.fixture(scope="module", params=["stock", "fused"])
 def run(request, tmp_path_factory):
     logdir = tmp_path_factory.mktemp("transformer") / "tb"
-    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    command = [horovodrun, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable,
-               os.path.join(ROOT, "examples", "train_transformer.py"), "--steps", "20",
-               "--log-every", "5", "--logdir", str(logdir)]
+    command = horovodrun_command(2, None, [os.path.join(ROOT, "examples", "train_transformer.py"),
+                                           "--steps", "20", "--log-every", "5", "--logdir",
+                                           str(logdir)])
     if request.param == "fused":
         command.append("--fused")
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2")
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = run_command(command, worker_env(tf_log_level="2"), timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     line = next(line for line in done.stdout.splitlines() if '"example"' in line)
     report = json.loads(line[line.index("{"):])
