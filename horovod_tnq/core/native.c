@@ -1200,7 +1200,8 @@ HOT void tnq_rotated_decode_sum(int payloads, const uint8_t *const *packed, cons
                      int64_t capacity, double *amax) {                                         \
         const U *u = (const U *)data;                                                          \
         U most = 0;                                                                            \
-        int64_t count = 0, i = 0;                                                              \
+        int64_t count = 0, i = 0, window = (min_run + 1) / 2;                                  \
+        if (window < 1) window = 1;                                                            \
         while (i < n) {                                                                        \
             int64_t stop = i + ZERO_SCAN < n ? i + ZERO_SCAN : n;                              \
             U least = (U)~(U)0, block_most = 0;                                                \
@@ -1215,21 +1216,32 @@ HOT void tnq_rotated_decode_sum(int payloads, const uint8_t *const *packed, cons
                 i = stop;                                                                      \
                 continue;                                                                      \
             }                                                                                  \
-            while (i < stop) { /* runs that start in this block (they may go on past it) */    \
-                if ((u[i] & (MASK)) != 0) {                                                    \
-                    i++;                                                                       \
+            /* A run of min_run or more zeros holds a whole window of W = ceil(min_run / 2)   \
+             * elements aligned to a multiple of W: test those windows (no branch per element, \
+             * where zeros lie scattered, as ReLU makes them) and grow each all-zero one to its \
+             * maximal run, which may start before this block or go on past it. */             \
+            int64_t end = stop, w = (i + window - 1) / window * window;                        \
+            while (w < stop && w + window <= n) {                                              \
+                U any = 0;                                                                     \
+                for (int64_t k = w; k < w + window; k++) any |= u[k] & (MASK);                 \
+                if (any != 0) {                                                                \
+                    w += window;                                                               \
                     continue;                                                                  \
                 }                                                                              \
-                int64_t start = i;                                                             \
-                while (i < n && (u[i] & (MASK)) == 0) i++;                                     \
-                if (i - start >= min_run) {                                                    \
+                int64_t start = w, after = w + window;                                         \
+                while (start > 0 && (u[start - 1] & (MASK)) == 0) start--;                     \
+                while (after < n && (u[after] & (MASK)) == 0) after++;                         \
+                if (after - start >= min_run) {                                                \
                     if (count < capacity) {                                                    \
                         runs[2 * count] = start;                                               \
-                        runs[2 * count + 1] = i - start;                                       \
+                        runs[2 * count + 1] = after - start;                                   \
                     }                                                                          \
                     count++;                                                                   \
                 }                                                                              \
+                end = after > end ? after : end;                                               \
+                w = (after + window - 1) / window * window;                                    \
             }                                                                                  \
+            i = end;                                                                           \
         }                                                                                      \
         T largest;                                                                             \
         memcpy(&largest, &most, sizeof largest);                                               \

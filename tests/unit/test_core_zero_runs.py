@@ -56,6 +56,26 @@ def test_scan_finds_the_maximal_long_runs_and_amax_on_both_paths(dtype, seed):
     assert np.all(flat[~mask] == 0)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("seed", range(4))
+def test_scan_among_scattered_zeros(dtype, seed):
+    # ReLU gradients: zeros everywhere (every block of the scan has some), a few long runs among
+    # them, runs just shorter and just longer than RUN, runs across the scan's blocks of 64
+    rng = np.random.default_rng(100 + seed)
+    flat = rng.standard_normal(6000).astype(dtype)
+    flat[rng.random(flat.size) < 0.5] = 0.0
+    for length in (RUN - 1, RUN, RUN + 1, 2 * RUN - 1, 64, 130):
+        start = int(rng.integers(0, flat.size - length))
+        flat[start - 1 if start else 0] = 1.0
+        flat[start: start + length] = -0.0
+        if start + length < flat.size:
+            flat[start + length] = 1.0
+    expected = runs_of(flat)
+    assert any(length >= RUN for _, length in expected)
+    for runs, _ in (codec.scan(flat), native.scan(flat, RUN)):
+        assert [tuple(r) for r in runs] == expected
+
+
 @pytest.mark.parametrize("name,bits", CASES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_zero_rows_decode_to_exactly_zero(name, bits, dtype):
