@@ -61,6 +61,30 @@ def variable_name(variable):
     return name.rsplit(":", 1)[0] if ":" in name else name
 
 
+# The Horovod whose private frames the stock paths read names from (torch/horovod_frames.py,
+# tensorflow/horovod_frames.py); another version warns once (horovod_version_warning).
+HOROVOD_VERSION = "0.28.1"
+
+
+def horovod_version_warning(installed):
+    """The warning where Horovod ``installed`` is not HOROVOD_VERSION."""
+    return (f"horovod_tnq reads the names of stock Horovod's gradients from Horovod "
+            f"{HOROVOD_VERSION}'s frames, and Horovod {installed} is installed: if its frames "
+            f"changed, per-tensor overrides, metrics names and error feedback silently miss "
+            f"their tensors. horovod_tnq's own DistributedOptimizer (and Keras 3 optimizer) "
+            f"pass names instead; tests/unit/test_horovod_frames.py checks a Horovod version")
+
+
+def collective_in(local):
+    """(name or None, process set) of a stock Horovod function that called compress(), from
+    its ``local`` variables: ``name``, and ``process_set`` or ``self.process_set``."""
+    process_set = local.get("process_set")
+    if process_set is None and local.get("self") is not None:
+        process_set = getattr(local["self"], "process_set", None)
+    name = local.get("name")
+    return (name if isinstance(name, str) and name else None), process_set
+
+
 class CallSiteName(str):
     """A collective's name as Horovod gives it, with ``owner()``: the parameter whose gradient
     it reduces (None where there is none), held weakly: keeping it would keep the model

@@ -27,9 +27,9 @@ instead of leaving the gradients silently unnamed.
 import sys
 import warnings
 
-from ..protocol.naming import TensorName, variable_name
+from ..protocol.naming import (HOROVOD_VERSION, TensorName, collective_in,
+                               horovod_version_warning, variable_name)
 
-HOROVOD_VERSION = "0.28.1"  # the Horovod whose frames this module reads
 
 # Functions of stock horovod.tensorflow that call compress(), or whose converted copies do;
 # each holds the collective's name in a local variable ``name`` and its process set in
@@ -53,12 +53,7 @@ def check_horovod_version(version=None):
         import horovod
         version = getattr(horovod, "__version__", "unknown")
     if version != HOROVOD_VERSION:
-        warnings.warn(f"horovod_tnq reads the names of stock Horovod's gradients from Horovod "
-                      f"{HOROVOD_VERSION}'s frames, and Horovod {version} is installed: if its "
-                      f"frames changed, per-tensor overrides, metrics names and error feedback "
-                      f"silently miss their tensors (horovod_tnq's Keras 3 DistributedOptimizer "
-                      f"passes names instead; tests/unit/test_horovod_frames.py checks a "
-                      f"Horovod version)", stacklevel=3)
+        warnings.warn(horovod_version_warning(version), stacklevel=3)
 
 
 def tensor_name(tensor):
@@ -88,15 +83,7 @@ def _call_site(frame, max_depth=12):
             if function.startswith("tf__"):
                 function = function[len("tf__"):]
             if function in _HOROVOD_CALLERS:
-                local = frame.f_locals
-                process_set = local.get("process_set")
-                owner = local.get("self")
-                if process_set is None and owner is not None:
-                    process_set = getattr(owner, "process_set", None)
-                name = local.get("name")
-                if not isinstance(name, str) or not name:
-                    return None, process_set
-                return name, process_set
+                return collective_in(frame.f_locals)
         frame = frame.f_back
     return None, None
 

@@ -22,9 +22,9 @@ instead of leaving the gradients silently unnamed.
 import sys
 import warnings
 
-from ..protocol.naming import CallSiteName, TensorName
+from ..protocol.naming import (HOROVOD_VERSION, CallSiteName, TensorName, collective_in,
+                               horovod_version_warning)
 
-HOROVOD_VERSION = "0.28.1"  # the Horovod whose frames this module reads
 
 # Functions of stock horovod.torch that call compress(); each holds the collective's name in a
 # local variable ``name`` and its process set in ``process_set`` or ``self.process_set``.
@@ -47,15 +47,8 @@ def check_horovod_version(version=None):
         import horovod
         version = getattr(horovod, "__version__", "unknown")
     if version != HOROVOD_VERSION:
-        warnings.warn(version_warning(version, HOROVOD_VERSION), stacklevel=3)
+        warnings.warn(horovod_version_warning(version), stacklevel=3)
 
-
-def version_warning(installed, written_for):
-    return (f"horovod_tnq reads the names of stock Horovod's gradients from Horovod "
-            f"{written_for}'s frames, and Horovod {installed} is installed: if its frames "
-            f"changed, per-tensor overrides, metrics names and error feedback silently miss "
-            f"their tensors. horovod_tnq's own DistributedOptimizer (and Keras 3 optimizer) "
-            f"pass names instead; tests/unit/test_horovod_frames.py checks a Horovod version")
 
 
 def tensor_name(tensor):
@@ -91,15 +84,10 @@ def _call_site(frame, max_depth=12):
             if module == _OPTIMIZER_MODULE:
                 parameter = local.get("p", parameter)
             if frame.f_code.co_name in _HOROVOD_CALLERS:
-                process_set = local.get("process_set")
-                owner = local.get("self")
-                if process_set is None and owner is not None:
-                    process_set = getattr(owner, "process_set", None)
-                name = local.get("name")
-                if not isinstance(name, str) or not name:
-                    return None, process_set
-                return (name if parameter is None else CallSiteName(name, parameter)), \
-                    process_set
+                name, process_set = collective_in(local)
+                if name is None or parameter is None:
+                    return name, process_set
+                return CallSiteName(name, parameter), process_set
         frame = frame.f_back
     return None, None
 
