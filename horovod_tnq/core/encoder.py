@@ -94,8 +94,9 @@ def encode(values, *, scheme="tnq", bits, bucket_size, key, step=0, dtype_name=N
     runs, amax = scan(flat, request.compiled)
     encoder = ENCODERS[scheme.family]
     if scheme.family != "body" and runs.size:  # (the sparse bodies have no zero runs)
-        payload = _with_zero_runs(encoder(flat[coded_mask(flat.size, runs)], request), flat.size,
-                                  runs, scheme.rotation)
+        coded = native.gather_coded(flat, runs) if request.compiled else \
+            flat[coded_mask(flat.size, runs)]
+        payload = _with_zero_runs(encoder(coded, request), flat.size, runs, scheme.rotation)
     else:
         payload = encoder(flat, request)
     payload[AMAX_OFFSET: AMAX_OFFSET + AMAX.size] = np.frombuffer(AMAX.pack(amax), np.uint8)

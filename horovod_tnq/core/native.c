@@ -1207,7 +1207,7 @@ HOT void tnq_rotated_decode_sum(int payloads, const uint8_t *const *packed, cons
             U least = (U)~(U)0, block_most = 0;                                                \
             for (int64_t j = i; j < stop; j++) {                                               \
                 U m = u[j] & (MASK);                                                           \
-                U finite = m < (INF) ? m : 0;                                                  \
+                U finite = m & (U)-(U)(m < (INF)); /* (a select GCC 12 would not vectorize) */ \
                 least = m < least ? m : least;                                                 \
                 block_most = finite > block_most ? finite : block_most;                        \
             }                                                                                  \
@@ -1250,6 +1250,46 @@ HOT void tnq_rotated_decode_sum(int payloads, const uint8_t *const *packed, cons
     }
 DEFINE_SCAN(tnq_scan_f32, float, uint32_t, 0x7FFFFFFFu, 0x7F800000u)
 DEFINE_SCAN(tnq_scan_f64, double, uint64_t, 0x7FFFFFFFFFFFFFFFull, 0x7FF0000000000000ull)
+
+/* The elements of x[0..n) outside its zero runs (count (start, length) pairs, ascending,
+ * disjoint, within n; encoder.scan), in order, to out: the coded elements encoder.encode
+ * quantizes. A copy per gap between runs, where numpy's boolean mask tests every element. */
+#define DEFINE_GATHER_CODED(NAME, T)                                                           \
+    HOT void NAME(const void *data, int64_t n, const int64_t *runs, int64_t count,             \
+                  void *into) {                                                                \
+        const T *x = (const T *)data;                                                          \
+        T *out = (T *)into;                                                                    \
+        int64_t from = 0;                                                                      \
+        for (int64_t r = 0; r <= count; ++r) {                                                 \
+            const int64_t stop = r < count ? runs[2 * r] : n;                                  \
+            memcpy(out, x + from, (size_t)(stop - from) * sizeof(T));                          \
+            out += stop - from;                                                                \
+            if (r < count) from = stop + runs[2 * r + 1];                                      \
+        }                                                                                      \
+    }
+DEFINE_GATHER_CODED(tnq_gather_coded_f32, float)
+DEFINE_GATHER_CODED(tnq_gather_coded_f64, double)
+
+/* decoder.decode_sum's sum of payloads with zero runs: one payload's decoded coded elements
+ * (coded, float64, in order) added into acc[0..n) at the elements outside its runs (as
+ * tnq_gather_coded took them). first: the payload starts the sum, so acc is set, not added
+ * to, and its elements inside the runs are set to 0. */
+HOT void tnq_spread_sum(const double *coded, int64_t n, const int64_t *runs, int64_t count,
+                        double *acc, int first) {
+    int64_t from = 0;
+    for (int64_t r = 0; r <= count; ++r) {
+        const int64_t stop = r < count ? runs[2 * r] : n;
+        if (first)
+            memcpy(acc + from, coded, (size_t)(stop - from) * sizeof(double));
+        else
+            for (int64_t i = from; i < stop; ++i) acc[i] += coded[i - from];
+        coded += stop - from;
+        if (r < count) {
+            from = stop + runs[2 * r + 1];
+            if (first) memset(acc + stop, 0, (size_t)runs[2 * r + 1] * sizeof(double));
+        }
+    }
+}
 
 #ifdef TNQ_PYTHON_MODULE
 /* setup.py builds this file as a Python extension so that pip places it in the package; it is

@@ -41,6 +41,8 @@ SIGNATURES = {
                                "steps exponents n bucket single factor out32 out64 invalid "
                                "scratch codes"),
     "tnq_scan_*": (_i64, [_ptr, _i64, _i64, _ptr, _i64, _ptr], "data n min_run runs capacity amax"),
+    "tnq_gather_coded_*": (None, [_ptr, _i64, _ptr, _i64, _ptr], "data n runs count into"),
+    "tnq_spread_sum": (None, [_ptr, _i64, _ptr, _i64, _ptr, _i32], "coded n runs count acc first"),
     "tnq_set_vector_path": (_i32, [_i32], "avx512"),
     "tnq_keep_denormals": (_u32, [], ""),
     "tnq_restore_csr": (None, [_u32], "csr"),
@@ -152,6 +154,32 @@ def scan(flat, min_run):
     if count:
         function(_address(flat), flat.size, min_run, _address(runs), count, ctypes.byref(amax))
     return runs, amax.value
+
+
+def gather_coded(flat, runs):
+    """flat's elements outside ``runs`` ((start, length) rows, ascending, disjoint; scan's), in
+    order, as a new array: what payload.coded_mask selects, a copy per gap."""
+    flat = np.ascontiguousarray(flat)
+    runs = np.ascontiguousarray(runs, dtype=np.int64)
+    out = np.empty(flat.size - int(runs[:, 1].sum()), dtype=flat.dtype)
+    getattr(LIBRARY, f"tnq_gather_coded_{_suffix(flat.dtype)}")(
+        _address(flat), flat.size, _address(runs), len(runs), _address(out))
+    return out
+
+
+def spread_sum(coded, runs, acc, first):
+    """Add ``coded`` (float64, one payload's decoded coded elements) into ``acc`` (float64,
+    contiguous) at the elements outside ``runs`` (None: none), in order; ``first``: set instead
+    of add, and set the elements inside the runs to 0."""
+    runs = np.zeros((0, 2), np.int64) if runs is None else \
+        np.ascontiguousarray(runs, dtype=np.int64)
+    coded = np.ascontiguousarray(coded, dtype=np.float64)
+    if acc.dtype != np.float64 or not acc.flags.c_contiguous or \
+            coded.size != acc.size - int(runs[:, 1].sum()):
+        raise ValueError("acc must be contiguous float64 with coded's elements and the runs")
+    LIBRARY.tnq_spread_sum(_address(coded), acc.size, _address(runs), len(runs), _address(acc),
+                           int(bool(first)))
+    return acc
 
 
 def set_vector_path(avx512):

@@ -76,6 +76,39 @@ def test_scan_among_scattered_zeros(dtype, seed):
         assert [tuple(r) for r in runs] == expected
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("seed", range(5))
+def test_native_gather_and_spread_follow_the_coded_mask(dtype, seed):
+    # the compiled copy of the coded elements (encoder) and the add around the runs (decoder)
+    # against the boolean mask, with runs at the start, at the end, back to back with one
+    # element between, and none at all
+    rng = np.random.default_rng(200 + seed)
+    flat = rng.standard_normal(3000).astype(dtype)
+    flat[:RUN + seed] = 0.0
+    flat[-RUN - 2 * seed:] = -0.0
+    flat[1000:1000 + RUN] = 0.0
+    flat[1000 + RUN + 1:1000 + 3 * RUN] = 0.0
+    for _ in range(seed * 3):
+        start = int(rng.integers(0, flat.size - 4 * RUN))
+        flat[start:start + int(rng.integers(1, 4 * RUN))] = 0.0
+    for data in (flat, rng.standard_normal(700).astype(dtype), np.zeros(500, dtype)):
+        runs = native.scan(data, RUN)[0]
+        mask = codec.coded_mask(data.size, runs)
+        coded = native.gather_coded(data, runs)
+        assert coded.dtype == data.dtype and np.array_equal(coded, data[mask])
+        acc = np.full(data.size, np.nan)
+        values = rng.standard_normal(coded.size)
+        native.spread_sum(values, runs, acc, first=True)
+        expected = np.zeros(data.size)
+        expected[mask] = values
+        assert np.array_equal(acc, expected)
+        native.spread_sum(values * 3, runs, acc, first=False)
+        expected[mask] += values * 3
+        assert np.array_equal(acc, expected)
+    with pytest.raises(ValueError, match="acc must be"):
+        native.spread_sum(np.zeros(3), None, np.zeros(4), first=True)
+
+
 @pytest.mark.parametrize("name,bits", CASES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_zero_rows_decode_to_exactly_zero(name, bits, dtype):
