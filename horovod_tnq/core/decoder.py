@@ -109,9 +109,9 @@ def iter_payloads(buf, max_numel=MAX_DECODE_NUMEL):
         yield values, header
 
 
-def _settle_overflow(total, payloads, factor, dtype_name):
-    """overflow_rule applied in place to ``total`` (numpy), the decoded sum of ``payloads``;
-    infinities that came as exceptions stay as they are."""
+def _overflow_rule(payloads, factor, dtype_name):
+    """payload.overflow_rule for the decoded sum of ``payloads`` times ``factor``: None where no
+    element can reach the dtype's range, else (threshold, value)."""
     bound = 0.0
     for p in payloads:
         if p.table is None:  # own bodies: no cheap bound
@@ -122,7 +122,15 @@ def _settle_overflow(total, payloads, factor, dtype_name):
                              p.rotation[2] if p.rotation is not None else 0,
                              float(np.max(np.abs(p.offsets), initial=0.0))
                              if p.offsets is not None else 0.0)
-    rule = overflow_rule(dtype_name, factor, sum(p.header.amax for p in payloads), bound)
+    return overflow_rule(dtype_name, factor, sum(p.header.amax for p in payloads), bound)
+
+
+def _settle_overflow(total, payloads, factor, dtype_name, rule=False):
+    """overflow_rule applied in place to ``total`` (numpy), the decoded sum of ``payloads``;
+    infinities that came as exceptions stay as they are. ``rule``: _overflow_rule's, where the
+    caller has it."""
+    if rule is False:
+        rule = _overflow_rule(payloads, factor, dtype_name)
     if rule is None:
         return
     threshold, value = rule
@@ -217,8 +225,13 @@ def decode_sum(buf, expect, factor=1.0, out_dtype=np.float64, reference=False, o
 def _finish_sum(total, payloads, factor, dtype_name, out_dtype, out):
     """(``factor`` times ``total``, the float64 sum of ``payloads``, settled and rounded to
     ``out_dtype``, in ``out`` where given; the number of payloads)."""
+    rule = _overflow_rule(payloads, factor, dtype_name)
+    if rule is None and out is not None and out.dtype == out_dtype and out.shape == total.shape:
+        # nothing to settle: the product rounded once, straight into out (one pass)
+        np.multiply(total, factor, out=out, casting="unsafe")
+        return out, len(payloads)
     total *= factor
-    _settle_overflow(total, payloads, factor, dtype_name)
+    _settle_overflow(total, payloads, factor, dtype_name, rule)
     if out is None:
         return total.astype(out_dtype, copy=False), len(payloads)
     if out.dtype != out_dtype or out.shape != total.shape:
