@@ -86,14 +86,34 @@ def main():
                   f"{with_runs[0] / without[0]:>11.3f} {with_runs[1]:>8.4f} "
                   f"{with_runs[1] / without[1]:>10.3f}  {with_runs[2]:.1%} (without runs: "
                   f"{without[2]:.1%}, by up to {without[3]:.1e} at lr=1e-3)")
-    print("\ncost of the scan on dense gradients (no runs), best of 7, one core:")
+    print("\ncost of the scan, and 2-bit tnq-rht encode and decode of 2 ranks' payloads, best "
+          "of 7, one core:")
     rng = np.random.default_rng(0)
-    for n in (1 << 20, 1 << 24):
-        x = rng.standard_normal(n).astype(np.float32)
+    for name, n in (("dense", 1 << 20), ("dense", 1 << 24), ("relu", 1 << 20),
+                    ("relu", 1 << 24)):
+        ranks = [relu_gradient(n, seed) if name == "relu" else
+                 rng.standard_normal(n).astype(np.float32) for seed in (1, 2)]
+        x = ranks[0]
         scan = _best(lambda: codec.scan(x, use_native=native.LIBRARY is not None))
         encode = _best(lambda: core.encode(x, scheme="tnq-rht", bits=2, bucket_size=512, key=1))
-        print(f"  {n:>9} elements: scan {scan * 1e3:.2f} ms, tnq-rht 2-bit encode "
-              f"{encode * 1e3:.1f} ms (scan {scan / encode:.1%} of it)")
+        both = np.concatenate([core.encode(g, scheme="tnq-rht", bits=2, bucket_size=512,
+                                           key=rank + 1) for rank, g in enumerate(ranks)])
+        expect = core.PayloadHeader.describe("tnq-rht", 2, "float32", n, 512, (n,))
+        out = np.empty(n, np.float32)
+        decode = _best(lambda: core.decode_sum(both, expect, 0.5, np.float32, out=out))
+        print(f"  {name:>5} {n:>9} elements ({np.mean(x == 0):.0%} zeros): scan "
+              f"{scan * 1e3:.2f} ms, encode {encode * 1e3:.1f} ms (scan {scan / encode:.1%} of "
+              f"it), decode_sum of 2 {decode * 1e3:.1f} ms")
+
+
+def relu_gradient(n, seed, width=4096):
+    """A weight gradient of a ReLU MLP's shape: rows of units dead for the whole batch (about
+    a fifth) and scattered zero columns (a tenth), as the benchmark MLP's (benchmarks/bandwidth)."""
+    rng = np.random.default_rng(seed)
+    grad = rng.standard_normal((n // width, width)).astype(np.float32)
+    grad[rng.random(n // width) < 0.2] = 0
+    grad[:, rng.random(width) < 0.1] = 0
+    return grad.reshape(-1)
 
 
 def _best(function, repeats=7):
