@@ -156,11 +156,23 @@ def scan(flat, min_run):
     return runs, amax.value
 
 
+def _checked_runs(runs, numel):
+    """``runs`` as contiguous int64 (start, length) rows, refused (ValueError) unless they are
+    ascending, apart and within ``numel`` elements: the compiled loops trust them."""
+    runs = np.ascontiguousarray(np.zeros((0, 2)) if runs is None else runs,
+                                dtype=np.int64).reshape(-1, 2)
+    ends = runs[:, 0] + runs[:, 1]
+    if runs.size and (runs[0, 0] < 0 or np.any(runs[:, 1] < 1) or ends[-1] > numel or
+                      np.any(runs[1:, 0] <= ends[:-1])):
+        raise ValueError(f"zero runs must be ascending, apart and within {numel} elements")
+    return runs
+
+
 def gather_coded(flat, runs):
     """flat's elements outside ``runs`` ((start, length) rows, ascending, disjoint; scan's), in
     order, as a new array: what payload.coded_mask selects, a copy per gap."""
     flat = np.ascontiguousarray(flat)
-    runs = np.ascontiguousarray(runs, dtype=np.int64)
+    runs = _checked_runs(runs, flat.size)
     out = np.empty(flat.size - int(runs[:, 1].sum()), dtype=flat.dtype)
     getattr(LIBRARY, f"tnq_gather_coded_{_suffix(flat.dtype)}")(
         _address(flat), flat.size, _address(runs), len(runs), _address(out))
@@ -171,8 +183,7 @@ def spread_sum(coded, runs, acc, first):
     """Add ``coded`` (float64, one payload's decoded coded elements) into ``acc`` (float64,
     contiguous) at the elements outside ``runs`` (None: none), in order; ``first``: set instead
     of add, and set the elements inside the runs to 0."""
-    runs = np.zeros((0, 2), np.int64) if runs is None else \
-        np.ascontiguousarray(runs, dtype=np.int64)
+    runs = _checked_runs(runs, acc.size)
     coded = np.ascontiguousarray(coded, dtype=np.float64)
     if acc.dtype != np.float64 or not acc.flags.c_contiguous or \
             coded.size != acc.size - int(runs[:, 1].sum()):

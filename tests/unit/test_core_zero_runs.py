@@ -107,6 +107,12 @@ def test_native_gather_and_spread_follow_the_coded_mask(dtype, seed):
         assert np.array_equal(acc, expected)
     with pytest.raises(ValueError, match="acc must be"):
         native.spread_sum(np.zeros(3), None, np.zeros(4), first=True)
+    # the compiled loops trust their runs: overlapping, unordered or overlong ones are refused
+    for runs in ([[20, 15], [10, 15]], [[5, 40]], [[-1, 40]], [[0, 0]]):
+        with pytest.raises(ValueError, match="ascending, apart and within"):
+            native.spread_sum(np.zeros(0), runs, np.zeros(40), first=True)
+        with pytest.raises(ValueError, match="ascending, apart and within"):
+            native.gather_coded(np.zeros(40, np.float32), runs)
 
 
 @pytest.mark.parametrize("name,bits", CASES)
