@@ -101,6 +101,69 @@ class Training:
         self.allgather, self.plain_steps = allgather, plain_steps
 
 
+def start_framework(spec):
+    """(framework, rank, size) of a language-model worker: torch.distributed under torchrun for
+    a ``framework=ddp`` spec (benchmarks/ddp.py), else Horovod."""
+    framework = parse_spec(spec)[1].get("framework", "torch")
+    if framework == "ddp":
+        from benchmarks import ddp
+        rank, size = ddp.init_from_env()
+    else:
+        hvd.init()
+        rank, size = hvd.rank(), hvd.size()
+    return framework, rank, size
+
+
+def train_and_evaluate(args, training, one_step, evaluate_model):
+    """The language-model workers' loop: ``one_step(step)`` (returns the step's training loss)
+    for steps 1..args.steps, timed (evaluations excluded), ``evaluate_model()`` (test loss and
+    accuracy) every ``args.eval_every`` steps and at the end, the bytes ``training.handed()``
+    counts before each step. Returns this rank's (losses, curve, summary for the allgather)."""
+    handed = [training.handed()]  # so far, before each step and after the last
+    losses, curve = [], []
+    train_s = 0.0  # wall time of the training steps so far, evaluations excluded
+    for step in range(1, args.steps + 1):
+        started = time.perf_counter()
+        losses.append(one_step(step))
+        handed.append(training.handed())
+        train_s += time.perf_counter() - started
+        if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
+            test_loss, test_accuracy = evaluate_model()
+            curve.append({"step": step, "test_loss": test_loss, "test_accuracy": test_accuracy,
+                          "train_s": train_s})
+    mine = {"losses": losses, "train_s": train_s}
+    if handed[-1] is not None:
+        # per step once compression runs: PowerSGD's plain first steps would otherwise count
+        # as much as hundreds of its compressed ones
+        skip = training.plain_steps if args.steps > training.plain_steps else 0
+        mine["compressor_bytes_per_step"] = (handed[-1] - handed[skip]) / (args.steps - skip)
+    return losses, curve, mine
+
+
+def common_report(args, training, rank, mine, curve, model):
+    """Every rank's summaries gathered; on rank 0 the report fields both language-model
+    workers print (the training loss per step as the mean over ranks), None on the others."""
+    everyone = training.allgather(mine)
+    if rank != 0:
+        return None
+    train_loss = [sum(values) / len(values) for values in zip(*(r["losses"] for r in everyone))]
+    for point in curve:
+        point["train_loss"] = train_loss[point["step"] - 1]
+    return {
+        "compressor": args.compressor, "workers": len(everyone),
+        "plain_steps": training.plain_steps,
+        "train_s": max(r["train_s"] for r in everyone),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "batch_size": args.batch_size, "steps": args.steps, "clip": args.clip,
+        "compressor_bytes_per_step": (
+            sum(r["compressor_bytes_per_step"] for r in everyone) / len(everyone)
+            if "compressor_bytes_per_step" in mine else None),
+        "train_loss": sum(train_loss[-10:]) / len(train_loss[-10:]),
+        "test_loss": curve[-1]["test_loss"], "test_accuracy": curve[-1]["test_accuracy"],
+        "curve": curve, "train_loss_per_step": train_loss,
+    }
+
+
 def horovod_training(name, options, model, args):
     compression = get_compressor(name, **options)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
@@ -134,13 +197,7 @@ def ddp_training(name, options, model, args):
 
 def main():
     args = parse_args()
-    framework = parse_spec(args.compressor)[1].get("framework", "torch")
-    if framework == "ddp":
-        from benchmarks import ddp
-        rank, size = ddp.init_from_env()
-    else:
-        hvd.init()
-        rank, size = hvd.rank(), hvd.size()
+    framework, rank, _ = start_framework(args.compressor)
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
     name, options = compressor_spec(args.compressor, framework)
@@ -153,11 +210,7 @@ def main():
     optimizer = training.optimizer
     generator = torch.Generator().manual_seed(args.seed * 1000 + rank)
 
-    handed = [training.handed()]  # so far, before each step and after the last
-    losses, curve = [], []
-    train_s = 0.0  # wall time of the training steps so far, evaluations excluded
-    for step in range(1, args.steps + 1):
-        started = time.perf_counter()
+    def one_step(step):
         starts = torch.randint(0, len(train_text) - args.length - 1, (args.batch_size,),
                                generator=generator)
         window = torch.stack([train_text[s: s + args.length + 1] for s in starts.tolist()])
@@ -170,40 +223,14 @@ def main():
         if args.clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         training.step()
-        losses.append(loss.item())
-        handed.append(training.handed())
-        train_s += time.perf_counter() - started
-        if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_loss, test_accuracy = evaluate(model, held_out)
-            curve.append({"step": step, "test_loss": test_loss, "test_accuracy": test_accuracy,
-                          "train_s": train_s})
+        return loss.item()
 
-    mine = {"losses": losses, "train_s": train_s}
-    if handed[-1] is not None:
-        # per step once compression runs: PowerSGD's plain first steps would otherwise count
-        # as much as hundreds of its compressed ones
-        skip = training.plain_steps if args.steps > training.plain_steps else 0
-        mine["compressor_bytes_per_step"] = (handed[-1] - handed[skip]) / (args.steps - skip)
-    everyone = training.allgather(mine)
-    if rank != 0:
+    _, curve, mine = train_and_evaluate(args, training, one_step,
+                                        lambda: evaluate(model, held_out))
+    report = common_report(args, training, rank, mine, curve, model)
+    if report is None:
         return
-    train_loss = [sum(values) / len(values) for values in zip(*(r["losses"] for r in everyone))]
-    for point in curve:
-        point["train_loss"] = train_loss[point["step"] - 1]
-    report = {
-        "compressor": args.compressor, "task": "char-lm", "workers": size,
-        "framework": framework, "plain_steps": training.plain_steps,
-        "train_s": max(r["train_s"] for r in everyone),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "hidden": args.hidden, "batch_size": args.batch_size, "length": args.length,
-        "steps": args.steps, "clip": args.clip,
-        "compressor_bytes_per_step": (
-            sum(r["compressor_bytes_per_step"] for r in everyone) / len(everyone)
-            if "compressor_bytes_per_step" in mine else None),
-        "train_loss": sum(train_loss[-10:]) / len(train_loss[-10:]),
-        "test_loss": curve[-1]["test_loss"], "test_accuracy": curve[-1]["test_accuracy"],
-        "curve": curve, "train_loss_per_step": train_loss,
-    }
+    report.update(task="char-lm", framework=framework, hidden=args.hidden, length=args.length)
     print(REPORT_MARKER + json.dumps(report), flush=True)
 
 

@@ -35,13 +35,13 @@ extra uncompressed allreduce of the local gradients (``measured_relative_error``
 import argparse
 import json
 import math
-import time
 
 import horovod.torch as hvd
 import torch
 
-from benchmarks.jobs import REPORT_MARKER, parse_spec
-from benchmarks.lm_worker import evaluate, split_text, test_windows
+from benchmarks.jobs import REPORT_MARKER
+from benchmarks.lm_worker import (common_report, evaluate, split_text, start_framework,
+                                  test_windows, train_and_evaluate)
 from benchmarks.worker_common import compressor_spec
 from examples.train_transformer import OVERRIDES, CharTransformer
 import horovod_tnq.torch as tnq
@@ -193,13 +193,7 @@ def warmup_steps(args):
 
 def main():
     args = parse_args()
-    framework = parse_spec(args.compressor)[1].get("framework", "torch")
-    if framework == "ddp":
-        from benchmarks import ddp
-        rank, size = ddp.init_from_env()
-    else:
-        hvd.init()
-        rank, size = hvd.rank(), hvd.size()
+    framework, rank, _ = start_framework(args.compressor)
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
     name, options = compressor_spec(args.compressor, framework)
@@ -218,7 +212,6 @@ def main():
     named = list(model.named_parameters())
     generator = torch.Generator().manual_seed(args.seed * 1000 + rank)
     metrics = training.metrics
-    handed = training.handed
 
     # per parameter, summed over the run: squared norm of the averaged gradient, and (TNQ)
     # the compressor's squared error and squared norm of this rank's gradient and its bits
@@ -226,11 +219,8 @@ def main():
                   "squared_norm": 0.0, "bits": 0.0, "exchanges": 0,
                   "measured_error": 0.0, "measured_norm": 0.0, "adam_error": 0.0,
                   "adam_norm": 0.0} for n, p in named}
-    handed_at = [handed()]  # before each step and after the last
-    losses, curve = [], []
-    train_s = 0.0  # wall time of the training steps so far, evaluations excluded
-    for step in range(1, args.steps + 1):
-        started = time.perf_counter()
+
+    def one_step(step):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
         starts = torch.randint(0, len(train_text) - args.context - 1, (args.batch_size,),
@@ -276,25 +266,13 @@ def main():
         if args.clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         training.step()
-        losses.append(loss.item())
-        handed_at.append(handed())
-        train_s += time.perf_counter() - started
-        if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_loss, test_accuracy = evaluate(model, held_out)
-            curve.append({"step": step, "test_loss": test_loss, "test_accuracy": test_accuracy,
-                          "train_s": train_s})
+        return loss.item()
 
-    mine = {"losses": losses, "train_s": train_s}
-    if handed_at[-1] is not None:
-        # per step once compression runs (PowerSGD's plain first steps excluded)
-        skip = training.plain_steps if args.steps > training.plain_steps else 0
-        mine["compressor_bytes_per_step"] = (handed_at[-1] - handed_at[skip]) / (args.steps - skip)
-    everyone = training.allgather(mine)
-    if rank != 0:
+    _, curve, mine = train_and_evaluate(args, training, one_step,
+                                        lambda: evaluate(model, held_out))
+    report = common_report(args, training, rank, mine, curve, model)
+    if report is None:
         return
-    train_loss = [sum(values) / len(values) for values in zip(*(r["losses"] for r in everyone))]
-    for point in curve:
-        point["train_loss"] = train_loss[point["step"] - 1]
     total_grad_sq = sum(entry["grad_sq"] for entry in layers.values())
     total_error = sum(entry["squared_error"] for entry in layers.values())
     report_layers = {}
@@ -316,21 +294,9 @@ def main():
             "adam_exp_avg_sq": (state["exp_avg_sq"].mean().item()
                                 if "exp_avg_sq" in state else None),
         }
-    report = {
-        "compressor": args.compressor, "task": "transformer", "workers": size,
-        "framework": training.framework, "plain_steps": training.plain_steps,
-        "train_s": max(r["train_s"] for r in everyone),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
-        "batch_size": args.batch_size, "context": args.context, "steps": args.steps,
-        "lr": args.lr, "lr_warmup": args.lr_warmup, "clip": args.clip,
-        "compressor_bytes_per_step": (
-            sum(r["compressor_bytes_per_step"] for r in everyone) / len(everyone)
-            if "compressor_bytes_per_step" in mine else None),
-        "train_loss": sum(train_loss[-10:]) / len(train_loss[-10:]),
-        "test_loss": curve[-1]["test_loss"], "test_accuracy": curve[-1]["test_accuracy"],
-        "curve": curve, "train_loss_per_step": train_loss, "layer_stats": report_layers,
-    }
+    report.update(task="transformer", framework=training.framework, hidden=args.hidden,
+                  layers=args.layers, heads=args.heads, context=args.context, lr=args.lr,
+                  lr_warmup=args.lr_warmup, layer_stats=report_layers)
     # the whole model's, as a row "(model)" of layer_stats: every layer's squared errors over
     # every layer's squared norms
     whole = {"numel": report["parameters"]}
