@@ -227,13 +227,20 @@ class EmulatedNetwork:
             raise
         return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
-    def run_on_hosts(self, commands, env, timeout=None):
+    def run_on_hosts(self, commands, env, timeout=None, linger=60.0):
         """Run ``commands[i]`` on host i, all at once, as a launcher started on every node would
         be (torchrun), and wait for all; returns their CompletedProcesses in host order. When
         one fails the others are ended (its peers would wait for it in a collective until the
-        timeout), and so is everything still running at the timeout (TimeoutExpired)."""
+        timeout), and so is everything still running at the timeout (TimeoutExpired).
+
+        Once one has ended successfully the others get ``linger`` seconds to end, then are
+        ended and counted as successful (return code 0): their job is done (its ranks finish
+        together), but torchrun's agent on the first host sometimes waits out its exit barrier
+        (300 s in PyTorch, not settable from torchrun's command line) after the other agents
+        have left."""
         env = dict(env, PYTHONPATH=ROOT)  # the workers import benchmarks.*
         processes, outputs = [], []
+        lingering = set()  # the processes ended after another ended successfully
         try:
             for host, command in enumerate(commands):
                 # files rather than pipes: a process blocked on a full pipe while we wait on
@@ -244,11 +251,19 @@ class EmulatedNetwork:
                                                   text=True, stdout=out, stderr=err,
                                                   start_new_session=True))
             deadline = None if timeout is None else time.monotonic() + timeout
-            while any(process.poll() is None for process in processes):
+            while None in [process.poll() for process in processes]:  # (poll every one)
                 if any(process.returncode for process in processes):
                     break  # one failed: the finally below ends the rest
                 if deadline is not None and time.monotonic() > deadline:
                     raise subprocess.TimeoutExpired(commands[0], timeout)
+                if any(process.returncode == 0 for process in processes):
+                    until = time.monotonic() + linger
+                    while time.monotonic() < until and \
+                            any(process.poll() is None for process in processes):
+                        time.sleep(0.1)
+                    lingering = {index for index, process in enumerate(processes)
+                                 if process.poll() is None}
+                    break
                 time.sleep(0.1)
         finally:
             if any(process.poll() is None for process in processes):
@@ -260,11 +275,11 @@ class EmulatedNetwork:
                 for process in processes:
                     process.wait()
         done = []
-        for process, (out, err) in zip(processes, outputs):
+        for index, (process, (out, err)) in enumerate(zip(processes, outputs)):
             out.seek(0)
             err.seek(0)
-            done.append(subprocess.CompletedProcess(process.args, process.returncode, out.read(),
-                                                    err.read()))
+            code = 0 if index in lingering else process.returncode
+            done.append(subprocess.CompletedProcess(process.args, code, out.read(), err.read()))
             out.close()
             err.close()
         return done

@@ -89,3 +89,26 @@ def test_read_report_adds_the_workers_extra_keys():
     assert read_report(only, "job") == {"a": 1}
     with pytest.raises(RuntimeError, match="no report"):
         read_report(subprocess.CompletedProcess([], 1, REPORT_EXTRA_MARKER + "{}\n", ""), "job")
+
+
+class _LocalHosts(EmulatedNetwork):
+    """EmulatedNetwork.run_on_hosts on this machine: no namespaces, each "host" a process."""
+
+    def __init__(self):  # (no namespaces to make)
+        self.hosts = []
+
+    def exec_prefix(self, host):
+        return []
+
+
+def test_run_on_hosts_ends_a_launcher_that_lingers_after_its_peer_succeeded():
+    # torchrun's agent on the first host may wait out its 300 s exit barrier after the job is
+    # done: once a host succeeded, the others get `linger` seconds, then count as succeeded
+    sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+    done = [sys.executable, "-c", "print('report')"]
+    first, second = _LocalHosts().run_on_hosts([sleeper, done], {}, timeout=120, linger=1.0)
+    assert (first.returncode, second.returncode, second.stdout) == (0, 0, "report\n")
+    # a failure is not hidden: the failed host's code stays, the other is ended
+    failed = [sys.executable, "-c", "raise SystemExit(3)"]
+    first, second = _LocalHosts().run_on_hosts([sleeper, failed], {}, timeout=120, linger=1.0)
+    assert second.returncode == 3 and first.returncode != 0
