@@ -125,12 +125,9 @@ def _overflow_rule(payloads, factor, dtype_name):
     return overflow_rule(dtype_name, factor, sum(p.header.amax for p in payloads), bound)
 
 
-def _settle_overflow(total, payloads, factor, dtype_name, rule=False):
-    """overflow_rule applied in place to ``total`` (numpy), the decoded sum of ``payloads``;
-    infinities that came as exceptions stay as they are. ``rule``: _overflow_rule's, where the
-    caller has it."""
-    if rule is False:
-        rule = _overflow_rule(payloads, factor, dtype_name)
+def _settle_overflow(total, payloads, rule):
+    """``rule`` (_overflow_rule's) applied in place to ``total`` (numpy), the decoded sum of
+    ``payloads`` times the factor; infinities that came as exceptions stay as they are."""
     if rule is None:
         return
     threshold, value = rule
@@ -202,7 +199,7 @@ def decode_sum(buf, expect, factor=1.0, out_dtype=np.float64, reference=False, o
         total, invalid = _native_decode_sum(payloads, expect.numel, factor, out_dtype, out)
         for sections, count in zip(payloads, invalid):
             _check_codes(count, sections.header, sections.table)
-        _settle_overflow(total, payloads, factor, expect.dtype_name)
+        _settle_overflow(total, payloads, _overflow_rule(payloads, factor, expect.dtype_name))
         return total, len(payloads)
     if use_native and not any(p.exception_indices.size for p in payloads):
         # each payload decoded in its coded elements and added around its own runs (every
@@ -235,7 +232,7 @@ def _finish_sum(total, payloads, factor, dtype_name, out_dtype, out):
         np.multiply(total, factor, out=out, casting="unsafe")
         return out, len(payloads)
     total *= factor
-    _settle_overflow(total, payloads, factor, dtype_name, rule)
+    _settle_overflow(total, payloads, rule)
     if out is None:
         return total.astype(out_dtype, copy=False), len(payloads)
     if out.dtype != out_dtype or out.shape != total.shape:
