@@ -101,6 +101,14 @@ class Training:
         self.allgather, self.plain_steps = allgather, plain_steps
 
 
+def end_framework():
+    """After main(): a ``framework=ddp`` worker leaves through ddp.end_process (PyTorch's Gloo
+    can abort at interpreter exit); Horovod's shuts down at exit as usual."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from benchmarks import ddp
+        ddp.end_process()
+
+
 def start_framework(spec):
     """(framework, rank, size) of a language-model worker: torch.distributed under torchrun for
     a ``framework=ddp`` spec (benchmarks/ddp.py), else Horovod."""
@@ -236,3 +244,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    end_framework()

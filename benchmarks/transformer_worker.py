@@ -40,8 +40,8 @@ import horovod.torch as hvd
 import torch
 
 from benchmarks.jobs import REPORT_MARKER
-from benchmarks.lm_worker import (common_report, evaluate, split_text, start_framework,
-                                  test_windows, train_and_evaluate)
+from benchmarks.lm_worker import (common_report, end_framework, evaluate, split_text,
+                                  start_framework, test_windows, train_and_evaluate)
 from benchmarks.worker_common import compressor_spec
 from examples.train_transformer import OVERRIDES, CharTransformer
 import horovod_tnq.torch as tnq
@@ -311,3 +311,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    end_framework()

@@ -36,6 +36,7 @@ if not torch.cuda.is_available():
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
+from benchmarks.ddp import end_process  # noqa: E402
 from ddp_hook_common import (DTYPES, OneParameter, core_average, digest, gradient,  # noqa: E402
                              same_bits, write_report)
 from horovod_tnq.protocol import CompressorConfig  # noqa: E402
@@ -391,9 +392,9 @@ def main():
         except Exception:
             report[name] = {"error": traceback.format_exc()}
     write_report(OUT_DIR, rank, report)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()
+    end_process()  # (not destroy_process_group(): PyTorch's Gloo can abort at exit)

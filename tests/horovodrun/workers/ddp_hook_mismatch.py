@@ -9,7 +9,6 @@ while the other allgathers its payload size: collectives that do not pair. Each 
 OUT_DIR/rank<r>.json: per case, what backward() raised and after how many seconds.
 """
 
-import os
 import sys
 import time
 from datetime import timedelta
@@ -19,6 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import expect_error
+from benchmarks.ddp import end_process
 from ddp_hook_common import OneParameter, gradient, write_report
 from horovod_tnq.torch.ddp import TNQHookState, tnq_hook
 
@@ -41,11 +41,8 @@ def main():
         report[case]["seconds"] = time.perf_counter() - started
     write_report(OUT_DIR, rank, report)
     # What is tested is above. After backward() raised inside DDP's hook, PyTorch's teardown
-    # (interpreter exit, or destroy_process_group()) aborted a rank about one run in 6
-    # ("terminate called without an active exception"): skip it, as a failed job's rank would
-    # end anyway.
-    sys.stdout.flush()
-    os._exit(0)
+    # aborted a rank about one run in 6 (benchmarks.ddp.end_process says why)
+    end_process()
 
 
 if __name__ == "__main__":

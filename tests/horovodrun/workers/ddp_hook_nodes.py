@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from benchmarks.ddp import end_process
 from horovod_tnq.torch import TNQHookState, tnq_hook
 
 OUT_DIR, EXCHANGE = sys.argv[1], sys.argv[2]
@@ -69,9 +70,9 @@ def main():
               "local_size": int(os.environ["LOCAL_WORLD_SIZE"])}
     with open(os.path.join(OUT_DIR, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     np.seterr(all="raise")
     main()
+    end_process()  # (not destroy_process_group(): PyTorch's Gloo can abort at exit)
