@@ -38,6 +38,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks.launcher import wait_for_launchers
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PREFIX = "tnqbench-"
@@ -234,10 +236,7 @@ class EmulatedNetwork:
         timeout), and so is everything still running at the timeout (TimeoutExpired).
 
         Once one has ended successfully the others get ``linger`` seconds to end, then are
-        ended and counted as successful (return code 0): their job is done (its ranks finish
-        together), but torchrun's agent on the first host sometimes waits out its exit barrier
-        (300 s in PyTorch, not settable from torchrun's command line) after the other agents
-        have left."""
+        ended and counted as successful (launcher.wait_for_launchers says why)."""
         env = dict(env, PYTHONPATH=ROOT)  # the workers import benchmarks.*
         processes, outputs = [], []
         lingering = set()  # the processes ended after another ended successfully
@@ -250,21 +249,7 @@ class EmulatedNetwork:
                 processes.append(subprocess.Popen(self.exec_prefix(host) + command, env=env,
                                                   text=True, stdout=out, stderr=err,
                                                   start_new_session=True))
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while None in [process.poll() for process in processes]:  # (poll every one)
-                if any(process.returncode for process in processes):
-                    break  # one failed: the finally below ends the rest
-                if deadline is not None and time.monotonic() > deadline:
-                    raise subprocess.TimeoutExpired(commands[0], timeout)
-                if any(process.returncode == 0 for process in processes):
-                    until = time.monotonic() + linger
-                    while time.monotonic() < until and \
-                            any(process.poll() is None for process in processes):
-                        time.sleep(0.1)
-                    lingering = {index for index, process in enumerate(processes)
-                                 if process.poll() is None}
-                    break
-                time.sleep(0.1)
+            lingering = wait_for_launchers(processes, timeout, linger)
         finally:
             if any(process.poll() is None for process in processes):
                 for process in processes:

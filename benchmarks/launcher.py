@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,6 +76,32 @@ def worker_env(extra=None, tf_log_level="3", controller="gloo"):
         # ranks took 90 s instead of 40 s on a loaded 2-core machine. Yielding when idle fixes it.
         env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     return env
+
+
+def wait_for_launchers(processes, timeout=None, linger=60.0):
+    """Wait for launchers started together, one per node (torchrun, as a multi-node job starts
+    one on every node). Returns early when one fails (its peers would wait for it in a
+    collective until their timeout: the caller ends them); raises TimeoutExpired when any is
+    still running after ``timeout`` seconds. Once one has ended successfully the others get
+    ``linger`` seconds to end; returns the indices of those still running then, which the
+    caller ends and may count as successful: their job is done (its ranks finish together),
+    but torchrun's agent that holds the rendezvous store sometimes waits out its exit barrier
+    (300 s, not settable from torchrun's command line) after the other agents have left
+    (pytorch/pytorch issue 69520; seen here in about 1 of 7 two-node jobs)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while None in [process.poll() for process in processes]:  # (poll every one)
+        if any(process.returncode for process in processes):
+            return set()
+        if deadline is not None and time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(processes[0].args, timeout)
+        if any(process.returncode == 0 for process in processes):
+            until = time.monotonic() + linger
+            while time.monotonic() < until and \
+                    any(process.poll() is None for process in processes):
+                time.sleep(0.1)
+            return {index for index, process in enumerate(processes) if process.poll() is None}
+        time.sleep(0.1)
+    return set()
 
 
 def run(command, env, timeout=None):

@@ -7,7 +7,8 @@ import pytest
 
 from benchmarks.launcher import (  # noqa: F401  (ROOT and the rest: for the tests)
     PRIVATE_NETWORK, ROOT, horovodrun_command, mpi_unavailable, private_network_unavailable,
-    read_rank_reports, run, run_ranks, torchrun_command, venv_executable, worker_env)
+    read_rank_reports, run, run_ranks, torchrun_command, venv_executable, wait_for_launchers,
+    worker_env)
 
 WORKERS = os.path.join(ROOT, "tests", "horovodrun", "workers")
 

@@ -17,10 +17,11 @@ The checks job takes 40-60 s on a 2-core machine at load 7.
 import os
 import socket
 import subprocess
+import tempfile
 
 import pytest
 from launch import (ROOT, WORKERS, read_rank_reports, run_ranks, run_workers, torchrun_command,
-                    worker_env)
+                    wait_for_launchers, worker_env)
 
 
 JOB_TIMEOUT_S = 1200  # for a loaded CI machine: the checks job took 40-60 s at load 7
@@ -192,26 +193,32 @@ def test_settings_mismatch_raises_on_every_rank(tmp_path):
 def run_nodes(script, out_dir, args=(), nodes=2, nproc=2, timeout=JOB_TIMEOUT_S):
     """tests/horovodrun/workers/<script> on ``nodes`` emulated nodes: one
     `torchrun --nnodes N --node-rank i` launcher per node on this machine, as a user starts a
-    multi-node job (a static rendezvous on a free port); each rank's JSON report."""
+    multi-node job (a static rendezvous on a free port); each rank's JSON report. A launcher
+    still in torchrun's exit barrier a minute after another ended successfully is ended
+    (launcher.wait_for_launchers): its ranks' reports are what the test reads."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = worker_env()
+    outputs = [tempfile.TemporaryFile("w+") for _ in range(nodes)]  # (no pipe left unread)
     launchers = [subprocess.Popen(
         torchrun_command(os.path.join(WORKERS, script), [str(out_dir), *args], nproc=nproc,
                          nodes=nodes, node_rank=node, master=("127.0.0.1", port), module=False),
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for node in range(nodes)]
-    outputs = []
+        cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        for node, out in enumerate(outputs)]
     try:
-        for launcher in launchers:
-            outputs.append(launcher.communicate(timeout=timeout)[0])
+        lingering = wait_for_launchers(launchers, timeout)
     finally:
         for launcher in launchers:
             launcher.kill()
-    failed = [(node, out) for node, (launcher, out) in enumerate(zip(launchers, outputs))
-              if launcher.returncode != 0]
-    assert not failed, "\n".join(f"node {node}:\n{out[-5000:]}" for node, out in failed)
+            launcher.wait()
+    failed = []
+    for node, (launcher, out) in enumerate(zip(launchers, outputs)):
+        out.seek(0)
+        if launcher.returncode != 0 and node not in lingering:
+            failed.append(f"node {node} ({launcher.returncode}):\n{out.read()[-5000:]}")
+        out.close()
+    assert not failed, "\n".join(failed)
     return read_rank_reports(out_dir, nodes * nproc)
 
 
