@@ -12,6 +12,7 @@ namer of collectives and the names records are kept under.
 
 import dataclasses
 import threading
+import warnings
 import weakref
 from typing import Any, Optional
 
@@ -62,12 +63,27 @@ def variable_name(variable):
 
 
 # The Horovod whose private frames the stock paths read names from (torch/horovod_frames.py,
-# tensorflow/horovod_frames.py); another version warns once (horovod_version_warning).
+# tensorflow/horovod_frames.py); another version warns once (check_horovod_version).
 HOROVOD_VERSION = "0.28.1"
+_version_checked = False  # one warning per process, whichever adapter reads frames first
 
 
-def horovod_version_warning(installed):
-    """The warning where Horovod ``installed`` is not HOROVOD_VERSION."""
+def check_horovod_version(version=None):
+    """Warn once per process where the installed Horovod (``version``: horovod.__version__) is
+    not HOROVOD_VERSION (call it from the adapter function that reads Horovod's frames: the
+    warning points at that function's caller)."""
+    global _version_checked
+    if _version_checked:
+        return
+    _version_checked = True
+    if version is None:
+        import horovod  # (Horovod's top package: no framework)
+        version = getattr(horovod, "__version__", "unknown")
+    if version != HOROVOD_VERSION:
+        warnings.warn(_horovod_version_warning(version), stacklevel=3)
+
+
+def _horovod_version_warning(installed):
     return (f"horovod_tnq reads the names of stock Horovod's gradients from Horovod "
             f"{HOROVOD_VERSION}'s frames, and Horovod {installed} is installed: if its frames "
             f"changed, per-tensor overrides, metrics names and error feedback silently miss "

@@ -7,7 +7,7 @@ the stock path: ``hvd.DistributedGradientTape``, the DistributedOptimizers of
 ``hvd.allreduce(..., compression=...)``. horovod_tnq's own Keras 3 DistributedOptimizer
 (keras.py) passes each gradient's names with ``compressor.named(...)``.
 
-What is read, from Horovod 0.28.1 (HOROVOD_VERSION):
+What is read, from Horovod 0.28.1 (protocol.naming.HOROVOD_VERSION):
 
 - the collective's name and process set: the locals ``name`` and ``process_set`` (or
   ``self.process_set``) of the Horovod function that called compress() (_HOROVOD_CALLERS);
@@ -25,10 +25,9 @@ instead of leaving the gradients silently unnamed.
 """
 
 import sys
-import warnings
 
-from ..protocol.naming import (HOROVOD_VERSION, TensorName, collective_in,
-                               horovod_version_warning, variable_name)
+from ..protocol.naming import (TensorName, collective_in,
+                               check_horovod_version, variable_name)
 
 
 # Functions of stock horovod.tensorflow that call compress(), or whose converted copies do;
@@ -38,22 +37,6 @@ _HOROVOD_CALLERS = {
     "allreduce", "grouped_allreduce", "_allreduce_cond", "_grouped_allreduce_cond",
     "allreduce_grads",
 }
-
-_version_checked = False
-
-
-def check_horovod_version(version=None):
-    """Warn once per process where the installed Horovod (``version``: horovod.__version__) is
-    not the one whose frames this module was written for."""
-    global _version_checked
-    if _version_checked:
-        return
-    _version_checked = True
-    if version is None:
-        import horovod
-        version = getattr(horovod, "__version__", "unknown")
-    if version != HOROVOD_VERSION:
-        warnings.warn(horovod_version_warning(version), stacklevel=3)
 
 
 def tensor_name(tensor):

@@ -6,7 +6,7 @@ stock path: ``hvd.DistributedOptimizer(compression=TNQCompressor(...))`` and
 DistributedOptimizer (optimizer.py) and the DDP hook (ddp.py) name their buckets, and
 ``compressor.named(...)`` hands a TensorName to compress() for any Horovod collective.
 
-What is read, from Horovod 0.28.1 (HOROVOD_VERSION):
+What is read, from Horovod 0.28.1 (protocol.naming.HOROVOD_VERSION):
 
 - the collective's name and process set: the locals ``name`` and ``process_set`` (or
   ``self.process_set``) of the Horovod function that called compress() (_HOROVOD_CALLERS);
@@ -20,10 +20,9 @@ instead of leaving the gradients silently unnamed.
 """
 
 import sys
-import warnings
 
-from ..protocol.naming import (HOROVOD_VERSION, CallSiteName, TensorName, collective_in,
-                               horovod_version_warning)
+from ..protocol.naming import (CallSiteName, TensorName, collective_in,
+                               check_horovod_version)
 
 
 # Functions of stock horovod.torch that call compress(); each holds the collective's name in a
@@ -32,23 +31,6 @@ _HOROVOD_CALLERS = {
     "_allreduce_grad_async", "_grouped_allreduce_grad_async", "allreduce", "grouped_allreduce",
 }
 _OPTIMIZER_MODULE = "horovod.torch.optimizer"
-
-_version_checked = False
-
-
-def check_horovod_version(version=None):
-    """Warn once per process where the installed Horovod (``version``: horovod.__version__) is
-    not the one whose frames this module was written for."""
-    global _version_checked
-    if _version_checked:
-        return
-    _version_checked = True
-    if version is None:
-        import horovod
-        version = getattr(horovod, "__version__", "unknown")
-    if version != HOROVOD_VERSION:
-        warnings.warn(horovod_version_warning(version), stacklevel=3)
-
 
 
 def tensor_name(tensor):
