@@ -52,9 +52,10 @@ def end_process():
     Why: with Gloo, PyTorch 2.13 aborts a process about 1 exit in 40 here (more on a loaded
     machine), after everything it had to do is done, with "terminate called without an active
     exception". The backtrace (gdb, tests/horovodrun/workers/ddp_hook_nodes.py): a
-    ``pt_gloo_runloop`` thread drops a finished allgather's work, whose tensor's last reference
-    is a Python object; taking the GIL while the interpreter finalizes ends that thread, and the
-    unwinding through a noexcept destructor calls std::terminate. ``destroy_process_group()``
+    ``pt_gloo_runloop`` thread drops a finished allgather's work; releasing its tensor, which
+    Python has seen, releases the tensor's Python object too (c10's intrusive_ptr, on its count
+    going from 2 to 1), which takes the GIL; while the interpreter finalizes that ends the
+    thread, and the unwinding through a noexcept destructor calls std::terminate. ``destroy_process_group()``
     does not stop Gloo's threads (still running after it, with or without a communication hook),
     so it does not help; PyTorch's own fix (an exit handler, pytorch/pytorch PR 179291) was
     withdrawn and issue 190489 is open. Skipping finalization removes the race; a job's
