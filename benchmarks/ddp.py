@@ -55,11 +55,11 @@ def end_process():
     ``pt_gloo_runloop`` thread drops a finished allgather's work; releasing its tensor, which
     Python has seen, releases the tensor's Python object too (c10's intrusive_ptr, on its count
     going from 2 to 1), which takes the GIL; while the interpreter finalizes that ends the
-    thread, and the unwinding through a noexcept destructor calls std::terminate. ``destroy_process_group()``
-    does not stop Gloo's threads (still running after it, with or without a communication hook),
-    so it does not help; PyTorch's own fix (an exit handler, pytorch/pytorch PR 179291) was
-    withdrawn and issue 190489 is open. Skipping finalization removes the race; a job's
-    outcome is its reports, which are closed before this."""
+    thread, and the unwinding through a noexcept destructor calls std::terminate.
+    ``destroy_process_group()`` does not stop Gloo's threads (still running after it, with or
+    without a communication hook), so it does not help; PyTorch's own fix (an exit handler,
+    pytorch/pytorch PR 179291) was withdrawn and issue 190489 is open. Skipping finalization
+    removes the race; a job's outcome is its reports, which are closed before this."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
