@@ -210,8 +210,14 @@ def run_nodes(script, out_dir, args=(), nodes=2, nproc=2, timeout=JOB_TIMEOUT_S)
         lingering = wait_for_launchers(launchers, timeout)
     finally:
         for launcher in launchers:
-            launcher.kill()
-            launcher.wait()
+            if launcher.poll() is None:
+                launcher.terminate()  # torchrun ends its workers on SIGTERM (SIGKILL would not)
+        for launcher in launchers:
+            try:
+                launcher.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                launcher.kill()
+                launcher.wait()
     failed = []
     for node, (launcher, out) in enumerate(zip(launchers, outputs)):
         out.seek(0)

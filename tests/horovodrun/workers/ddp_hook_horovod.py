@@ -21,6 +21,7 @@ import numpy as np
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from benchmarks.ddp import end_process
 from ddp_hook_common import DTYPES, OneParameter, gradient, same_bits, write_report
 from horovod_tnq.torch import TNQCompressor
 from horovod_tnq.torch.ddp import BUCKET_NAME, TNQHookState, tnq_hook
@@ -76,8 +77,9 @@ def main():
         except Exception:
             report[case] = {"error": traceback.format_exc()}
     write_report(OUT_DIR, hvd.rank(), report)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    hvd.shutdown()
+    end_process()  # (not destroy_process_group(): PyTorch's Gloo can abort at exit)
