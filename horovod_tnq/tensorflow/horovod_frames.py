@@ -26,8 +26,7 @@ instead of leaving the gradients silently unnamed.
 
 import sys
 
-from ..protocol.naming import (TensorName, collective_in,
-                               check_horovod_version, variable_name)
+from ..protocol.naming import TensorName, check_horovod_version, collective_in, variable_name
 
 
 # Functions of stock horovod.tensorflow that call compress(), or whose converted copies do;

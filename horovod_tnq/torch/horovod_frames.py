@@ -21,8 +21,7 @@ instead of leaving the gradients silently unnamed.
 
 import sys
 
-from ..protocol.naming import (CallSiteName, TensorName, collective_in,
-                               check_horovod_version)
+from ..protocol.naming import CallSiteName, TensorName, check_horovod_version, collective_in
 
 
 # Functions of stock horovod.torch that call compress(); each holds the collective's name in a

@@ -40,10 +40,10 @@ def main():
         report[case] = expect_error(lambda: ddp(gradient(rank, 0, 5000, "float32")).backward())
         report[case]["seconds"] = time.perf_counter() - started
     write_report(OUT_DIR, rank, report)
-    # What is tested is above. After backward() raised inside DDP's hook, PyTorch's teardown
-    # aborted a rank about one run in 6 (benchmarks.ddp.end_process says why)
-    end_process()
 
 
 if __name__ == "__main__":
     main()
+    # (not the interpreter's exit: after backward() raised inside DDP's hook, PyTorch's Gloo
+    # aborted a rank at exit about one run in 6; benchmarks.ddp.end_process says why)
+    end_process()
