@@ -28,7 +28,10 @@ same initialisation, data order and step count for every scheme:
   reach uncompressed training's final test loss + 1% (``--target``), and seconds per step;
   convergence_transformer_time.png plots test loss against those seconds. For each
   uncompressed run it prints how much its last 20% of steps improved the test loss (the
-  plateau check). A spec may carry the worker's ``overrides=`` (per-layer settings, e.g.
+  plateau check; ``--decay-until 0.8`` ends the decay at 80% of the steps, so that the last
+  20% run at the final rate, and ``--lr-warmup``, ``--min-lr`` shape the rest of the schedule,
+  for the char-lm task too, whose SGD otherwise keeps --lr constant). A spec may carry the
+  worker's ``overrides=`` (per-layer settings, e.g.
   ``tnq-rht:bits=2,overrides=docs``: docs/overrides.md's recommendation) and ``fused=1``
   (horovod_tnq's fused DistributedOptimizer); ``framework=ddp`` specs train under
   DistributedDataParallel with AdamW too, PowerSGD from the end of the lr warm-up on (spec
@@ -385,6 +388,14 @@ def parse_args():
                         "256 char-lm, 64 transformer)")
     parser.add_argument("--lr", type=float, help="default: the task's (0.05 digits, 0.5 char-lm, "
                         "0.01 transformer: AdamW's peak)")
+    parser.add_argument("--lr-warmup", type=float, help="language models: fraction of the "
+                        "steps of linear warm-up (default: the worker's, 0 char-lm, 0.05 "
+                        "transformer)")
+    parser.add_argument("--min-lr", type=float, help="language models: the cosine decay ends "
+                        "at this fraction of --lr (default: the worker's, 1 (constant) char-lm, "
+                        "0.1 transformer)")
+    parser.add_argument("--decay-until", type=float, help="language models: fraction of the "
+                        "steps at which the decay ends, the rest kept at --min-lr (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, nargs="+",
                         help="run every configuration at each of these seeds (a spec's "
@@ -414,7 +425,16 @@ def parse_args():
         args.seeds = [args.seed]
     if args.diagnose_every and args.task != "transformer":
         parser.error("--diagnose-every is the transformer task's")
+    if args.task == "digits" and any(value is not None for value in schedule_options(args)):
+        parser.error("--lr-warmup, --min-lr and --decay-until are the language models'")
     return args
+
+
+def schedule_options(args):
+    """The language-model workers' learning-rate schedule options given (None: the worker's
+    default)."""
+    return {"--lr-warmup": args.lr_warmup, "--min-lr": args.min_lr,
+            "--decay-until": args.decay_until}
 
 
 def stem_for(args):
@@ -571,6 +591,9 @@ def run_config(args, task, spec, seed, failed, network=None):
                    "--seed", str(seed)]
     if args.diagnose_every:
         worker_args += ["--diagnose-every", str(args.diagnose_every)]
+    for option, value in schedule_options(args).items():
+        if value is not None:
+            worker_args += [option, str(value)]
     load = os.getloadavg()[0]
     start = time.perf_counter()
     framework = parse_spec(spec)[1].get("framework", "torch")

@@ -6,9 +6,11 @@ imported from there) learns to predict the next byte of Python's standard-librar
 (lm_worker.split_text: the last ``--test-fraction`` of the text, whole other modules, is held
 out). It trains as people train transformers: AdamW (betas 0.9/0.95, weight decay on the
 matrices only), a linear warm-up to ``--lr`` over ``--lr-warmup`` of the steps, then cosine
-decay to a tenth of it, the averaged gradient's norm clipped to ``--clip`` after the exchange,
-through the stock ``hvd.DistributedOptimizer(..., compression=get_compressor(...))`` with the
-compressor named by a spec (see jobs.py). Each rank draws its own random windows of the
+decay to a tenth of it (at the last step, or at ``--decay-until`` of the steps, the rest then
+keeping that rate: lm_worker.learning_rate), the averaged gradient's norm clipped to
+``--clip`` after the exchange, through the stock
+``hvd.DistributedOptimizer(..., compression=get_compressor(...))`` with the compressor named
+by a spec (see jobs.py). Each rank draws its own random windows of the
 training text; every rank starts from the same initialisation.
 
 Beyond jobs.py's options a spec may carry ``overrides=...``, TNQCompressor's per-layer
@@ -34,13 +36,13 @@ extra uncompressed allreduce of the local gradients (``measured_relative_error``
 
 import argparse
 import json
-import math
 
 import horovod.torch as hvd
 import torch
 
 from benchmarks.jobs import REPORT_MARKER
-from benchmarks.lm_worker import (common_report, end_framework, evaluate, split_text,
+from benchmarks.lm_worker import (add_schedule_arguments, check_schedule, common_report,
+                                  end_framework, evaluate, learning_rate, split_text,
                                   start_framework, test_windows, train_and_evaluate)
 from benchmarks.worker_common import compressor_spec
 from examples.train_transformer import OVERRIDES, CharTransformer
@@ -60,10 +62,7 @@ def parse_args():
                         help="accepted for convergence.py's common arguments; must be 0")
     parser.add_argument("--batch-size", type=int, default=32, help="windows per worker")
     parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate")
-    parser.add_argument("--lr-warmup", type=float, default=0.05,
-                        help="fraction of the steps of linear warm-up")
-    parser.add_argument("--min-lr", type=float, default=0.1,
-                        help="the cosine decay ends at this fraction of --lr")
+    add_schedule_arguments(parser, warmup=0.05, floor=0.1)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--clip", type=float, default=1.0,
                         help="clip the averaged gradient's norm to this (0: off), after the "
@@ -81,6 +80,7 @@ def parse_args():
     args = parser.parse_args()
     if args.steps < 1 or args.warmup != 0:
         parser.error(f"--steps must be >= 1 and --warmup 0, got {args.steps}, {args.warmup}")
+    check_schedule(parser, args)
     return args
 
 
@@ -95,16 +95,6 @@ def parse_overrides(text):
             raise ValueError(f"overrides term {term!r} is not pattern@bits or pattern@none")
         overrides[pattern] = None if bits == "none" else {"bits": int(bits)}
     return overrides
-
-
-def learning_rate(step, args):
-    """Linear warm-up to args.lr, then cosine decay to args.min_lr * args.lr at the last
-    step (``step`` counts from 1)."""
-    warmup = max(1, round(args.lr_warmup * args.steps))
-    if step <= warmup:
-        return args.lr * step / warmup
-    progress = (step - warmup) / max(1, args.steps - warmup)
-    return args.lr * (args.min_lr + (1 - args.min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def adamw(model, args):
@@ -295,8 +285,8 @@ def main():
                                 if "exp_avg_sq" in state else None),
         }
     report.update(task="transformer", framework=training.framework, hidden=args.hidden,
-                  layers=args.layers, heads=args.heads, context=args.context, lr=args.lr,
-                  lr_warmup=args.lr_warmup, layer_stats=report_layers)
+                  layers=args.layers, heads=args.heads, context=args.context,
+                  layer_stats=report_layers)
     # the whole model's, as a row "(model)" of layer_stats: every layer's squared errors over
     # every layer's squared norms
     whole = {"numel": report["parameters"]}

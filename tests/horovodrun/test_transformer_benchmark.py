@@ -3,6 +3,7 @@ decoder with AdamW trains, uncompressed and at 2 bits with docs/overrides.md's p
 settings, and the per-layer statistics reach convergence_transformer_layers.csv."""
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -19,7 +20,7 @@ def test_transformer_task_short_run(tmp_path):
         [sys.executable, "-m", "benchmarks.convergence", "--task", "transformer",
          "--baselines", "none", "--schemes", "--extra-configs", OVERRIDDEN + ",seeds=1",
          "--steps", "12", "--eval-every", "4", "--diagnose-every", "4",
-         "--out", str(tmp_path)],
+         "--decay-until", "0.75", "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -56,6 +57,11 @@ def test_transformer_task_short_run(tmp_path):
     assert float(layers["head.weight"]["measured_relative_error"]) < 0.01
     assert 0.01 < float(linear["measured_relative_error"]) < 0.5
     assert float(linear["adam_exp_avg_sq"]) > 0
+    # the schedule given to convergence.py reached the workers: the decay ended at step 9
+    with open(tmp_path / "convergence_transformer_runs.jsonl") as f:
+        reports = [json.loads(line)["report"] for line in f]
+    assert [(r["decay_until"], r["min_lr"], r["lr_warmup"]) for r in reports] == [
+        (0.75, 0.1, 0.05)] * 2
 
 
 POWERSGD = "powersgd:rank=4,framework=ddp,start_iter=2"
