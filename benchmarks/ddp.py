@@ -12,7 +12,10 @@ This is what a PyTorch user who does not use this project runs on a slow network
   defaults and its docs' advice), and start_powerSGD_iter = the caller's ``start_iter``: plain
   allreduce before it, as the docs recommend for the first steps, and at least 2, the
   smallest PyTorch allows with error feedback (DDP rebuilds its buckets after step 1). Any
-  other option is passed to PowerSGDState as is (e.g. ``min_compression_rate=1``).
+  other option is passed to PowerSGDState as is (e.g. ``min_compression_rate=1``);
+- ``noop``: ``debugging_hooks.noop_hook``, which hands each bucket back unsent: every rank
+  trains alone, so its accuracy means nothing, but its step is DDP's with no communication,
+  the fastest any hook could make it (the ceiling a hook's samples/s can reach).
 
 and this project's codec on the same engine, so that codecs are compared on one engine
 (issue 26): any horovod_tnq scheme name (``tnq-rht:bits=2``, ``tnq:bits=4``, ...) registers
@@ -25,7 +28,10 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+from torch.distributed.algorithms.ddp_comm_hooks import (debugging_hooks, default_hooks,
+                                                        powerSGD_hook)
+
+from benchmarks.jobs import DDP_HOOKS
 
 
 # PowerSGD's hook issues its second and third allreduce from its futures' callbacks, which run on
@@ -35,7 +41,6 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 # data size doesn't match expected size" (524 vs 512 bytes). One bucket for the whole model keeps
 # one chain of collectives per step, the same order everywhere; what a Gloo user has to do.
 ONE_BUCKET_MB = 4096
-PYTORCH_HOOKS = ("none", "fp16", "powersgd")  # PyTorch's own; any other name is a TNQ scheme
 
 
 def init_from_env():
@@ -106,7 +111,7 @@ def wrap(model, name, options, start_iter=2):
         if options:
             raise ValueError(f"DDP without a hook takes no options, got {options}")
         return ddp_model, None
-    if name not in PYTORCH_HOOKS:
+    if name not in DDP_HOOKS:  # horovod_tnq's
         from horovod_tnq.torch.ddp import TNQHookState, tnq_hook
 
         # (the unwrapped model's names: what overrides' patterns match on Horovod's workers)
@@ -114,10 +119,11 @@ def wrap(model, name, options, start_iter=2):
         ddp_model.register_comm_hook(state, tnq_hook)
         return ddp_model, HookBytes(state)
     handed = HandedBytes()
-    if name == "fp16":
+    if name in ("fp16", "noop"):
         if options:
-            raise ValueError(f"fp16_compress_hook takes no options, got {options}")
-        ddp_model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+            raise ValueError(f"{name} takes no options, got {options}")
+        ddp_model.register_comm_hook(None, default_hooks.fp16_compress_hook if name == "fp16"
+                                     else debugging_hooks.noop_hook)
     elif name == "powersgd":
         state = powerSGD_hook.PowerSGDState(
             process_group=None, matrix_approximation_rank=options.pop("rank", 1),

@@ -97,8 +97,9 @@ def test_bandwidth_benchmark_two_steps(tmp_path):
     ddp_none, ddp_fp16 = "none:framework=ddp", "fp16:framework=ddp"
     ddp_rank1, ddp_rank4 = "powersgd:rank=1,framework=ddp", "powersgd:rank=4,framework=ddp"
     ddp_tnq = "tnq-rht:bits=4,framework=ddp"  # horovod_tnq's DDP hook on DDP's engine
+    ddp_noop = "noop:framework=ddp"  # PyTorch's hook that sends nothing: the compute floor
     configs = ["none", "tnq:bits=4", tf_none, tf_tnq, ddp_none, ddp_fp16, ddp_rank1, ddp_rank4,
-               ddp_tnq]
+               ddp_tnq, ddp_noop]
     # 2 warm-up steps: PowerSGD's plain allreduce steps (benchmarks/ddp.py), so that both timed
     # steps are compressed
     out = run_benchmark("bandwidth", "--workers", "2", "--steps", "2", "--warmup", "2",
@@ -120,9 +121,10 @@ def test_bandwidth_benchmark_two_steps(tmp_path):
     # DDP: fp32 buckets, fp16 half of them, PowerSGD rank 1 about (rows + columns) / (rows x
     # columns) of each weight plus the biases: 1% here; rank 4 about 4 times that
     sent = {spec: float(rows[spec]["tx_bytes_per_step"]) / gradient_bytes
-            for spec in (ddp_none, ddp_fp16, ddp_rank1, ddp_rank4)}
+            for spec in (ddp_none, ddp_fp16, ddp_rank1, ddp_rank4, ddp_noop)}
     assert 1.0 <= sent[ddp_none] <= 1.3 and 0.5 <= sent[ddp_fp16] <= 0.65
     assert sent[ddp_rank1] <= 0.05 and sent[ddp_rank1] < sent[ddp_rank4] <= 0.15
+    assert sent[ddp_noop] < min(0.01, sent[ddp_rank1])  # no gradient crosses the network
     handed = float(rows[ddp_fp16]["compressor_bytes_per_step"])
     assert handed == 2 * int(rows["none"]["parameters"])  # what the hook gave allreduce
     assert rows[ddp_none]["compressor_bytes_per_step"] == ""  # C++ reducer: not seen
@@ -132,7 +134,7 @@ def test_bandwidth_benchmark_two_steps(tmp_path):
     assert float(rows[ddp_tnq]["tx_bytes_per_step"]) / gradient_bytes <= 0.25
     # each framework's ratios are against its own uncompressed run
     for none, others in (("none", ["tnq:bits=4"]), (tf_none, [tf_tnq]),
-                         (ddp_none, [ddp_fp16, ddp_rank1, ddp_rank4, ddp_tnq])):
+                         (ddp_none, [ddp_fp16, ddp_rank1, ddp_rank4, ddp_tnq, ddp_noop])):
         assert float(rows[none]["vs_none"]) == 1.0
         for spec in others:
             assert math.isclose(float(rows[spec]["vs_none"]), float(rows[spec]["samples_per_s"])
