@@ -1,8 +1,9 @@
 """The PyTorch DistributedDataParallel twin of digits_worker.py: the same MLP, initialisation,
 data shards, batches, optimizer and warm-up and timed steps, trained with DDP over Gloo and one
-of PyTorch's own communication hooks (benchmarks/ddp.py: none, fp16, powersgd), and the same
-report line (worker_common.py), so bandwidth.py runs it for a ``framework=ddp`` spec. Started by
-torchrun (one per host), not horovodrun.
+of PyTorch's own communication hooks (benchmarks/ddp.py: none, fp16, powersgd, noop) or
+horovod_tnq's tnq_hook (``--replay-codec``: with its codec replayed, see
+worker_common.replay_codec), and the same report line (worker_common.py), so bandwidth.py runs
+it for a ``framework=ddp`` spec. Started by torchrun (one per host), not horovodrun.
 
 What a DDP step cannot be split into: the hooks' work and the allreduces run inside backward,
 partly in callbacks on Gloo's threads, so compute, encode, decode and wait are reported as None.
@@ -16,18 +17,22 @@ import torch
 from benchmarks import ddp
 from benchmarks import worker_common as common
 from benchmarks.digits_worker import build_model, evaluate, shuffled_batches
+from benchmarks.jobs import DDP_HOOKS
 from examples.digits import load_shard
 
 
 def main():
     args = common.parse_args(__doc__.splitlines()[0])
+    name, options = common.compressor_spec(args.compressor, "ddp")
     if args.replay_codec:
-        raise ValueError("--replay-codec replays horovod_tnq's codec; DDP's hooks have none")
+        if name in DDP_HOOKS:
+            raise ValueError(f"--replay-codec replays horovod_tnq's codec; PyTorch's {name} "
+                             "hook has none")
+        common.replay_codec()  # tnq_hook's host codec: the exchange's speed, codec free
     rank, size = ddp.init_from_env()
     core = common.pin_to_one_core(rank) if args.pin_core else None  # Gloo's threads too
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
-    name, options = common.compressor_spec(args.compressor, "ddp")
     interface = common.default_interface(args)
 
     x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in

@@ -103,11 +103,17 @@ def test_bandwidth_benchmark_two_steps(tmp_path):
     # 2 warm-up steps: PowerSGD's plain allreduce steps (benchmarks/ddp.py), so that both timed
     # steps are compressed
     out = run_benchmark("bandwidth", "--workers", "2", "--steps", "2", "--warmup", "2",
-                        "--configs", *configs,
+                        "--configs", *configs, "--free-codec", ddp_tnq,
                         "--hidden", "512,512", "--rate-mbit", "200", "--out", str(tmp_path))
     with open(tmp_path / "bandwidth.csv") as f:
-        rows = {row["compressor"]: row for row in csv.DictReader(f)}
+        everything = list(csv.DictReader(f))
+    rows = {row["compressor"]: row for row in everything if row["replayed_codec"] == "False"}
     assert set(rows) == set(configs)
+    # the DDP hook with its codec replayed (the exchange's speed, codec free): its own row,
+    # the same payload bytes as the hook's real run
+    [free] = [row for row in everything if row["replayed_codec"] == "True"]
+    assert free["compressor"] == ddp_tnq and free["label"].endswith("(codec free)")
+    assert free["compressor_bytes_per_step"] == rows[ddp_tnq]["compressor_bytes_per_step"]
     assert (tmp_path / "bandwidth.png").stat().st_size > 10_000
     gradient_bytes = 4 * int(rows["none"]["parameters"])
     for spec in (tf_none, ddp_none):  # the same model
