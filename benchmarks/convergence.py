@@ -437,6 +437,17 @@ def schedule_options(args):
             "--decay-until": args.decay_until}
 
 
+def schedule_text(rows, floor):
+    """The plots' words for the runs' learning-rate schedule (runs saved before the reports
+    carried it: the worker's default, ``floor``)."""
+    first = rows[0] if rows else {}
+    floor, until = first.get("min_lr", floor), first.get("decay_until", 1.0)
+    if floor == 1:
+        return ""
+    return f" cosine to {floor:g}x" + (f" at {until:.0%} of the steps, then flat"
+                                       if until < 1 else "")
+
+
 def stem_for(args):
     """The output files' name: convergence[_char_lm|_transformer][_seed<N>]."""
     return "convergence" + {"char-lm": "_char_lm", "transformer": "_transformer"}.get(
@@ -544,11 +555,12 @@ def finish(args, task, rows, curves, points, failed, layers):
         title = f"MLP 64-{args.hidden.replace(',', '-')}-10 ({parameters} parameters) on digits"
     elif transformer:
         title = (f"byte-level GPT, width {args.hidden} ({parameters} parameters) on Python "
-                 f"stdlib source, AdamW lr {args.lr} cosine")
+                 f"stdlib source, AdamW lr {args.lr}{schedule_text(rows, 0.1)}")
     else:
         title = (f"char GRU {args.hidden} ({parameters} parameters) on Python stdlib source, "
-                 f"lr {args.lr}")
-    title += f", {args.workers} workers, batch {args.batch_size}/worker, {args.steps} steps"
+                 f"lr {args.lr}{schedule_text(rows, 1.0)}")
+    steps = rows[0].get("steps", args.steps) if rows else args.steps  # saved runs: theirs
+    title += f", {args.workers} workers, batch {args.batch_size}/worker, {steps} steps"
     if len(args.seeds) > 1:
         title += f", seed {args.seeds[0]} of {len(args.seeds)}"
     elif args.seeds[0]:

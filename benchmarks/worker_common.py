@@ -75,7 +75,10 @@ def replay_codec():
     payloads, sums = {}, {}
 
     def replay_encode(values, **options):
-        key = (values.shape, options.get("key"))
+        # the payload's header names the tensor's shape, so parts of one size cut from tensors
+        # of different shapes (a DDP hook's buckets) each replay their own
+        key = (values.shape, options.get("key"), tuple(options.get("shape") or ()),
+               options.get("dtype_name"))
         if key not in payloads:
             payloads[key] = encode(values, **options)
         return payloads[key]
