@@ -89,6 +89,7 @@ import sys
 import textwrap
 import time
 
+from benchmarks import schedule
 from benchmarks.jobs import (ROOT, WORKER, WORKERS, horovodrun_command, markdown_table,
                              parse_spec, read_report, torchrun_command, worker_env, write_csv)
 from horovod_tnq import core
@@ -108,9 +109,10 @@ TASKS = {
     "digits": dict(worker=WORKER, steps=400, batch_size=16, hidden="256,256", lr=0.05,
                    accuracy_range=(80, 100)),
     "char-lm": dict(worker="benchmarks.lm_worker", steps=300, batch_size=32,
-                    hidden="256", lr=0.5, accuracy_range=None),
+                    hidden="256", lr=0.5, accuracy_range=None, schedule=schedule.CHAR_LM),
     "transformer": dict(worker="benchmarks.transformer_worker", steps=800, batch_size=32,
-                        hidden="64", lr=1e-2, accuracy_range=None),
+                        hidden="64", lr=1e-2, accuracy_range=None,
+                        schedule=schedule.TRANSFORMER),
 }
 BASELINE_BYTES = {"none": 4, "fp16": 2}  # per parameter, what Horovod's own compressors hand it
 COLUMNS = [
@@ -425,8 +427,18 @@ def parse_args():
         args.seeds = [args.seed]
     if args.diagnose_every and args.task != "transformer":
         parser.error("--diagnose-every is the transformer task's")
-    if args.task == "digits" and any(value is not None for value in schedule_options(args)):
-        parser.error("--lr-warmup, --min-lr and --decay-until are the language models'")
+    given = schedule_options(args)
+    if args.task == "digits":
+        if any(value is not None for value in given.values()):
+            parser.error("--lr-warmup, --min-lr and --decay-until are the language models'")
+    else:  # checked here with the worker's defaults, before any run starts
+        defaults = task["schedule"]
+        error = schedule.schedule_error(
+            defaults["warmup"] if args.lr_warmup is None else args.lr_warmup,
+            defaults["floor"] if args.min_lr is None else args.min_lr,
+            1.0 if args.decay_until is None else args.decay_until)
+        if error:
+            parser.error(f"{args.task}: {error}")
     return args
 
 

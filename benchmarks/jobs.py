@@ -35,9 +35,9 @@ WORKERS = {"torch": WORKER, "tf": "benchmarks.digits_worker_tf",
            "ddp": "benchmarks.digits_worker_ddp"}
 # PyTorch's hooks a framework=ddp spec may name: DDP without a hook, fp16_compress_hook,
 # powerSGD_hook, and noop_hook, which communicates nothing (each rank trains alone: the step's
-# compute floor, the fastest any hook could be; benchmarks/ddp.py); no other worker knows
-# powersgd or noop. Besides these the DDP worker runs horovod_tnq's schemes (core.SCHEMES)
-# through horovod_tnq.torch.ddp.tnq_hook.
+# compute floor, the fastest any hook could be; benchmarks/ddp.py); only framework=ddp specs
+# may name powersgd or noop. Besides these the DDP workers run horovod_tnq's schemes
+# (core.SCHEMES) through horovod_tnq.torch.ddp.tnq_hook.
 DDP_HOOKS = ("none", "fp16", "powersgd", "noop")
 REPORT_MARKER = "BENCHMARK-REPORT "
 # a worker's further keys for its report, printed after it (read_report merges them)

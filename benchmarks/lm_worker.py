@@ -2,8 +2,8 @@
 
 gradients.py's ``CharModel`` (byte embedding, one GRU layer, linear output over the 256 byte
 values) learns to predict the next byte of the source text of Python's own standard library
-(gradients.py's ``stdlib_text()``), trained with SGD + momentum (at a constant ``--lr`` unless
-``--min-lr`` and ``--decay-until`` ask for learning_rate's cosine decay) through the stock
+(gradients.py's ``stdlib_text()``), trained with SGD + momentum (at a constant ``--lr`` unless the
+schedule options ask for a warm-up or a decay: benchmarks/schedule.py) through the stock
 ``hvd.DistributedOptimizer(..., compression=get_compressor(...))`` and the compressor named by a
 spec (see jobs.py). The last ``--test-fraction`` of the text (whole other modules, since the
 text is the library's files in name order) is held out. Each rank draws its own random windows
@@ -26,7 +26,6 @@ steps after PowerSGD's 2 plain (uncompressed) ones.
 
 import argparse
 import json
-import math
 import time
 
 import horovod.torch as hvd
@@ -34,6 +33,7 @@ import torch
 
 from benchmarks.gradients import CharModel, stdlib_text
 from benchmarks.jobs import REPORT_MARKER, parse_spec
+from benchmarks.schedule import CHAR_LM, add_schedule_arguments, check_schedule, learning_rate
 from benchmarks.worker_common import compressor_spec
 from horovod_tnq.torch import get_compressor
 
@@ -49,7 +49,7 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=32, help="windows per worker")
     parser.add_argument("--length", type=int, default=64, help="characters per window")
     parser.add_argument("--lr", type=float, default=0.5)
-    add_schedule_arguments(parser, warmup=0.0, floor=1.0)
+    add_schedule_arguments(parser, **CHAR_LM)
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--clip", type=float, default=1.0,
                         help="clip the averaged gradient's norm to this (0: off), as RNNs "
@@ -67,37 +67,6 @@ def parse_args():
         parser.error(f"--steps must be >= 1 and --warmup 0, got {args.steps}, {args.warmup}")
     check_schedule(parser, args)
     return args
-
-
-def add_schedule_arguments(parser, warmup, floor):
-    """The learning-rate schedule both language-model workers take (see learning_rate): the
-    char-LM's defaults keep --lr constant, the transformer's warm up and decay."""
-    parser.add_argument("--lr-warmup", type=float, default=warmup,
-                        help="fraction of the steps of linear warm-up to --lr")
-    parser.add_argument("--min-lr", type=float, default=floor,
-                        help="the cosine decay ends at this fraction of --lr (1: constant)")
-    parser.add_argument("--decay-until", type=float, default=1.0,
-                        help="fraction of the steps at which the cosine decay ends; the steps "
-                        "after it keep --min-lr (a flat tail, where a plateau shows)")
-
-
-def check_schedule(parser, args):
-    if not (0 <= args.lr_warmup < args.decay_until <= 1 and 0 <= args.min_lr <= 1):
-        parser.error(f"the schedule needs 0 <= --lr-warmup < --decay-until <= 1 and "
-                     f"0 <= --min-lr <= 1, got {args.lr_warmup}, {args.decay_until}, "
-                     f"{args.min_lr}")
-
-
-def learning_rate(step, args):
-    """Linear warm-up to args.lr over args.lr_warmup of the steps, then cosine decay to
-    args.min_lr * args.lr at args.decay_until of them, then that rate to the last step
-    (``step`` counts from 1)."""
-    warmup = max(1, round(args.lr_warmup * args.steps))
-    if step <= warmup:
-        return args.lr * step / warmup
-    end = max(warmup + 1, round(args.decay_until * args.steps))
-    progress = min(1.0, (step - warmup) / (end - warmup))
-    return args.lr * (args.min_lr + (1 - args.min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def split_text(text_bytes, test_fraction):

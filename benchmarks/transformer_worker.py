@@ -7,7 +7,7 @@ imported from there) learns to predict the next byte of Python's standard-librar
 out). It trains as people train transformers: AdamW (betas 0.9/0.95, weight decay on the
 matrices only), a linear warm-up to ``--lr`` over ``--lr-warmup`` of the steps, then cosine
 decay to a tenth of it (at the last step, or at ``--decay-until`` of the steps, the rest then
-keeping that rate: lm_worker.learning_rate), the averaged gradient's norm clipped to
+keeping that rate: benchmarks/schedule.py), the averaged gradient's norm clipped to
 ``--clip`` after the exchange, through the stock
 ``hvd.DistributedOptimizer(..., compression=get_compressor(...))`` with the compressor named
 by a spec (see jobs.py). Each rank draws its own random windows of the
@@ -41,9 +41,9 @@ import horovod.torch as hvd
 import torch
 
 from benchmarks.jobs import REPORT_MARKER
-from benchmarks.lm_worker import (add_schedule_arguments, check_schedule, common_report,
-                                  end_framework, evaluate, learning_rate, split_text,
+from benchmarks.lm_worker import (common_report, end_framework, evaluate, split_text,
                                   start_framework, test_windows, train_and_evaluate)
+from benchmarks.schedule import TRANSFORMER, add_schedule_arguments, check_schedule, learning_rate
 from benchmarks.worker_common import compressor_spec
 from examples.train_transformer import OVERRIDES, CharTransformer
 import horovod_tnq.torch as tnq
@@ -62,7 +62,7 @@ def parse_args():
                         help="accepted for convergence.py's common arguments; must be 0")
     parser.add_argument("--batch-size", type=int, default=32, help="windows per worker")
     parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate")
-    add_schedule_arguments(parser, warmup=0.05, floor=0.1)
+    add_schedule_arguments(parser, **TRANSFORMER)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--clip", type=float, default=1.0,
                         help="clip the averaged gradient's norm to this (0: off), after the "

@@ -60,8 +60,8 @@ def compressor_spec(spec, framework):
     if framework == "ddp" and name not in DDP_HOOKS and name not in SCHEMES:
         raise ValueError(f"spec {spec!r}: the DDP worker runs {', '.join(DDP_HOOKS)} and "
                          f"horovod_tnq's schemes ({', '.join(sorted(SCHEMES))}) as a DDP hook")
-    if framework != "ddp" and name == "powersgd":  # before get_compressor's "unknown name"
-        raise ValueError(f"spec {spec!r}: powersgd is PyTorch DDP's hook; add framework=ddp")
+    if framework != "ddp" and name in ("powersgd", "noop"):  # not get_compressor's "unknown"
+        raise ValueError(f"spec {spec!r}: {name} is PyTorch DDP's hook; add framework=ddp")
     return name, options
 
 

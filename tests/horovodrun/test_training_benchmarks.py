@@ -75,8 +75,9 @@ def test_compressor_specs():
     # PyTorch DDP's hooks run on the DDP worker only; horovod_tnq's schemes on both (DDP: as
     # tnq_hook), Horovod's own compressors and unknown names on Horovod's only
     assert compressor_spec("powersgd:rank=1,framework=ddp", "ddp") == ("powersgd", {"rank": 1})
-    with pytest.raises(ValueError, match="add framework=ddp"):
-        compressor_spec("powersgd:rank=1", "torch")
+    for spec in ("powersgd:rank=1", "noop"):
+        with pytest.raises(ValueError, match="add framework=ddp"):
+            compressor_spec(spec, "torch")
     assert compressor_spec("tnq-rht:bits=4,framework=ddp", "ddp") == ("tnq-rht", {"bits": 4})
     with pytest.raises(ValueError, match="as a DDP hook"):
         compressor_spec("tnq-nonesuch:bits=4,framework=ddp", "ddp")
@@ -110,10 +111,12 @@ def test_bandwidth_benchmark_two_steps(tmp_path):
     rows = {row["compressor"]: row for row in everything if row["replayed_codec"] == "False"}
     assert set(rows) == set(configs)
     # the DDP hook with its codec replayed (the exchange's speed, codec free): its own row,
-    # the same payload bytes as the hook's real run
+    # about the payload bytes of the hook's real run (the replayed first step's zero runs may
+    # differ from a later step's)
     [free] = [row for row in everything if row["replayed_codec"] == "True"]
     assert free["compressor"] == ddp_tnq and free["label"].endswith("(codec free)")
-    assert free["compressor_bytes_per_step"] == rows[ddp_tnq]["compressor_bytes_per_step"]
+    replayed_bytes = float(free["compressor_bytes_per_step"])
+    assert 0.8 <= replayed_bytes / float(rows[ddp_tnq]["compressor_bytes_per_step"]) <= 1.25
     assert (tmp_path / "bandwidth.png").stat().st_size > 10_000
     gradient_bytes = 4 * int(rows["none"]["parameters"])
     for spec in (tf_none, ddp_none):  # the same model
