@@ -4,10 +4,11 @@
 
 For each worker count N and compressor spec, runs real horovodrun workers (digits_worker.py, an
 MLP of --hidden widths on digits) on N emulated hosts (benchmarks/emulated_network.py, links not
-shaped: only bytes are measured here), and reads each host's NIC counters over the timed steps.
-Uncompressed Horovod (ring allreduce) sends about 2 (N-1)/N of the gradient per rank, flat in N;
-an allgather of compressed payloads sends (N-1) payloads per rank, growing with N. A new exchange
-is measured by adding its spec, e.g. ``tnq:bits=4,exchange=NAME``, to --configs.
+shaped: only bytes are measured here), and reads each host's NIC counters over the timed steps
+(Horovod's cycle at 50 ms, so that its coordination messages stay few however long a step
+takes). Uncompressed Horovod (ring allreduce) sends about 2 (N-1)/N of the gradient per rank,
+flat in N; an allgather of compressed payloads sends (N-1) payloads per rank, growing with N.
+A new exchange is measured by adding its spec, e.g. ``tnq:bits=4,exchange=NAME``, to --configs.
 
 Writes scaling_bytes.csv and scaling_bytes.png to --out and prints a markdown table of bytes sent
 per rank and step, relative to the fp32 gradient size. Needs root.
@@ -24,6 +25,7 @@ from benchmarks.jobs import horovodrun_command, read_report, worker_env, write_c
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 CONFIGS = ["none", "tnq:bits=4,exchange=allgather", "tnq:bits=4,exchange=reduce-scatter"]
+CYCLE_MS = 50  # Horovod's cycle time in these runs (see measure)
 
 
 def measure(network, workers, spec, args):
@@ -31,7 +33,13 @@ def measure(network, workers, spec, args):
                    str(args.warmup), "--hidden", args.hidden, "--batch-size", "16"]
     command = horovodrun_command(workers, network.hosts_argument(workers), worker_args,
                                  ["--network-interfaces", "eth0"])
-    report = read_report(network.horovodrun(command, worker_env(), timeout=args.timeout),
+    # Horovod's background loop coordinates the ranks once a cycle (every HOROVOD_CYCLE_TIME ms,
+    # 1 by default) whether there is a tensor to reduce or not: on a busy machine a step takes
+    # more cycles, and those messages, counted on the NIC with the payloads, grew the 3-rank
+    # allgather's bytes by 15% of its payload in a loaded test run. Only bytes are measured
+    # here, so a long cycle keeps them to a few messages a step.
+    env = worker_env({"HOROVOD_CYCLE_TIME": str(CYCLE_MS)})
+    report = read_report(network.horovodrun(command, env, timeout=args.timeout),
                          f"{workers} workers, {spec}")
     by_rank = report["tx_bytes_per_step_by_rank"]
     gradient_bytes = 4 * report["parameters"]
