@@ -449,11 +449,12 @@ def schedule_options(args):
             "--decay-until": args.decay_until}
 
 
-def schedule_text(rows, floor):
+def schedule_text(rows, task):
     """The plots' words for the runs' learning-rate schedule (runs saved before the reports
-    carried it: the worker's default, ``floor``)."""
+    carried it: the task's worker's default)."""
     first = rows[0] if rows else {}
-    floor, until = first.get("min_lr", floor), first.get("decay_until", 1.0)
+    floor = first.get("min_lr", task["schedule"]["floor"])
+    until = first.get("decay_until", 1.0)
     if floor == 1:
         return ""
     return f" cosine to {floor:g}x" + (f" at {until:.0%} of the steps, then flat"
@@ -567,10 +568,10 @@ def finish(args, task, rows, curves, points, failed, layers):
         title = f"MLP 64-{args.hidden.replace(',', '-')}-10 ({parameters} parameters) on digits"
     elif transformer:
         title = (f"byte-level GPT, width {args.hidden} ({parameters} parameters) on Python "
-                 f"stdlib source, AdamW lr {args.lr}{schedule_text(rows, 0.1)}")
+                 f"stdlib source, AdamW lr {args.lr}{schedule_text(rows, task)}")
     else:
         title = (f"char GRU {args.hidden} ({parameters} parameters) on Python stdlib source, "
-                 f"lr {args.lr}{schedule_text(rows, 1.0)}")
+                 f"lr {args.lr}{schedule_text(rows, task)}")
     steps = rows[0].get("steps", args.steps) if rows else args.steps  # saved runs: theirs
     title += f", {args.workers} workers, batch {args.batch_size}/worker, {steps} steps"
     if len(args.seeds) > 1:

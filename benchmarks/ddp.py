@@ -41,6 +41,8 @@ from benchmarks.jobs import DDP_HOOKS
 # data size doesn't match expected size" (524 vs 512 bytes). One bucket for the whole model keeps
 # one chain of collectives per step, the same order everywhere; what a Gloo user has to do.
 ONE_BUCKET_MB = 4096
+# PyTorch's hooks that take no state and no options
+STATELESS_HOOKS = {"fp16": default_hooks.fp16_compress_hook, "noop": debugging_hooks.noop_hook}
 
 
 def init_from_env():
@@ -119,11 +121,10 @@ def wrap(model, name, options, start_iter=2):
         ddp_model.register_comm_hook(state, tnq_hook)
         return ddp_model, HookBytes(state)
     handed = HandedBytes()
-    if name in ("fp16", "noop"):
+    if name in STATELESS_HOOKS:
         if options:
             raise ValueError(f"{name} takes no options, got {options}")
-        ddp_model.register_comm_hook(None, default_hooks.fp16_compress_hook if name == "fp16"
-                                     else debugging_hooks.noop_hook)
+        ddp_model.register_comm_hook(None, STATELESS_HOOKS[name])
     elif name == "powersgd":
         state = powerSGD_hook.PowerSGDState(
             process_group=None, matrix_approximation_rank=options.pop("rank", 1),
