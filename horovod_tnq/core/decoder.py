@@ -201,6 +201,18 @@ def decode_sum(buf, expect, factor=1.0, out_dtype=np.float64, reference=False, o
             _check_codes(count, sections.header, sections.table)
         _settle_overflow(total, payloads, _overflow_rule(payloads, factor, expect.dtype_name))
         return total, len(payloads)
+    if use_native and payloads[0].header.rotated and \
+            not any(p.exception_indices.size for p in payloads):
+        # one pass over the tensor, every payload's buckets decoded in cache beside the sum
+        rule = _overflow_rule(payloads, factor, expect.dtype_name)
+        total, invalid = native.rotated_decode_runs_sum(
+            payloads, expect.numel, expect.bucket_size, factor,
+            out_dtype if rule is None else np.float64, out if rule is None else None)
+        for sections, count in zip(payloads, invalid):
+            _check_codes(count, sections.header, sections.table)
+        if rule is None:
+            return total, len(payloads)
+        return _finish_sum(total, payloads, 1.0, expect.dtype_name, out_dtype, out, rule)
     if use_native and not any(p.exception_indices.size for p in payloads):
         # each payload decoded in its coded elements and added around its own runs (every
         # rank's zeros lie elsewhere), by one copy or add per gap between runs; one scratch
@@ -223,10 +235,12 @@ def decode_sum(buf, expect, factor=1.0, out_dtype=np.float64, reference=False, o
     return _finish_sum(total, payloads, factor, expect.dtype_name, out_dtype, out)
 
 
-def _finish_sum(total, payloads, factor, dtype_name, out_dtype, out):
+def _finish_sum(total, payloads, factor, dtype_name, out_dtype, out, rule=False):
     """(``factor`` times ``total``, the float64 sum of ``payloads``, settled and rounded to
-    ``out_dtype``, in ``out`` where given; the number of payloads)."""
-    rule = _overflow_rule(payloads, factor, dtype_name)
+    ``out_dtype``, in ``out`` where given; the number of payloads). ``rule``: the overflow rule
+    of the sum times the factor, where the caller has it (False: found here)."""
+    if rule is False:
+        rule = _overflow_rule(payloads, factor, dtype_name)
     if rule is None and out is not None and out.dtype == out_dtype and out.shape == total.shape:
         # nothing to settle: the product rounded once, straight into out (one pass)
         np.multiply(total, factor, out=out, casting="unsafe")

@@ -94,9 +94,13 @@ def encode(values, *, scheme="tnq", bits, bucket_size, key, step=0, dtype_name=N
     runs, amax = scan(flat, request.compiled)
     encoder = ENCODERS[scheme.family]
     if scheme.family != "body" and runs.size:  # (the sparse bodies have no zero runs)
-        coded = native.gather_coded(flat, runs) if request.compiled else \
-            flat[coded_mask(flat.size, runs)]
-        payload = _with_zero_runs(encoder(coded, request), flat.size, runs, scheme.rotation)
+        if scheme.family == "rotated" and request.compiled:  # the kernel reads around the runs
+            coded = encode_rotated(flat, request.header(flat.size - int(runs[:, 1].sum())),
+                                   request.key, request.step, True, runs)
+        else:
+            coded = encoder(native.gather_coded(flat, runs) if request.compiled else
+                            flat[coded_mask(flat.size, runs)], request)
+        payload = _with_zero_runs(coded, flat.size, runs, scheme.rotation)
     else:
         payload = encoder(flat, request)
     payload[AMAX_OFFSET: AMAX_OFFSET + AMAX.size] = np.frombuffer(AMAX.pack(amax), np.uint8)
@@ -241,8 +245,10 @@ def encode_body(flat, request):
                            exc_idx.view(np.uint8), exc_val.view(np.uint8), body])
 
 
-def encode_rotated(flat, header, key, step, use_native=False):
-    """The payload of the rotated scheme for ``flat`` (``header`` without exceptions yet).
+def encode_rotated(flat, header, key, step, use_native=False, runs=None):
+    """The payload of the rotated scheme for ``flat`` (``header`` without exceptions yet); with
+    ``runs`` (scan's zero runs of flat; the compiled kernel only), for flat's elements outside
+    them, which ``header`` counts.
 
     1. Rotate each bucket (rotation.rotate): r = H (d * x), padded to whole buckets, with
        non-finite elements as zeros (they travel as exceptions).
@@ -255,7 +261,7 @@ def encode_rotated(flat, header, key, step, use_native=False):
     they compute identically; the kernel writes the codes straight into the payload.
     """
     exponent = 0
-    payload, norms = _encode_rotated(flat, header, key, step, use_native, exponent)
+    payload, norms = _encode_rotated(flat, header, key, step, use_native, exponent, runs=runs)
     low, high = SAFE_NORMS[flat.dtype]
     largest = float(norms.max()) if norms.size else 0.0
     # (an overflowing rotation makes inf - inf: NaN norms; float64 squares of values below
@@ -263,6 +269,8 @@ def encode_rotated(flat, header, key, step, use_native=False):
     if not largest <= high or 0.0 < largest < low or \
             (largest == 0.0 and np.any((flat != 0) & np.isfinite(flat))):
         # rare: encode x * 2**-e with the largest finite |x| scaled into [0.5, 1)
+        if runs is not None:
+            flat = native.gather_coded(flat, runs)
         finite = flat[np.isfinite(flat)]
         exponent = int(np.frexp(np.abs(finite).max())[1]) if finite.size else 0
         payload, _ = _encode_rotated(np.ldexp(flat, -exponent).astype(flat.dtype), header, key,
@@ -270,10 +278,11 @@ def encode_rotated(flat, header, key, step, use_native=False):
     return payload
 
 
-def _encode_rotated(flat, header, key, step, use_native, exponent, exceptions_of=None):
+def _encode_rotated(flat, header, key, step, use_native, exponent, exceptions_of=None,
+                    runs=None):
     """(payload, norm of each rotated bucket) of encode_rotated for values already scaled by
     2**-exponent; non-finite exceptions are taken from ``exceptions_of`` (the unscaled values)
-    when given."""
+    when given; ``runs``: encode_rotated's (the compiled kernel only)."""
     bucket, bits = header.bucket_size, header.bits
     table = level_table(header.scheme_id, bits)
     codes_size = header.section_sizes()[4]
@@ -282,7 +291,9 @@ def _encode_rotated(flat, header, key, step, use_native, exponent, exceptions_of
     if use_native:
         codes = out[out.size - codes_size:]
         norms, dots, nonfinite = native.encode_rotated(flat, bucket, key_words(key), step, table,
-                                                       bits, codes)
+                                                       bits, codes, runs)
+        if nonfinite and runs is not None:  # (rare) the exceptions' indices count coded elements
+            original = native.gather_coded(original, runs)
         exc_idx, exc_val, _ = _exceptions(original, nonfinite)
     else:
         nonfinite = _has_nonfinite(flat)

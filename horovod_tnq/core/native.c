@@ -1028,16 +1028,21 @@ INLINE double lane_sum(const double *v, int64_t count) {
 }
 
 /* codec.encode_rotated's element loops, one bucket at a time in cache: non-finite elements
- * taken as 0 (and counted: the return value), rotate (signs, then the transform), the bucket's L2 norm (norms[b]), divide by its RMS, round to the nearest level of
- * the unit table, pack, and <table[code], r> (dots[b]), all in quantize.lane_sums' order where
- * they sum. x: n elements, taken as zero-padded to whole buckets (a power of two >= 8). scratch:
+ * taken as 0 (and counted: the return value), rotate (signs, then the transform), the bucket's
+ * L2 norm (norms[b]), divide by its RMS, round to the nearest level of the unit table, pack, and
+ * <table[code], r> (dots[b]), all in quantize.lane_sums' order where they sum. x: the n coded
+ * elements, taken as zero-padded to whole buckets (a power of two >= 8); with run_count > 0,
+ * x's elements outside its runs (run_count (start, length) pairs, ascending and apart: its zero
+ * runs), read around them (encoder.scan's runs, without tnq_gather_coded's copy). scratch:
  * bucket T for the rotated bucket, bucket float, bucket uint32 and bucket doubles; codes: bucket
  * bytes. out holds the packed codes of the padded buckets. */
 #define DEFINE_ENCODE_ROTATED(NAME, T, HADAMARD, FLIP)                                         \
     HOT int64_t NAME(const T *x, int64_t n, int64_t bucket, uint32_t key_lo, uint32_t key_hi,  \
                      uint32_t step, const float *levels, int size, int bits, double *norms,    \
-                     double *dots, void *scratch, uint8_t *codes, uint8_t *out) {              \
+                     double *dots, void *scratch, uint8_t *codes, uint8_t *out,                \
+                     const int64_t *runs, int64_t run_count) {                                 \
         const uint32_t step_word = lowbias32(step ^ key_hi);                                   \
+        int64_t at = 0, run = 0; /* the next element of x to read, the next run to skip */    \
         T *row = (T *)scratch;                                                                 \
         float *v = (float *)(row + bucket);                                                    \
         uint32_t *sign = (uint32_t *)(v + bucket);                                             \
@@ -1048,11 +1053,18 @@ INLINE double lane_sum(const double *v, int64_t count) {
         int64_t nonfinite = 0;                                                                 \
         for (int64_t start = 0, b = 0; start < n; start += bucket, ++b) {                      \
             const int64_t live = n - start < bucket ? n - start : bucket;                      \
-            for (int64_t i = 0; i < live; ++i) {                                               \
-                const T value = x[start + i];                                                  \
-                const int finite = isfinite(value);                                            \
-                nonfinite += !finite;                                                          \
-                row[i] = finite ? value : (T)0;                                                \
+            for (int64_t i = 0; i < live;) {                                                   \
+                const int64_t next = run < run_count ? runs[2 * run] : INT64_MAX;              \
+                const int64_t take = next - at < live - i ? next - at : live - i;              \
+                for (int64_t j = 0; j < take; ++j) {                                           \
+                    const T value = x[at + j];                                                 \
+                    const int finite = isfinite(value);                                        \
+                    nonfinite += !finite;                                                      \
+                    row[i + j] = finite ? value : (T)0;                                        \
+                }                                                                              \
+                i += take;                                                                     \
+                at += take;                                                                    \
+                if (at == next) at += runs[2 * run++ + 1];                                     \
             }                                                                                  \
             memset(row + live, 0, (size_t)(bucket - live) * sizeof(T));                        \
             sign_words(start, bucket, key_lo, step_word, sign);                                \
@@ -1078,6 +1090,48 @@ DEFINE_ENCODE_ROTATED(tnq_encode_rotated_f64, double, hadamard_f64, flip_f64)
 /* A decoded float32 value as float64, times 2**exponent (exact, as numpy's ldexp). */
 INLINE double scaled_value(float value, int exponent) {
     return exponent ? ldexp((double)value, exponent) : (double)value;
+}
+
+/* One bucket of one payload of the rotated scheme decoded, the bucket of coded elements
+ * start..start+live-1 (start a multiple of bucket; packed_size: the payload's packed bytes):
+ * scale * table[code] for the whole bucket, the inverse transform, then the signs of its first
+ * live elements (unless defer_flip: sign holds their words for the caller), in float32 into v32
+ * (single) or in float64 into v, times 2**exponent where it is not 0 (float32: the caller's
+ * scaled_value). Returns the number of codes beyond the table (a corrupted payload). */
+INLINE int64_t decode_rotated_bucket(const uint8_t *packed, int64_t packed_size, int b,
+                                     const double *table, int table_size, const float *levels32,
+                                     double scale, uint32_t key_lo, uint32_t key_hi,
+                                     uint32_t step, int exponent, int64_t start, int64_t live,
+                                     int64_t bucket, int single, int defer_flip, uint32_t *sign,
+                                     uint8_t *codes, float *v32, double *v) {
+    int64_t invalid;
+    sign_words(start, live, key_lo, lowbias32(step ^ key_hi), sign);
+    const uint8_t *from = packed + start / 8 * b;
+    if (single) {
+#ifdef HAVE_AVX512_PATH
+        if (use_avx512() && bucket % 16 == 0)
+            invalid = dequantize_packed_f32_avx512(from, packed + packed_size, bucket, levels32,
+                                                   table_size, b, (float)scale, v32);
+        else
+#endif
+        {
+            (void)levels32;
+            (void)packed_size;
+            unpack_codes(from, bucket, b, codes);
+            invalid = dequantize_f32(codes, bucket, table, table_size, (float)scale, v32);
+        }
+        hadamard_f32(v32, bucket);
+        if (!defer_flip)
+            flip_f32(v32, sign, start, live);
+        return invalid;
+    }
+    unpack_codes(from, bucket, b, codes);
+    invalid = dequantize(codes, bucket, table, table_size, b, scale, v);
+    hadamard_f64(v, bucket);
+    flip_f64(v, sign, start, live);
+    if (exponent)
+        for (int64_t i = 0; i < live; ++i) v[i] = ldexp(v[i], exponent);
+    return invalid;
 }
 
 /* codec.decode_sum for payloads of the rotated scheme: per bucket, each payload's
@@ -1115,39 +1169,15 @@ HOT void tnq_rotated_decode_sum(int payloads, const uint8_t *const *packed, cons
     for (int64_t start = 0, k = 0; start < n; start += bucket, ++k) {
         const int64_t live = n - start < bucket ? n - start : bucket;
         for (int p = 0; p < payloads; ++p) {
-            const int b = bits[p];
-            const int64_t packed_size = (padded * b + 7) / 8;
-            const double *table = tables[p];
             if (fused)
                 sign = signs + p * words;
-            sign_words(start, live, keys_lo[p], lowbias32(steps[p] ^ keys_hi[p]), sign);
-            const uint8_t *from = packed[p] + start / 8 * b;
-            if (single) {
-                v32 = values32 + p * bucket;
-#ifdef HAVE_AVX512_PATH
-                if (use_avx512() && bucket % 16 == 0)
-                    invalid[p] += dequantize_packed_f32_avx512(
-                        from, packed[p] + packed_size, bucket, levels32 + 256 * p,
-                        table_sizes[p], b,
-                        (float)scales[p][k], v32);
-                else
-#endif
-                {
-                    unpack_codes(from, bucket, b, codes);
-                    invalid[p] += dequantize_f32(codes, bucket, table, table_sizes[p],
-                                                 (float)scales[p][k], v32);
-                }
-                hadamard_f32(v32, bucket);
-                if (!fused)
-                    flip_f32(v32, sign, start, live);
+            v32 = values32 + p * bucket;
+            invalid[p] += decode_rotated_bucket(
+                packed[p], (padded * bits[p] + 7) / 8, bits[p], tables[p], table_sizes[p],
+                levels32 + 256 * p, scales[p][k], keys_lo[p], keys_hi[p], steps[p],
+                exponents[p], start, live, bucket, single, fused, sign, codes, v32, v);
+            if (single)
                 continue;
-            }
-            unpack_codes(from, bucket, b, codes);
-            invalid[p] += dequantize(codes, bucket, table, table_sizes[p], b, scales[p][k], v);
-            hadamard_f64(v, bucket);
-            flip_f64(v, sign, start, live);
-            if (exponents[p])
-                for (int64_t i = 0; i < live; ++i) v[i] = ldexp(v[i], exponents[p]);
             if (p == 0)
                 memcpy(acc, v, (size_t)live * sizeof(double));
             else
@@ -1184,6 +1214,101 @@ HOT void tnq_rotated_decode_sum(int payloads, const uint8_t *const *packed, cons
             for (int64_t i = 0; i < live; ++i) out32[start + i] = (float)(acc[i] * factor);
         else
             for (int64_t i = 0; i < live; ++i) out64[start + i] = acc[i] * factor;
+    }
+}
+
+/* tnq_rotated_decode_sum for payloads with zero runs: payload p codes only the coded_numels[p]
+ * elements outside its own runs (runs[p]: run_counts[p] (start, length) pairs, ascending,
+ * disjoint, within n), so the payloads' buckets cover different elements of the tensor. The
+ * tensor is summed a chunk of RUNS_CHUNK elements at a time, in cache: each payload's values
+ * for the chunk (0 inside its runs, its next coded elements outside them, from the one bucket
+ * it holds decoded) set (the first payload) or added to a float64 chunk, in payload order, then
+ * times factor to out32 or out64: the float64 sums, and so the bits, that decoding each payload
+ * alone and adding it around its runs (tnq_spread_sum) gives, without a float64 pass over the
+ * whole tensor per payload. scratch: RUNS_CHUNK doubles, bucket uint32, per payload 256 floats,
+ * bucket doubles and a RunCursor; codes: bucket bytes. */
+#define RUNS_CHUNK 4096
+typedef struct {
+    int64_t run;     /* the first of the payload's runs not yet passed */
+    int64_t coded;   /* its coded elements taken so far */
+    int64_t decoded; /* the bucket held decoded in its values, -1: none */
+} RunCursor;
+
+HOT void tnq_rotated_decode_runs_sum(int payloads, const uint8_t *const *packed,
+                                     const int *bits, const double *const *tables,
+                                     const int *table_sizes, const double *const *scales,
+                                     const uint32_t *keys_lo, const uint32_t *keys_hi,
+                                     const uint32_t *steps, const int *exponents,
+                                     const int64_t *const *runs, const int64_t *run_counts,
+                                     const int64_t *coded_numels, int64_t n, int64_t bucket,
+                                     int single, double factor, float *out32, double *out64,
+                                     int64_t *invalid, void *scratch, uint8_t *codes) {
+    double *acc = (double *)scratch;
+    uint32_t *sign = (uint32_t *)(acc + RUNS_CHUNK);
+    float *levels32 = (float *)(sign + bucket);
+    double *values = (double *)(levels32 + 256 * payloads); /* a bucket per payload */
+    RunCursor *cursors = (RunCursor *)(values + bucket * payloads);
+    for (int p = 0; p < payloads; ++p) {
+        for (int k = 0; k < 256; ++k)
+            levels32[256 * p + k] = k < table_sizes[p] ? (float)tables[p][k] : 0.0f;
+        cursors[p].run = 0;
+        cursors[p].coded = 0;
+        cursors[p].decoded = -1;
+    }
+    for (int64_t chunk = 0; chunk < n; chunk += RUNS_CHUNK) {
+        const int64_t end = n - chunk < RUNS_CHUNK ? n : chunk + RUNS_CHUNK;
+        for (int p = 0; p < payloads; ++p) {
+            RunCursor *c = cursors + p;
+            const int64_t *r = runs[p];
+            const int64_t padded = (coded_numels[p] + bucket - 1) / bucket * bucket;
+            double *v = values + p * bucket;
+            float *v32 = (float *)v;
+            for (int64_t i = chunk; i < end;) {
+                if (c->run < run_counts[p] && i >= r[2 * c->run]) { /* inside a run: zeros */
+                    const int64_t run_end = r[2 * c->run] + r[2 * c->run + 1];
+                    const int64_t stop = run_end < end ? run_end : end;
+                    if (p == 0)
+                        memset(acc + (i - chunk), 0, (size_t)(stop - i) * sizeof(double));
+                    i = stop;
+                    c->run += i == run_end;
+                    continue;
+                }
+                const int64_t next = c->run < run_counts[p] ? r[2 * c->run] : n;
+                const int64_t stop = next < end ? next : end;
+                while (i < stop) { /* coded elements, a bucket of them at a time */
+                    const int64_t k = c->coded / bucket, offset = c->coded - k * bucket;
+                    if (k != c->decoded) {
+                        const int64_t start = k * bucket;
+                        const int64_t live = coded_numels[p] - start < bucket
+                                                 ? coded_numels[p] - start : bucket;
+                        invalid[p] += decode_rotated_bucket(
+                            packed[p], (padded * bits[p] + 7) / 8, bits[p], tables[p],
+                            table_sizes[p], levels32 + 256 * p, scales[p][k], keys_lo[p],
+                            keys_hi[p], steps[p], exponents[p], start, live, bucket, single, 0,
+                            sign, codes, v32, v);
+                        c->decoded = k;
+                    }
+                    const int64_t take = stop - i < bucket - offset ? stop - i : bucket - offset;
+                    double *into = acc + (i - chunk);
+                    if (single && p == 0)
+                        for (int64_t j = 0; j < take; ++j)
+                            into[j] = scaled_value(v32[offset + j], exponents[p]);
+                    else if (single)
+                        for (int64_t j = 0; j < take; ++j)
+                            into[j] += scaled_value(v32[offset + j], exponents[p]);
+                    else if (p == 0)
+                        memcpy(into, v + offset, (size_t)take * sizeof(double));
+                    else
+                        for (int64_t j = 0; j < take; ++j) into[j] += v[offset + j];
+                    i += take;
+                    c->coded += take;
+                }
+            }
+        }
+        if (out32)
+            for (int64_t i = chunk; i < end; ++i) out32[i] = (float)(acc[i - chunk] * factor);
+        else
+            for (int64_t i = chunk; i < end; ++i) out64[i] = acc[i - chunk] * factor;
     }
 }
 

@@ -20,6 +20,8 @@ _i64, _i32, _u32, _f64, _ptr = (ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, c
 # The C signatures of native.c's functions, declared once: name -> (return type, argument types,
 # the argument names as in native.c). A name ending in "_*" is one function per work dtype
 # (_f32: float, _f64: double, with the same signature).
+RUNS_CHUNK = 4096  # native.c's: the elements rotated_decode_runs_sum sums at a time
+
 SIGNATURES = {
     "tnq_bucket_statistic_*": (_i64, [_ptr, _i64, _i64, _i32, _ptr],
                                "x n bucket statistic out"),
@@ -32,14 +34,19 @@ SIGNATURES = {
                        "payloads packed bits tables table_sizes scales offsets n bucket factor "
                        "out32 out64 invalid"),
     "tnq_encode_rotated_*": (_i64, [_ptr, _i64, _i64, _u32, _u32, _u32, _ptr, _i32, _i32, _ptr,
-                                    _ptr, _ptr, _ptr, _ptr],
+                                    _ptr, _ptr, _ptr, _ptr, _ptr, _i64],
                              "x n bucket key_lo key_hi step levels size bits norms dots scratch "
-                             "codes out"),
+                             "codes out runs run_count"),
     "tnq_rotated_decode_sum": (None, [_i32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
                                       _i64, _i64, _i32, _f64, _ptr, _ptr, _ptr, _ptr, _ptr],
                                "payloads packed bits tables table_sizes scales keys_lo keys_hi "
                                "steps exponents n bucket single factor out32 out64 invalid "
                                "scratch codes"),
+    "tnq_rotated_decode_runs_sum": (
+        None, [_i32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
+               _i64, _i64, _i32, _f64, _ptr, _ptr, _ptr, _ptr, _ptr],
+        "payloads packed bits tables table_sizes scales keys_lo keys_hi steps exponents runs "
+        "run_counts coded_numels n bucket single factor out32 out64 invalid scratch codes"),
     "tnq_scan_*": (_i64, [_ptr, _i64, _i64, _ptr, _i64, _ptr], "data n min_run runs capacity amax"),
     "tnq_gather_coded_*": (None, [_ptr, _i64, _ptr, _i64, _ptr], "data n runs count into"),
     "tnq_spread_sum": (None, [_ptr, _i64, _ptr, _i64, _ptr, _i32], "coded n runs count acc first"),
@@ -207,7 +214,8 @@ def decode_sum(payloads, numel, bucket_size, factor, out_dtype, out=None):
     return _decode_sum(payloads, numel, bucket_size, factor, out_dtype, out, rotated=False)
 
 
-def _decode_sum(payloads, numel, bucket_size, factor, out_dtype, out, rotated):
+def _decode_sum(payloads, numel, bucket_size, factor, out_dtype, out, rotated,
+                with_runs=False):
     count = len(payloads)
     keep = []  # the arrays whose addresses the kernel reads
 
@@ -235,20 +243,30 @@ def _decode_sum(payloads, numel, bucket_size, factor, out_dtype, out, rotated):
                  for p in payloads]
         lo, hi, steps = ((ctypes.c_uint32 * count)(*column) for column in zip(*words))
         exponents = (ctypes.c_int * count)(*[p.rotation[2] for p in payloads])
+        arguments = [count, pointers([p.packed.astype(np.uint8, copy=False) for p in payloads]),
+                     bits, pointers(tables), sizes,
+                     pointers([p.scales.astype(np.float64, copy=False) for p in payloads]),
+                     lo, hi, steps, exponents]
+        ending = [numel, bucket_size, int(payloads[0].header.scale_dtype.itemsize == 4),
+                  float(factor), _address(out) if out.dtype == np.float32 else None,
+                  _address(out) if out.dtype == np.float64 else None, _address(invalid)]
+        codes = np.empty(bucket_size, dtype=np.uint8)
+        if with_runs:
+            runs = [_checked_runs(p.zero_runs, numel) for p in payloads]
+            # a chunk of doubles and a bucket of uint32; per payload, 256 float32 levels, a
+            # bucket of doubles and a cursor (3 int64)
+            scratch = np.empty(8 * RUNS_CHUNK + 4 * bucket_size +
+                               (1024 + 8 * bucket_size + 24) * count, dtype=np.uint8)
+            LIBRARY.tnq_rotated_decode_runs_sum(
+                *arguments, pointers(runs), (ctypes.c_int64 * count)(*[len(r) for r in runs]),
+                (ctypes.c_int64 * count)(*[p.header.coded_numel for p in payloads]), *ending,
+                _address(scratch), _address(codes))
+            return out, invalid.tolist()
         # 2 doubles and 1 uint32 per element of a bucket; per payload, 256 float32 levels, a
         # bucket of float32 values and its sign words
         per_payload = 1024 + 4 * bucket_size + 4 * (bucket_size // 32 + 1)
         scratch = np.empty(bucket_size * 20 + per_payload * count, dtype=np.uint8)
-        codes = np.empty(bucket_size, dtype=np.uint8)
-        LIBRARY.tnq_rotated_decode_sum(
-            count, pointers([p.packed.astype(np.uint8, copy=False) for p in payloads]), bits,
-            pointers(tables), sizes, pointers([p.scales.astype(np.float64, copy=False)
-                                               for p in payloads]),
-            lo, hi, steps, exponents, numel, bucket_size,
-            int(payloads[0].header.scale_dtype.itemsize == 4), float(factor),
-            _address(out) if out.dtype == np.float32 else None,
-            _address(out) if out.dtype == np.float64 else None, _address(invalid),
-            _address(scratch), _address(codes))
+        LIBRARY.tnq_rotated_decode_sum(*arguments, *ending, _address(scratch), _address(codes))
         return out, invalid.tolist()
     LIBRARY.tnq_decode_sum(
         count, pointers([p.packed.astype(np.uint8, copy=False) for p in payloads]), bits,
@@ -262,13 +280,16 @@ def _decode_sum(payloads, numel, bucket_size, factor, out_dtype, out, rotated):
     return out, invalid.tolist()
 
 
-def encode_rotated(flat, bucket_size, key_words, step, table, bits, out):
+def encode_rotated(flat, bucket_size, key_words, step, table, bits, out, runs=None):
     """(L2 norm of each rotated bucket, <table[code], rotated> per bucket, number of
     non-finite elements) of encoder.encode_rotated, in one pass that keeps each bucket in cache;
-    non-finite elements are taken as 0 and the packed codes are written into ``out``."""
+    non-finite elements are taken as 0 and the packed codes are written into ``out``. With
+    ``runs`` (scan's, of flat), the elements outside them are coded, read around the runs."""
     flat = np.ascontiguousarray(flat)
     table = np.ascontiguousarray(table, dtype=np.float32)
-    buckets = -(-flat.size // bucket_size)
+    runs = _checked_runs(runs, flat.size)
+    coded = flat.size - int(runs[:, 1].sum())
+    buckets = -(-coded // bucket_size)
     if out.dtype != np.uint8 or out.size != (buckets * bucket_size * bits + 7) // 8 or \
             not out.flags.c_contiguous:
         raise ValueError("out must hold exactly the packed codes of the padded buckets")
@@ -278,12 +299,20 @@ def encode_rotated(flat, bucket_size, key_words, step, table, bits, out):
     codes = np.empty(bucket_size, dtype=np.uint8)
     lo, hi = key_words
     nonfinite = getattr(LIBRARY, f"tnq_encode_rotated_{_suffix(flat.dtype)}")(
-        _address(flat), flat.size, bucket_size, lo, hi, int(step) & 0xFFFFFFFF,
+        _address(flat), coded, bucket_size, lo, hi, int(step) & 0xFFFFFFFF,
         _address(table), table.size, bits, _address(norms), _address(dots), _address(scratch),
-        _address(codes), _address(out))
+        _address(codes), _address(out), _address(runs) if runs.size else None, len(runs))
     return norms, dots, int(nonfinite)
 
 
 def rotated_decode_sum(payloads, numel, bucket_size, factor, out_dtype, out=None):
     """decode_sum for payloads of the rotated scheme (payload.Sections with ``rotation`` set)."""
     return _decode_sum(payloads, numel, bucket_size, factor, out_dtype, out, rotated=True)
+
+
+def rotated_decode_runs_sum(payloads, numel, bucket_size, factor, out_dtype, out=None):
+    """rotated_decode_sum for payloads of ``numel`` elements of which each codes those outside
+    its own ``zero_runs`` (None: none): the sum each decoded alone and added around its runs
+    (spread_sum) would give, in one pass over the tensor that keeps its work in cache."""
+    return _decode_sum(payloads, numel, bucket_size, factor, out_dtype, out, rotated=True,
+                       with_runs=True)

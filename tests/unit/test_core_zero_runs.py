@@ -235,3 +235,82 @@ def test_gpu_codec_makes_the_cores_zero_run_payloads():
         assert count == 1
         assert np.array_equal(total.cpu().numpy(), core.decode_sum(expected, expect, 1.0,
                                                                   np.float32)[0])
+
+
+def finite(values, dtype):
+    """values as dtype, clipped into its finite range (non-finite ones take another path)."""
+    top = float(np.finfo(dtype).max)
+    return np.clip(values, -top, top).astype(dtype)
+
+
+def runs_tensor(rng, n, dtype, scale=1.0):
+    """n elements with zero runs of every kind the summed decoder walks: at the start and the
+    end, longer than its chunk (native.RUNS_CHUNK), across chunk boundaries, one element apart,
+    and short zeros that are coded."""
+    flat = finite(rng.standard_normal(n) * scale, dtype)
+    chunk = native.RUNS_CHUNK
+    for start, length in ((0, RUN + int(rng.integers(0, 40))), (n - RUN - 3, RUN + 3),
+                          (chunk - 50, 120), (2 * chunk + 7, chunk + 300)):
+        flat[max(start, 0): start + length] = 0
+    for _ in range(int(rng.integers(0, 30))):
+        start = int(rng.integers(0, n - 4 * RUN))
+        flat[start: start + int(rng.integers(1, 4 * RUN))] = 0
+    return flat
+
+
+@pytest.mark.parametrize("avx512", [True, False])
+@pytest.mark.parametrize("dtype,scale,bucket", [
+    (np.float32, 1.0, 128), (np.float32, 1.0, 8), (np.float64, 1.0, 64),
+    (np.float16, 1.0, 256), (np.float16, 2e4, 512),  # near float16's top: an overflow rule
+    (np.float32, 2.0 ** 110, 128),  # norms beyond SAFE_NORMS: payloads scaled by 2^-e
+])
+def test_summed_decoder_with_runs_matches_the_reference(avx512, dtype, scale, bucket):
+    """tnq-rht payloads with zero runs summed in one cached pass (native.c's
+    tnq_rotated_decode_runs_sum) give the numpy reference's bits, into a fresh array or out=,
+    for ranks whose runs differ, one rank without runs and one with nothing but zeros."""
+    rng = np.random.default_rng(bucket + int(np.log2(scale)))
+    n = 3 * native.RUNS_CHUNK + 1001
+    grads = [runs_tensor(rng, n, dtype, scale) for _ in range(3)]
+    grads += [finite(rng.standard_normal(n) * scale, dtype), np.zeros(n, dtype)]
+    options = dict(scheme="tnq-rht", bits=3, bucket_size=bucket)
+    payloads = [core.encode(g, key=core.stream_key(2, rank, "w"), step=rank, **options)
+                for rank, g in enumerate(grads)]
+    assert [core.read_header(p).zero_runs > 0 for p in payloads] == [True] * 3 + [False, True]
+    for rank, (g, p) in enumerate(zip(grads, payloads)):  # encoded around the runs, no copy
+        assert np.array_equal(p, core.encode(g, key=core.stream_key(2, rank, "w"), step=rank,
+                                             reference=True, **options))
+    expect = core.PayloadHeader.describe("tnq-rht", 3, np.dtype(dtype).name, n, bucket, (n,))
+    for count in (1, 2, 5):
+        buf = np.concatenate(payloads[:count])
+        for out_dtype in (np.float32, np.float64):
+            reference, _ = core.decode_sum(buf, expect, 1 / 3, out_dtype, reference=True)
+            try:
+                native.set_vector_path(avx512)
+                summed, _ = core.decode_sum(buf, expect, 1 / 3, out_dtype)
+                out = np.full(n, np.nan, out_dtype)
+                into, _ = core.decode_sum(buf, expect, 1 / 3, out_dtype, out=out)
+            finally:
+                native.set_vector_path(True)
+            assert summed.tobytes() == reference.tobytes(), (count, out_dtype)
+            assert into is out and out.tobytes() == reference.tobytes()
+    zeros_everywhere = np.all([g == 0 for g in grads[:3]], axis=0)
+    assert np.all(core.decode_sum(np.concatenate(payloads[:3]), expect, 1.0)[0][zeros_everywhere]
+                  == 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rotated_encoder_reads_around_runs_beside_non_finite_elements(dtype):
+    # non-finite elements travel as exceptions indexed among the coded elements: the kernel
+    # that reads around the runs gives the reference's payload, and they decode in place
+    rng = np.random.default_rng(4)
+    flat = runs_tensor(rng, 3 * native.RUNS_CHUNK, dtype)
+    mask = codec.coded_mask(flat.size, codec.scan(flat)[0])
+    coded = np.flatnonzero(mask)
+    flat[coded[[5, 700, -1]]] = [np.inf, np.nan, -np.inf]
+    options = dict(scheme="tnq-rht", bits=2, bucket_size=256, key=7, step=1)
+    payload = core.encode(flat, **options)
+    assert np.array_equal(payload, core.encode(flat, reference=True, **options))
+    assert core.read_header(payload).num_exceptions == 3
+    values = core.decode(payload)[0]
+    assert np.array_equal(values[coded[[5, -1]]], [np.inf, -np.inf])
+    assert np.isnan(values[coded[700]]) and np.all(values[~mask] == 0)
