@@ -1320,6 +1320,7 @@ HOT void tnq_rotated_decode_runs_sum(int payloads, const uint8_t *const *packed,
  * and a max the compiler vectorizes; only blocks holding a zero are walked one by one. Bits are
  * compared with the sign masked off (finite non-negative floats order as their bits). */
 #define ZERO_SCAN 64
+#define ZERO_STRIDE 16 /* elements a run grows by while it goes on (then one by one) */
 #define DEFINE_SCAN(NAME, T, U, MASK, INF)                                                     \
     HOT int64_t NAME(const void *data, int64_t n, int64_t min_run, int64_t *runs,              \
                      int64_t capacity, double *amax) {                                         \
@@ -1355,6 +1356,13 @@ HOT void tnq_rotated_decode_runs_sum(int payloads, const uint8_t *const *packed,
                 }                                                                              \
                 int64_t start = w, after = w + window;                                         \
                 while (start > 0 && (u[start - 1] & (MASK)) == 0) start--;                     \
+                while (after + ZERO_STRIDE <= n) { /* long runs: a vector at a time */          \
+                    U ahead = 0;                                                               \
+                    for (int64_t k = after; k < after + ZERO_STRIDE; k++)                      \
+                        ahead |= u[k] & (MASK);                                                \
+                    if (ahead != 0) break;                                                     \
+                    after += ZERO_STRIDE;                                                      \
+                }                                                                              \
                 while (after < n && (u[after] & (MASK)) == 0) after++;                         \
                 if (after - start >= min_run) {                                                \
                     if (count < capacity) {                                                    \
