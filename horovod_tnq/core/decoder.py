@@ -193,7 +193,8 @@ def decode_sum(buf, expect, factor=1.0, out_dtype=np.float64, reference=False, o
     use_native = native.LIBRARY is not None and not reference and \
         SCHEMES_BY_ID[expect.scheme_id].body is None
     # Non-finite exceptions are rare (an overflowing step): the reference handles them. Payloads
-    # with zero runs are decoded one by one and added around their runs.
+    # with zero runs: the rotated scheme's summed a chunk at a time, each payload around its own
+    # runs; the others' decoded one by one and added around their runs.
     if use_native and not any(p.exception_indices.size or p.zero_runs is not None
                               for p in payloads):
         total, invalid = _native_decode_sum(payloads, expect.numel, factor, out_dtype, out)

@@ -283,6 +283,7 @@ def _encode_rotated(flat, header, key, step, use_native, exponent, exceptions_of
     """(payload, norm of each rotated bucket) of encode_rotated for values already scaled by
     2**-exponent; non-finite exceptions are taken from ``exceptions_of`` (the unscaled values)
     when given; ``runs``: encode_rotated's (the compiled kernel only)."""
+    assert runs is None or use_native, "only the compiled kernel reads around zero runs"
     bucket, bits = header.bucket_size, header.bits
     table = level_table(header.scheme_id, bits)
     codes_size = header.section_sizes()[4]

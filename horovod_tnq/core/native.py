@@ -253,6 +253,9 @@ def _decode_sum(payloads, numel, bucket_size, factor, out_dtype, out, rotated,
         codes = np.empty(bucket_size, dtype=np.uint8)
         if with_runs:
             runs = [_checked_runs(p.zero_runs, numel) for p in payloads]
+            if any(p.header.coded_numel != numel - int(r[:, 1].sum())
+                   for p, r in zip(payloads, runs)):
+                raise ValueError("each payload must code the elements outside its runs")
             # a chunk of doubles and a bucket of uint32; per payload, 256 float32 levels, a
             # bucket of doubles and a cursor (3 int64)
             scratch = np.empty(8 * RUNS_CHUNK + 4 * bucket_size +

@@ -54,3 +54,10 @@ def test_the_library_uses_the_table():
         name = pattern[:-1] + "f32" if pattern.endswith("_*") else pattern
         function = getattr(native.LIBRARY, name)
         assert (list(function.argtypes), function.restype) == (list(argtypes), restype)
+
+
+def test_shared_constants_match_native_c():
+    # native.py sizes the kernels' scratch from these: a different value in native.c would
+    # overrun it
+    value = re.search(r"#define RUNS_CHUNK (\d+)", SOURCE)
+    assert value is not None and int(value.group(1)) == native.RUNS_CHUNK

@@ -250,7 +250,8 @@ def runs_tensor(rng, n, dtype, scale=1.0):
     flat = finite(rng.standard_normal(n) * scale, dtype)
     chunk = native.RUNS_CHUNK
     for start, length in ((0, RUN + int(rng.integers(0, 40))), (n - RUN - 3, RUN + 3),
-                          (chunk - 50, 120), (2 * chunk + 7, chunk + 300)):
+                          (chunk - 50, 120), (2 * chunk + 7, chunk + 300),
+                          (4 * chunk - RUN - 5, RUN + 5)):  # (ends where a chunk does)
         flat[max(start, 0): start + length] = 0
     for _ in range(int(rng.integers(0, 30))):
         start = int(rng.integers(0, n - 4 * RUN))
@@ -260,7 +261,8 @@ def runs_tensor(rng, n, dtype, scale=1.0):
 
 @pytest.mark.parametrize("avx512", [True, False])
 @pytest.mark.parametrize("dtype,scale,bucket", [
-    (np.float32, 1.0, 128), (np.float32, 1.0, 8), (np.float64, 1.0, 64),
+    (np.float32, 1.0, 128), (np.float32, 1.0, 8), (np.float32, 1.0, 16), (np.float64, 1.0, 64),
+    (np.float64, 2.0 ** 600, 32),  # float64 beyond SAFE_NORMS
     (np.float16, 1.0, 256), (np.float16, 2e4, 512),  # near float16's top: an overflow rule
     (np.float32, 2.0 ** 110, 128),  # norms beyond SAFE_NORMS: payloads scaled by 2^-e
 ])
@@ -269,7 +271,7 @@ def test_summed_decoder_with_runs_matches_the_reference(avx512, dtype, scale, bu
     tnq_rotated_decode_runs_sum) give the numpy reference's bits, into a fresh array or out=,
     for ranks whose runs differ, one rank without runs and one with nothing but zeros."""
     rng = np.random.default_rng(bucket + int(np.log2(scale)))
-    n = 3 * native.RUNS_CHUNK + 1001
+    n = 4 * native.RUNS_CHUNK + 1001
     grads = [runs_tensor(rng, n, dtype, scale) for _ in range(3)]
     grads += [finite(rng.standard_normal(n) * scale, dtype), np.zeros(n, dtype)]
     options = dict(scheme="tnq-rht", bits=3, bucket_size=bucket)
