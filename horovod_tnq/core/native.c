@@ -1092,6 +1092,15 @@ INLINE double scaled_value(float value, int exponent) {
     return exponent ? ldexp((double)value, exponent) : (double)value;
 }
 
+/* Each payload's level table as 256 float32 levels (levels32 + 256 * p; zeros past its size),
+ * for the float32 dequantizers. */
+INLINE void float_levels(int payloads, const double *const *tables, const int *table_sizes,
+                         float *levels32) {
+    for (int p = 0; p < payloads; ++p)
+        for (int k = 0; k < 256; ++k)
+            levels32[256 * p + k] = k < table_sizes[p] ? (float)tables[p][k] : 0.0f;
+}
+
 /* One bucket of one payload of the rotated scheme decoded, the bucket of coded elements
  * start..start+live-1 (start a multiple of bucket; packed_size: the payload's packed bytes):
  * scale * table[code] for the whole bucket, the inverse transform, then the signs of its first
@@ -1162,9 +1171,7 @@ HOT void tnq_rotated_decode_sum(int payloads, const uint8_t *const *packed, cons
 #else
     const int fused = 0;
 #endif
-    for (int p = 0; p < payloads; ++p)
-        for (int k = 0; k < 256; ++k)
-            levels32[256 * p + k] = k < table_sizes[p] ? (float)tables[p][k] : 0.0f;
+    float_levels(payloads, tables, table_sizes, levels32);
     const int64_t padded = (n + bucket - 1) / bucket * bucket;
     for (int64_t start = 0, k = 0; start < n; start += bucket, ++k) {
         const int64_t live = n - start < bucket ? n - start : bucket;
@@ -1248,9 +1255,8 @@ HOT void tnq_rotated_decode_runs_sum(int payloads, const uint8_t *const *packed,
     float *levels32 = (float *)(sign + bucket);
     double *values = (double *)(levels32 + 256 * payloads); /* a bucket per payload */
     RunCursor *cursors = (RunCursor *)(values + bucket * payloads);
+    float_levels(payloads, tables, table_sizes, levels32);
     for (int p = 0; p < payloads; ++p) {
-        for (int k = 0; k < 256; ++k)
-            levels32[256 * p + k] = k < table_sizes[p] ? (float)tables[p][k] : 0.0f;
         cursors[p].run = 0;
         cursors[p].coded = 0;
         cursors[p].decoded = -1;

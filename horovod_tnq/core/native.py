@@ -17,11 +17,11 @@ STATISTIC_CODES = {"mean_abs": 0, "l2": 1, "max_abs": 2}
 _i64, _i32, _u32, _f64, _ptr = (ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_double,
                                  ctypes.c_void_p)
 
+RUNS_CHUNK = 4096  # native.c's: the elements rotated_decode_runs_sum sums at a time
+
 # The C signatures of native.c's functions, declared once: name -> (return type, argument types,
 # the argument names as in native.c). A name ending in "_*" is one function per work dtype
 # (_f32: float, _f64: double, with the same signature).
-RUNS_CHUNK = 4096  # native.c's: the elements rotated_decode_runs_sum sums at a time
-
 SIGNATURES = {
     "tnq_bucket_statistic_*": (_i64, [_ptr, _i64, _i64, _i32, _ptr],
                                "x n bucket statistic out"),
