@@ -61,3 +61,20 @@ def test_eager_tensorflow_allreduce_matches_uncompressed_under_join(tmp_path):
             assert record[exchange]["error"] < 0.03, (record["step"], exchange, record)
             assert {r["direct"][index][exchange]["digest"] for r in active} == \
                 {record[exchange]["digest"]}, (record["step"], exchange)
+
+
+def test_join_with_the_response_cache_on_fails_instead_of_a_wrong_gradient(tmp_path):
+    """Horovod 0.28.1 answers a collective it has cached with the joined ranks' zeros instead of
+    refusing it (docs/limits.md). The active rank's next compressed allreduce then raises, never
+    returning a gradient: ours names join and HOROVOD_CACHE_CAPACITY=0 where the probe sees the
+    join first; Horovod's own error where its joined rank fails first (its background loop or
+    its join handle, which is given the cached allgather's output; uncompressed allgathers
+    alike). Both ranks' joins end, with or without an error: no hang."""
+    active, joined = run_workers("join_cache_torch.py", 2, tmp_path, timeout=600)
+    raised = active["after_join"]
+    assert raised["raised"] in ("RuntimeError", "HorovodInternalError"), raised
+    if raised["raised"] == "RuntimeError":
+        assert "hvd.join()" in raised["message"], raised
+        assert "rank(s) [1] have joined" in raised["message"], raised
+        assert "HOROVOD_CACHE_CAPACITY=0" in raised["message"], raised
+    assert "after_join" not in joined  # the joined rank made no call after its join
