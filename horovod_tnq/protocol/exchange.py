@@ -454,6 +454,28 @@ _PARTLY_REFUSED = ("Horovod refused some of the allgathers of {!r} because a ran
                    "(hvd.join()), and ran others: its parts cannot be summed")
 
 
+def residual_slots(config, numel, size, rank, hosts, base_name):
+    """Where in a tensor of ``numel`` elements each error-feedback residual slot of its
+    exchange (named as the driver names its payloads, under ``base_name``) lies on this rank
+    (``rank`` of ``size``; ``hosts`` as plan.plan's): [(slot, role, start, stop)]. ``role``
+    tells what the residual is of: "" this rank's own gradient (a part or chunk), REDUCED (and
+    its stages) the sum of the chunk this rank owns in a reduce-scatter. A layout that changes
+    (DDP's rebuilt buckets) moves residuals from one slot to another of the same role."""
+    kind, bounds, parts = plan(config, numel, size, hosts)
+    if kind == "hierarchical":  # the slice this rank exchanges between hosts
+        start, stop = bounds[hosts.local_index]
+        inner = residual_slots(cross_config(config, hosts), stop - start, hosts.cross_size,
+                               hosts.cross.rank(), None, base_name + parts[0])
+        return [(slot, role, start + a, start + b) for slot, role, a, b in inner]
+    slots = [(base_name + part, "", a, b) for part, (a, b) in zip(parts, bounds)]
+    if kind == "reduce-scatter":
+        start, stop = bounds[rank]
+        for stage in range(len(second_round_configs(config, size))):
+            role = REDUCED + (f"{STAGE}{stage}" if stage else "")
+            slots.append((base_name + role, role, start, stop))
+    return slots
+
+
 class _Layout:
     """One flat exchange's payloads: ``bounds`` and name ``parts`` (plan.plan), its settings,
     process set and its ``size``, its collectives' base ``name``; ``suffix`` goes between the

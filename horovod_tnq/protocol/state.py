@@ -186,6 +186,17 @@ class CompressorState(LockedState):
             spent["delta"] += more["delta"]
         return spent
 
+    def residual(self, slot):
+        """The error-feedback residual of payload ``slot``, or None."""
+        with self._lock:
+            return self.residuals.get(slot)
+
+    def set_residual(self, slot, residual):
+        """Give payload ``slot`` the residual ``residual`` (flat numpy, its payload's length and
+        dtype): where a residual moved to another slot (DDP's rebuilt buckets)."""
+        with self._lock:
+            self.residuals[slot] = residual
+
     def forget_residuals(self, name):
         """Forget the error-feedback residuals of every payload of tensor ``name`` (its parts,
         chunks and stages: ``name`` and ``name#...``), where its layout changed (DDP rebuilds

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from .. import core
 from ..protocol import (CompressorBase, Hosts, check_settings_agree, local_bounds,
                         settings_buffer)
-from ..protocol.exchange import Exchange, Job, run_to_end
+from ..protocol.exchange import Exchange, Job, residual_slots, run_to_end
 from ..protocol.hosts import hosts_of_job
 from ..protocol.settings import SETTINGS_BYTES
 from .codecs import DTYPE_NAMES, codec_for
@@ -105,11 +105,12 @@ class TNQHookState(CompressorBase):
         self._layouts = {}  # bucket index -> (parameter shapes, parameter ids)
         self._hosts = None  # plan.Hosts of the hierarchical exchange (first hook call), or None
         self._names = {}  # id(parameter) -> (its name, the parameter): name_parameters()
+        self._moved = {}  # residuals by parameter, between DDP's layouts (_segments)
 
     def __getstate__(self):
         state = self.__dict__.copy()
         for name in ("process_group", "_lock", "_in_flight", "_agreed", "_layouts", "_hosts",
-                     "_names"):
+                     "_names", "_moved"):
             state.pop(name)
         state["_saved_layouts"] = self._layout_shapes()  # (parameter ids are this process's)
         return state
@@ -172,7 +173,7 @@ class TNQHookState(CompressorBase):
         with self._lock:
             self._in_flight = []
             self._agreed = False
-            self._layouts, self._saved_layouts = {}, {}
+            self._layouts, self._saved_layouts, self._moved = {}, {}, {}
 
     # -- what the hook asks of its state ------------------------------------------------------
 
@@ -192,32 +193,91 @@ class TNQHookState(CompressorBase):
             self._hosts = hosts_of_job(_Nodes(), _gather_places, Hosts, dynamic=True)
         self._agreed = True
 
-    def _segments(self, bucket, name):
+    def _segments(self, bucket, name, group):
         """The bucket cut where its parameters' settings differ (``overrides``, matched against
         the names name_parameters() gave): [(start, stop, config or None for uncompressed,
-        payload name)], one (0, numel, config, ``name``) without overrides. Residuals are kept
-        per segment: where DDP lays the bucket out anew (it rebuilds its buckets after its
-        first step; a checkpoint of another layout), they no longer line up with its gradient
-        and are dropped."""
+        payload name)], one (0, numel, config, ``name``) without overrides.
+
+        Residuals are kept per segment. DDP lays its buckets out anew once (after its first
+        step, unless find_unused_parameters): the first bucket seen with other parameters cuts
+        every residual of the old layout by parameter, and each bucket of the new one takes
+        its parameters' pieces (_move_residuals). Where a checkpoint was saved with another
+        layout, its residuals no longer line up and are dropped, with a warning."""
         parameters = bucket.parameters()
         shapes = tuple(tuple(p.shape) for p in parameters)
         ids = tuple(id(p) for p in parameters)
         index = bucket.index()
+        place = group.rank(), group.size()
         with self._lock:
             known = self._layouts.get(index)
             if known is not None and known[1] == ids:
+                self._moved = {}  # a step in the layout: what moved has found its buckets
                 return known[2]
+            if known is not None:  # DDP's new layout: every bucket at once
+                self._moved = self._residuals_by_parameter(*place)
+                self._layouts = {}
             segments = self._cut(parameters, name)
             self._layouts[index] = (shapes, ids, segments)
             saved = self._saved_layouts.pop(index, None)
-        if known is not None:
-            self._forget(known[2] + segments)
-        elif saved is not None and saved != shapes:
+            if self._moved:
+                self._forget(segments)  # (a checkpoint's, of this index in another layout)
+                self._move_residuals(shapes, ids, segments, *place)
+                return segments
+        if saved is not None and saved != shapes:
             if self._forget(segments):
                 warnings.warn(f"horovod_tnq DDP hook: bucket {index} holds other parameters "
                               "than when its state was saved; its error-feedback residuals "
                               "start afresh", stacklevel=3)
         return segments
+
+    def _residuals_by_parameter(self, rank, size):
+        """Every residual of the layouts seen so far cut by parameter, their slots forgotten:
+        {(id(parameter), role): the parameter's flat residual of that role (exchange.
+        residual_slots), zeros where no slot of this rank covered it}."""
+        moved = {}
+        for shapes, ids, segments in self._layouts.values():
+            offsets = _offsets(shapes)
+            for start, stop, config, name in segments:
+                for slot, role, begin, end in self._slots(config, start, stop, name, rank, size):
+                    residual = self.state.residual(slot)
+                    if residual is None:
+                        continue
+                    for k, (low, high) in _overlaps(offsets, start + begin, start + end):
+                        piece = moved.get((ids[k], role))
+                        if piece is None:
+                            piece = moved[ids[k], role] = np.zeros(
+                                offsets[k + 1] - offsets[k], residual.dtype)
+                        piece[low - offsets[k]:high - offsets[k]] = \
+                            residual[low - start - begin:high - start - begin]
+                self.state.forget_residuals(name)
+        return moved
+
+    def _move_residuals(self, shapes, ids, segments, rank, size):
+        """The residuals of a bucket of DDP's new layout, from its parameters' pieces in
+        ``_moved`` (a slot none of whose parameters had one keeps none)."""
+        offsets = _offsets(shapes)
+        for start, stop, config, name in segments:
+            for slot, role, begin, end in self._slots(config, start, stop, name, rank, size):
+                pieces = [(k, low, high) for k, (low, high) in
+                          _overlaps(offsets, start + begin, start + end)
+                          if (ids[k], role) in self._moved]
+                if not pieces:
+                    continue
+                dtype = self._moved[ids[pieces[0][0]], role].dtype
+                residual = np.zeros(end - begin, dtype)
+                for k, low, high in pieces:
+                    residual[low - start - begin:high - start - begin] = \
+                        self._moved[ids[k], role][low - offsets[k]:high - offsets[k]]
+                self.state.set_residual(slot, residual)
+        for key in [key for key in self._moved if key[0] in ids]:
+            del self._moved[key]
+
+    def _slots(self, config, start, stop, name, rank, size):
+        """exchange.residual_slots of a segment that _reduce compresses with error feedback
+        (offsets within the segment), else none."""
+        if config is None or not config.error_feedback or stop - start < config.min_numel:
+            return []
+        return residual_slots(config, stop - start, size, rank, self._hosts, name)
 
     def _cut(self, parameters, name):
         if not self.settings.rules:
@@ -250,6 +310,19 @@ class TNQHookState(CompressorBase):
         return any(forgotten)
 
 
+def _offsets(shapes):
+    """Where each parameter of a bucket starts in its flat buffer, and where the last ends."""
+    return np.cumsum([0] + [int(np.prod(shape)) for shape in shapes]).tolist()
+
+
+def _overlaps(offsets, begin, end):
+    """(k, (low, high)) for each parameter k whose range in the bucket meets [begin, end)."""
+    for k in range(len(offsets) - 1):
+        low, high = max(begin, offsets[k]), min(end, offsets[k + 1])
+        if low < high:
+            yield k, (low, high)
+
+
 def tnq_hook(state: TNQHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: ``bucket``'s gradients averaged over ``state``'s process group,
     each rank's sent as TNQ payloads (see the module docstring and TNQHookState). Register it
@@ -263,7 +336,7 @@ def tnq_hook(state: TNQHookState, bucket: dist.GradBucket) -> torch.futures.Futu
     name = BUCKET_NAME.format(bucket.index())
     if tensor.dtype not in DTYPE_NAMES:
         return _passthrough(state, tensor, name, group)
-    segments = state._segments(bucket, name)
+    segments = state._segments(bucket, name, group)
     if len(segments) == 1:
         return _reduce(state, tensor, segments[0][2], name, group)
     flat = tensor.view(-1)

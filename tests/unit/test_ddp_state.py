@@ -1,6 +1,7 @@
 """TNQHookState (horovod_tnq.torch.ddp) on its own, without a process group: settings checked
-as TNQCompressor's, picklable like PyTorch's PowerSGDState, checkpoints, and residuals dropped
-where DDP lays a bucket out anew. tests/horovodrun/test_ddp_hook.py runs the hook itself."""
+as TNQCompressor's, picklable like PyTorch's PowerSGDState, checkpoints, and residuals moved
+by parameter where DDP lays its buckets out anew. tests/horovodrun/test_ddp_hook.py runs the
+hook itself."""
 
 import pickle
 import warnings
@@ -10,6 +11,18 @@ import pytest
 import torch
 
 from horovod_tnq.torch.ddp import TNQHookState, _when_all, average_scale
+
+
+class OneRank:
+    """What the hook's layout check reads of a process group."""
+
+    @staticmethod
+    def rank():
+        return 0
+
+    @staticmethod
+    def size():
+        return 1
 
 
 class Bucket:
@@ -43,37 +56,54 @@ def test_overrides_cut_buckets_into_segments_of_one_setting():
              ("layer2.weight", w2)]
     overrides = {"embed.*": {"bits": 8}, "norm.*": None}
     state = TNQHookState(bits=2, overrides=overrides, named_parameters=named)
-    segments = state._segments(Bucket(3, [embed, w1, norm, w2]), "ddp.bucket3")
+    segments = state._segments(Bucket(3, [embed, w1, norm, w2]), "ddp.bucket3", OneRank)
     assert [(start, stop, None if config is None else config.bits, name)
             for start, stop, config, name in segments] == [
         (0, 40, 8, "ddp.bucket3.0"), (40, 56, 2, "ddp.bucket3.1"),
         (56, 60, None, "ddp.bucket3.2"), (60, 68, 2, "ddp.bucket3.3")]
     # neighbours of one setting are one segment; a bucket of one setting keeps the bucket's name
-    segments = state._segments(Bucket(4, [w1, w2]), "ddp.bucket4")
+    segments = state._segments(Bucket(4, [w1, w2]), "ddp.bucket4", OneRank)
     assert [(start, stop, config.bits, name) for start, stop, config, name in segments] == [
         (0, 24, 2, "ddp.bucket4")]
     # DDP's buckets carry no names: overrides without them are refused, naming the fix
     nameless = TNQHookState(bits=2, overrides=overrides)
     with pytest.raises(ValueError, match="named_parameters=model.named_parameters()"):
-        nameless._segments(Bucket(0, [embed]), "ddp.bucket0")
+        nameless._segments(Bucket(0, [embed]), "ddp.bucket0", OneRank)
     nameless.name_parameters(named)
-    assert nameless._segments(Bucket(0, [embed]), "ddp.bucket0")[0][2].bits == 8
+    assert nameless._segments(Bucket(0, [embed]), "ddp.bucket0", OneRank)[0][2].bits == 8
     # a pattern that matches no parameter warns once (a typo would silently change nothing)
     with pytest.warns(UserWarning, match="match no tensor name"):
         TNQHookState(bits=2, overrides={"encoder.*": None}, named_parameters=named)._segments(
-            Bucket(0, [w1]), "ddp.bucket0")
+            Bucket(0, [w1]), "ddp.bucket0", OneRank)
 
 
-def test_residuals_of_segments_are_dropped_with_their_layout():
-    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
-    state = TNQHookState(bits=2, error_feedback=1.0, overrides={"b": {"bits": 4}},
-                         named_parameters=[("a", a), ("b", b)])
-    for slot in ("ddp.bucket1.0", "ddp.bucket1.1#reduced", "ddp.bucket0"):
-        state.state.residuals[slot] = np.zeros(3, np.float32)
-    state._segments(Bucket(1, [a, b]), "ddp.bucket1")
-    assert len(state.state.residuals) == 3
-    state._segments(Bucket(1, [b, a]), "ddp.bucket1")
-    assert sorted(state.state.residuals) == ["ddp.bucket0"]
+def test_residuals_move_with_their_parameters_to_a_new_layout():
+    """DDP's rebuilt buckets: residuals cut by parameter into the new layout's segments
+    (tests/unit/test_ddp_residual_move.py runs it under DDP)."""
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    c = torch.nn.Parameter(torch.zeros(4))
+    state = TNQHookState(bits=2, error_feedback=1.0, min_numel=1, overrides={"b": {"bits": 4}},
+                         named_parameters=[("a", a), ("b", b), ("c", c)])
+    old = {"ddp.bucket1.0": np.arange(3, dtype=np.float32),  # a
+           "ddp.bucket1.1#reduced": np.ones(2, np.float32),  # no slot of one rank's plan
+           "ddp.bucket0": np.arange(10, 14, dtype=np.float32),  # c
+           "ddp.bucket10": np.ones(5, np.float32)}  # a bucket not seen: not "ddp.bucket1"'s
+    state.state.residuals.update(old)
+    state._segments(Bucket(0, [c]), "ddp.bucket0", OneRank)
+    state._segments(Bucket(1, [a, b]), "ddp.bucket1", OneRank)
+    assert len(state.state.residuals) == 4  # the same layout: nothing moves
+    # the new layout: bucket 0 holds b and a (two settings), bucket 1 holds c
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # DDP's own rebuild is expected: no warning
+        segments = state._segments(Bucket(0, [b, a]), "ddp.bucket0", OneRank)
+    assert [name for *_, name in segments] == ["ddp.bucket0.0", "ddp.bucket0.1"]
+    assert sorted(state.state.residuals) == ["ddp.bucket0.1", "ddp.bucket10"]  # b had none
+    assert np.array_equal(state.state.residuals["ddp.bucket0.1"], old["ddp.bucket1.0"])
+    state._segments(Bucket(1, [c]), "ddp.bucket1", OneRank)
+    assert np.array_equal(state.state.residuals["ddp.bucket1"], old["ddp.bucket0"])
+    # the next step in that layout: nothing left to move
+    state._segments(Bucket(0, [b, a]), "ddp.bucket0", OneRank)
+    assert state._moved == {}
 
 
 def test_average_scale_is_the_horovod_probes():
@@ -86,7 +116,7 @@ def test_pickles_without_its_process_group():
     state.state.next_step("ddp.bucket0")
     state.state.residuals["ddp.bucket0"] = np.ones(5, np.float32)
     weight = torch.nn.Parameter(torch.zeros(5))
-    state._segments(Bucket(0, [weight]), "ddp.bucket0")
+    state._segments(Bucket(0, [weight]), "ddp.bucket0", OneRank)
     copy = pickle.loads(pickle.dumps(state))
     assert copy.process_group is None and not copy.overlap
     assert copy.config == state.config and copy.state.steps == {"ddp.bucket0": 1}
@@ -98,7 +128,7 @@ def test_state_dict_round_trip():
     state = TNQHookState(bits=2, error_feedback=1.0)
     state.state.next_step("ddp.bucket0")
     state.state.residuals["ddp.bucket0"] = np.arange(4, dtype=np.float32)
-    state._segments(Bucket(0, [torch.nn.Parameter(torch.zeros(2, 2))]), "ddp.bucket0")
+    state._segments(Bucket(0, [torch.nn.Parameter(torch.zeros(2, 2))]), "ddp.bucket0", OneRank)
     saved = state.state_dict()
     assert torch.is_tensor(saved["residuals"]["ddp.bucket0"])
     assert saved["ddp_layouts"] == {0: [[2, 2]]}
@@ -110,33 +140,19 @@ def test_state_dict_round_trip():
         TNQHookState(bits=3, error_feedback=1.0).load_state_dict(saved)
 
 
-def test_residuals_of_a_bucket_laid_out_anew_are_dropped():
-    state = TNQHookState(bits=2, error_feedback=1.0)
-    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
-    for slot in ("ddp.bucket1", "ddp.bucket1#reduced", "ddp.bucket10", "ddp.bucket0"):
-        state.state.residuals[slot] = np.zeros(6, np.float32)
-    state._segments(Bucket(1, [a, b]), "ddp.bucket1")
-    state._segments(Bucket(1, [a, b]), "ddp.bucket1")  # the same layout: kept
-    assert len(state.state.residuals) == 4
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # DDP's own rebuild is expected: no warning
-        state._segments(Bucket(1, [b, a]), "ddp.bucket1")
-    assert sorted(state.state.residuals) == ["ddp.bucket0", "ddp.bucket10"]
-
-
 def test_residuals_saved_with_another_layout_are_dropped_with_a_warning():
     state = TNQHookState(bits=2, error_feedback=1.0)
     state.state.residuals["ddp.bucket0"] = np.zeros(6, np.float32)
-    state._segments(Bucket(0, [torch.nn.Parameter(torch.zeros(2, 3))]), "ddp.bucket0")
+    state._segments(Bucket(0, [torch.nn.Parameter(torch.zeros(2, 3))]), "ddp.bucket0", OneRank)
     saved = state.state_dict()
     same, other = TNQHookState(bits=2, error_feedback=1.0), TNQHookState(bits=2,
                                                                          error_feedback=1.0)
     same.load_state_dict(saved)
-    same._segments(Bucket(0, [torch.nn.Parameter(torch.zeros(2, 3))]), "ddp.bucket0")
+    same._segments(Bucket(0, [torch.nn.Parameter(torch.zeros(2, 3))]), "ddp.bucket0", OneRank)
     assert list(same.state.residuals) == ["ddp.bucket0"]
     other.load_state_dict(saved)
     with pytest.warns(UserWarning, match="start afresh"):
-        other._segments(Bucket(0, [torch.nn.Parameter(torch.zeros(3, 2))]), "ddp.bucket0")
+        other._segments(Bucket(0, [torch.nn.Parameter(torch.zeros(3, 2))]), "ddp.bucket0", OneRank)
     assert other.state.residuals == {}
 
 

@@ -12,7 +12,8 @@ import pytest
 from horovod_tnq import core
 from horovod_tnq.protocol import (CompressorConfig, CompressorState, Hosts, chunk_bounds,
                                   second_widths)
-from horovod_tnq.protocol.exchange import Exchange, Job, NumpyCodec, run_to_end
+from horovod_tnq.protocol.exchange import (Exchange, Job, NumpyCodec, residual_slots,
+                                           run_to_end)
 
 WAIT_S = 60  # a wait this long means the ranks deadlocked (the test fails, it does not hang)
 _here = threading.local()  # the rank of the thread
@@ -182,6 +183,46 @@ def test_every_exchange_ends_identical_on_every_rank_with_the_averaged_error(exc
     # 1.0: the ranks' errors average away like 1/N; a second round at the first width gave ~9
     # at 8 ranks, a host's sum at the ranks' width L
     assert ratio < 1.4, ratio
+
+
+@pytest.mark.parametrize("exchange,size,local_size,bits,reduces", [
+    ("allgather", 2, 1, 2, False), ("reduce-scatter", 4, 1, 2, True),
+    ("reduce-scatter", 4, 1, 8, True), ("hierarchical", 4, 2, 2, False),  # 2 hosts: allgather
+    ("hierarchical", 8, 2, 2, True)])  # 4 hosts: the reduce-scatter between them
+def test_residual_slots_name_and_place_every_residual_the_driver_keeps(exchange, size,
+                                                                      local_size, bits,
+                                                                      reduces):
+    """residual_slots() (what DDP's rebuilt buckets move residuals by) says the slots the
+    driver keeps error-feedback residuals under, each as long as its range, on every rank."""
+    numel = 30_001
+    config = CompressorConfig(bits=bits, exchange=exchange, min_numel=1, part_elements=8192,
+                              error_feedback=1.0)
+    _, states = run_ranks(size, {"t": gradients(size, numel)}, config, local_size=local_size)
+    roles = set()
+    for rank, state in states.items():
+        _here.rank = rank  # (the process sets' rank())
+        hosts = None
+        if local_size > 1:
+            host, index = divmod(rank, local_size)
+            hosts = Hosts(local_size, size // local_size, index,
+                          ProcessSet(range(host * local_size, (host + 1) * local_size)),
+                          ProcessSet(range(index, size, local_size)))
+        slots = residual_slots(config, numel, size, rank, hosts, "t")
+        kept = {slot: residual.size for slot, residual in state.residuals.items()}
+        assert set(kept) <= {slot for slot, *_ in slots}, (kept, slots)
+        reduced = [slot for slot, role, *_ in slots if role]
+        # every part keeps one, and the last stage of a second round (plan.second_round_configs)
+        must = [slot for slot, role, *_ in slots if not role] + reduced[-1:]
+        for slot, role, start, stop in slots:
+            assert 0 <= start < stop <= numel
+            roles.add(role)
+            if slot in must:
+                assert kept[slot] == stop - start, (slot, kept)
+        own = [(start, stop) for _, role, start, stop in slots if role == ""]
+        assert all(a[1] == b[0] for a, b in zip(own, own[1:]))  # contiguous, in order
+    assert "" in roles
+    assert ("#reduced" in roles) == reduces, roles
+    assert ("#reduced#s1" in roles) == (bits == 8), roles
 
 
 def test_ranks_finishing_in_different_orders_do_not_deadlock():

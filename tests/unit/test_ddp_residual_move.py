@@ -1,0 +1,114 @@
+"""DDP lays its buckets out anew after its first step: the hook's error-feedback residuals move
+with their parameters (TNQHookState._segments) instead of being dropped. One rank, a real
+torch.distributed Gloo group and DDP in this process: with error feedback 1.0 what a parameter
+received over the steps is what it sent, less its last residual, across the new layout."""
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from horovod_tnq.protocol.exchange import residual_slots
+from horovod_tnq.torch.ddp import TNQHookState, tnq_hook
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+class Crossed(torch.nn.Module):
+    """Layers defined in the reverse of the order forward uses them: DDP's first buckets
+    (reverse definition order) are not those it rebuilds (the order gradients became ready)."""
+
+    def __init__(self):
+        super().__init__()
+        self.last = torch.nn.Linear(64, 8)
+        self.middle = torch.nn.Linear(128, 64)
+        self.first = torch.nn.Linear(32, 128)
+
+    def forward(self, x):
+        return self.last(torch.relu(self.middle(torch.relu(self.first(x)))))
+
+
+def offsets(parameters):
+    return np.cumsum([0] + [p.numel() for p in parameters]).tolist()
+
+
+def train(settings):
+    """Per parameter (by name): the gradients DDP handed the hook and what it gave back,
+    summed over the steps; each step's bucket layout; the state."""
+    torch.manual_seed(0)
+    model = Crossed()
+    names = {id(p): name for name, p in model.named_parameters()}
+    ddp = DDP(model, bucket_cap_mb=0.02)
+    state = TNQHookState(named_parameters=model.named_parameters(), **settings)
+    sent = {name: torch.zeros(p.numel(), dtype=torch.float64)
+            for name, p in model.named_parameters()}
+    received = {name: torch.zeros_like(total) for name, total in sent.items()}
+    layouts = []
+
+    def recording_hook(state, bucket):
+        given = bucket.buffer().detach().clone()
+        parameters = bucket.parameters()
+        layouts[-1].append(tuple(names[id(p)] for p in parameters))
+
+        def record(future):
+            out = future.value()
+            bounds = offsets(parameters)
+            for k, p in enumerate(parameters):
+                sent[names[id(p)]] += given[bounds[k]:bounds[k + 1]].double()
+                received[names[id(p)]] += out[bounds[k]:bounds[k + 1]].double()
+            return out
+
+        return tnq_hook(state, bucket).then(record)
+
+    ddp.register_comm_hook(state, recording_hook)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(STEPS):
+        layouts.append([])
+        optimizer.zero_grad()
+        x = torch.randn(16, 32, generator=torch.Generator().manual_seed(step))
+        ddp(x).pow(2).mean().backward()
+        optimizer.step()
+    return model, state, sent, received, layouts
+
+
+def last_residuals(model, state, layout):
+    """Each parameter's residual after the last step, read from the state's slots where
+    exchange.residual_slots places them in the last layout's buckets (and their segments)."""
+    by_name = dict(model.named_parameters())
+    residual = {name: np.zeros(p.numel()) for name, p in by_name.items()}
+    for index, bucket in enumerate(layout):
+        bounds = offsets([by_name[name] for name in bucket])
+        flat = np.zeros(bounds[-1])
+        for start, stop, config, name in state._layouts[index][2]:
+            for slot, _, begin, end in residual_slots(config, stop - start, 1, 0, None, name):
+                flat[start + begin:start + end] = state.state.residuals[slot]
+        for k, name in enumerate(bucket):
+            residual[name] += flat[bounds[k]:bounds[k + 1]]
+    return residual
+
+
+@pytest.mark.parametrize("overrides", [None, {"middle.*": {"bits": 4}}],
+                         ids=["one-setting", "overrides"])
+def test_error_feedback_residuals_move_with_their_parameters_to_ddps_new_buckets(
+        one_rank_group, overrides):
+    settings = dict(bits=2, error_feedback=1.0, min_numel=16, part_elements=2048,
+                    overrides=overrides)
+    model, state, sent, received, layouts = train(settings)
+    assert layouts[0] != layouts[1] and layouts[1:] == [layouts[1]] * (STEPS - 1), layouts
+    if overrides:  # a bucket in segments of their own settings
+        assert any(len(state._layouts[i][2]) > 1 for i in range(len(layouts[-1])))
+    residual = last_residuals(model, state, layouts[-1])
+    for name in sent:
+        total = sent[name].numpy()
+        # what the residual dropped at the new layout would leave: a step's quantization error
+        assert np.abs(residual[name]).max() > 1e-3 * np.abs(total).max(), name
+        gap = np.abs(received[name].numpy() - (total - residual[name])).max()
+        assert gap < 1e-5 * np.abs(total).max(), (name, gap)
