@@ -108,10 +108,10 @@ class Exchange:
         return config, bounds
 
     @property
-    def started_all(self):
-        """Whether start() started every collective of the exchange (one round: the
-        allgather's parts), so that nothing is left to issue from this thread."""
-        return self.rounds == 1 and self._steps is not None
+    def issued_all(self):
+        """Whether every collective of the started exchange has been issued: it waits on its
+        last round's (or has ended), and what is left is to wait and decode."""
+        return self.done or self.round >= self.rounds - 1
 
     @property
     def waiting(self):

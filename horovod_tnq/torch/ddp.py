@@ -18,10 +18,12 @@ one CompressorState (protocol/state.py) of ``TNQHookState``.
 
 ``_DistCollectives`` is the driver's collectives interface over a torch.distributed process
 group. torch.distributed pairs collectives by the order each rank issues them, not by name, so
-every collective of this module is issued from the hook, in DDP's bucket order: the allgather
-exchange issues all of its collectives when it starts and only decodes later, in a callback of
-their futures (``overlap``); exchanges of several rounds (the reduce-scatter) run to their end
-inside the hook. docs/ddp.md lists what the hook does not do yet.
+every collective of this module is issued from the hook, in DDP's bucket order (``overlap``):
+the allgather exchange issues all of its collectives when it starts and decodes in a callback
+of their futures; an exchange of several rounds (the reduce-scatter, the hierarchical one)
+issues its first round in its bucket's hook and each later round in the next bucket's hook,
+once the round before has arrived (_issue_pending), all that is left at the step's last bucket.
+docs/ddp.md lists what the hook does not do yet.
 """
 
 import os
@@ -66,9 +68,10 @@ class TNQHookState(CompressorBase):
             (``ddp.bucket<i>.<k>``; uncompressed ones by DDP's plain allreduce).
         named_parameters: ``model.named_parameters()``, which ``overrides`` need (DDP's
             buckets carry parameters, not names); see name_parameters().
-        overlap: decode allgather exchanges in a callback of their collectives' futures, so
-            that their transfer and decoding overlap the rest of the backward pass; False
-            finishes every exchange inside the hook.
+        overlap: decode in a callback of the collectives' futures, and issue the later
+            rounds of a reduce-scatter or hierarchical exchange in the next bucket's hook, so
+            that transfers and decoding overlap the rest of the backward pass; False finishes
+            every exchange inside its hook. Both give the same bits.
 
     Picklable (the process group is not: an unpickled state uses the default group; set
     ``process_group`` after loading for another). Every rank must use the same settings: the
@@ -100,7 +103,7 @@ class TNQHookState(CompressorBase):
 
     def _init_transient(self):
         self._lock = threading.Lock()
-        self._in_flight = []  # exchanges whose futures have not completed
+        self._pending = []  # _Pending exchanges with collectives left to issue (_issue_pending)
         self._agreed = False  # the settings check passed (first hook call)
         self._layouts = {}  # bucket index -> (parameter shapes, parameter ids)
         self._hosts = None  # plan.Hosts of the hierarchical exchange (first hook call), or None
@@ -109,7 +112,7 @@ class TNQHookState(CompressorBase):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        for name in ("process_group", "_lock", "_in_flight", "_agreed", "_layouts", "_hosts",
+        for name in ("process_group", "_lock", "_pending", "_agreed", "_layouts", "_hosts",
                      "_names", "_moved"):
             state.pop(name)
         state["_saved_layouts"] = self._layout_shapes()  # (parameter ids are this process's)
@@ -171,7 +174,7 @@ class TNQHookState(CompressorBase):
         """Forget steps, residuals and counters, as a new state would start."""
         super().reset()
         with self._lock:
-            self._in_flight = []
+            self._pending = []
             self._agreed = False
             self._layouts, self._saved_layouts, self._moved = {}, {}, {}
 
@@ -333,16 +336,23 @@ def tnq_hook(state: TNQHookState, bucket: dist.GradBucket) -> torch.futures.Futu
     group = state.group()
     tensor = bucket.buffer()
     state._check_settings(group)
+    _issue_pending(state, every_round=False)
     name = BUCKET_NAME.format(bucket.index())
     if tensor.dtype not in DTYPE_NAMES:
-        return _passthrough(state, tensor, name, group)
-    segments = state._segments(bucket, name, group)
-    if len(segments) == 1:
-        return _reduce(state, tensor, segments[0][2], name, group)
-    flat = tensor.view(-1)
-    futures = [_reduce(state, flat[start:stop], config, segment_name, group)
-               for start, stop, config, segment_name in segments]
-    return _when_all(tensor, futures, lambda: tensor)
+        future = _passthrough(state, tensor, name, group)
+    else:
+        segments = state._segments(bucket, name, group)
+        if len(segments) == 1:
+            future = _reduce(state, tensor, segments[0][2], name, group)
+        else:
+            flat = tensor.view(-1)
+            future = _when_all(tensor, [_reduce(state, flat[start:stop], config, segment_name,
+                                                group)
+                                        for start, stop, config, segment_name in segments],
+                               lambda: tensor)
+    if bucket.is_last():
+        _issue_pending(state, every_round=True)
+    return future
 
 
 def _when_all(tensor, futures, result):
@@ -389,28 +399,78 @@ def _reduce(state, tensor, config, name, group):
     exchange.scale = average_scale(size)
     exchange.target = _decode_target(tensor, codec)
     exchange.start()
-    futures = collectives.futures() if state.overlap and exchange.started_all else None
-    if futures is not None:
-        # every collective of the allgather has been issued: decoding waits on their futures
+    if not state.overlap:
+        result = _into_bucket(tensor, codec, run_to_end(exchange, []))
+        future = torch.futures.Future()
+        future.set_result(result)
+        return future
+    pending = _Pending(exchange, tensor, codec)
+    if pending.exchange.issued_all:
+        pending.decode_on_arrival()
+    else:
         with state._lock:
-            state._in_flight.append(exchange)
+            state._pending.append(pending)
+    return pending.future
+
+
+class _Pending:
+    """An exchange of a bucket (or segment) in overlap mode, and the future DDP waits on for
+    it: once every collective of the exchange has been issued, it decodes into the bucket in a
+    callback of the last ones' futures and completes ``future``."""
+
+    def __init__(self, exchange, tensor, codec):
+        self.exchange, self.tensor, self.codec = exchange, tensor, codec
+        self.future = torch.futures.Future(devices=[tensor.device]) if tensor.is_cuda else \
+            torch.futures.Future()
+
+    def decode_on_arrival(self):
+        exchange = self.exchange
 
         def finish():
-            try:
-                return _into_bucket(tensor, codec, exchange.finish(exchange.scale,
-                                                                   exchange.target))
-            finally:
-                _forget(state, exchange)
+            return _into_bucket(self.tensor, self.codec,
+                                exchange.finish(exchange.scale, exchange.target))
 
-        return _when_all(tensor, futures, finish)
+        futures = [] if exchange.done else [handle.future for handle in exchange.waiting]
+        if None in futures:  # a collective without a future (Gloo's reduce_scatter): wait
+            futures = []
+        if not futures:
+            try:
+                self.future.set_result(finish())
+            except Exception as error:  # handed to DDP's wait
+                self.future.set_exception(error)
+            return
+        decoded = _when_all(self.tensor, futures, finish)
+
+        def complete(done):
+            try:
+                self.future.set_result(done.value())
+            except Exception as error:  # handed to DDP's wait
+                self.future.set_exception(error)
+
+        decoded.add_done_callback(complete)
+
+
+def _issue_pending(state, every_round):
+    """Take the exchanges of earlier buckets that have collectives left to issue (the
+    reduce-scatter's second round, the hierarchical exchange's later rounds) one round on:
+    their collectives of the round before have had the backward pass's computation since to
+    arrive. At the step's last bucket (``every_round``) every round is issued. An exchange
+    whose collectives are all issued then decodes when they arrive. The hook calls this at the
+    same points on every rank, so every rank issues the same collectives in the same order,
+    which is how torch.distributed pairs them."""
     with state._lock:
-        in_flight = list(state._in_flight)
-    # (exchanges in flight here are allgathers, all of whose collectives were issued: none
-    # needs advancing for this one's sake, and run_to_end advances none)
-    result = _into_bucket(tensor, codec, run_to_end(exchange, in_flight))
-    future = torch.futures.Future()
-    future.set_result(result)
-    return future
+        pending, state._pending = state._pending, []
+    still = []
+    for entry in pending:
+        entry.exchange.advance()  # (an error ends the exchange: raised by its finish)
+        while every_round and not entry.exchange.issued_all:
+            entry.exchange.advance()
+        if entry.exchange.issued_all:
+            entry.decode_on_arrival()
+        else:
+            still.append(entry)
+    with state._lock:
+        state._pending = still + state._pending
 
 
 def _passthrough(state, tensor, name, group):
@@ -440,12 +500,6 @@ def _into_bucket(tensor, codec, result):
     if result.data_ptr() != tensor.data_ptr():
         tensor.copy_(result.view(tensor.shape))
     return tensor
-
-
-def _forget(state, exchange):
-    with state._lock:
-        if exchange in state._in_flight:
-            state._in_flight.remove(exchange)
 
 
 def _allreduce_average(tensor, group):

@@ -196,6 +196,8 @@ TRAIN_CASES = {
     "overlap": dict(bits=3),
     "blocking": dict(bits=3, overlap=False),
     "reduce-scatter": dict(bits=4, exchange="reduce-scatter"),
+    # its second round issued at the next bucket's hook (overlap), or inside its own hook
+    "reduce-scatter-blocking": dict(bits=4, exchange="reduce-scatter", overlap=False),
     "error-feedback": dict(bits=2, error_feedback=1.0),
 }
 TRAIN_STEPS = 4
@@ -260,6 +262,8 @@ def overrides(rank, size):
 
 JOIN_CASES = {"none": None, "allgather": dict(bits=4, exchange="allgather"),
               "reduce-scatter": dict(bits=4, exchange="reduce-scatter"),
+    # its second round issued at the next bucket's hook (overlap), or inside its own hook
+    "reduce-scatter-blocking": dict(bits=4, exchange="reduce-scatter", overlap=False),
               "overrides": dict(bits=4, overrides={"second.*": {"bits": 8}, "first.bias": None})}
 
 
