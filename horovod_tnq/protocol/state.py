@@ -199,14 +199,25 @@ class CompressorState(LockedState):
 
     def forget_residuals(self, name):
         """Forget the error-feedback residuals of every payload of tensor ``name`` (its parts,
-        chunks and stages: ``name`` and ``name#...``), where its layout changed (DDP rebuilds
-        its buckets); whether there were any."""
+        chunks and stages: of_tensor), where its layout changed (DDP rebuilds its buckets);
+        whether there were any."""
         with self._lock:
-            slots = [slot for slot in self.residuals
-                     if slot == name or slot.startswith(name + "#")]
+            slots = [slot for slot in self.residuals if of_tensor(slot, name)]
             for slot in slots:
                 del self.residuals[slot]
         return bool(slots)
+
+    def residuals_copy(self):
+        """{slot: residual} as they are now (the arrays themselves: residuals are replaced,
+        never written into)."""
+        with self._lock:
+            return dict(self.residuals)
+
+    def take_residuals(self, prefix):
+        """Remove and return {slot: residual} of the slots that start with ``prefix``."""
+        with self._lock:
+            return {slot: self.residuals.pop(slot)
+                    for slot in [slot for slot in self.residuals if slot.startswith(prefix)]}
 
     def state_dict(self, rank=None, size=None):
         """Settings, steps, residuals (numpy copies) and privacy accounting of this rank
@@ -277,6 +288,12 @@ class CompressorState(LockedState):
             self.unnamed_releases = {}
             self.stats = new_stats()
             self.metrics = CompressionMetrics()
+
+
+def of_tensor(slot, name):
+    """Whether payload ``slot`` is one of tensor ``name``'s: ``name`` itself, or its parts,
+    chunks and stages (``name#...``)."""
+    return slot == name or slot.startswith(name + "#")
 
 
 def _count_release(releases, numel):

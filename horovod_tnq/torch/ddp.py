@@ -26,6 +26,7 @@ once the round before has arrived (_issue_pending), all that is left at the step
 docs/ddp.md lists what the hook does not do yet.
 """
 
+import copy
 import os
 import socket
 import threading
@@ -40,10 +41,14 @@ from ..protocol import (CompressorBase, Hosts, check_settings_agree, local_bound
                         settings_buffer)
 from ..protocol.exchange import Exchange, Job, residual_slots, run_to_end
 from ..protocol.hosts import hosts_of_job
+from ..protocol.state import of_tensor
 from ..protocol.settings import SETTINGS_BYTES
 from .codecs import DTYPE_NAMES, codec_for
 
 BUCKET_NAME = "ddp.bucket{}"  # payload names: one per DDP bucket index, the same every step
+# checkpoints keep a bucket's residuals by parameter, under "ddp.parameter<position><role>"
+# (TNQHookState._portable_residuals): DDP's buckets in a resumed run need not be the saved ones
+PARAMETER_SLOT = "ddp.parameter"
 # (all_gather_into_tensor before PyTorch 2.13 named it all_gather_single)
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -84,7 +89,7 @@ class TNQHookState(CompressorBase):
         self.process_group = process_group
         self.overlap = bool(overlap)
         self._init_transient()
-        self._saved_layouts = {}  # bucket index -> parameter shapes, from a checkpoint
+        self._saved_layouts = {}  # bucket index -> parameter shapes, from an older checkpoint
         if named_parameters is not None:
             self.name_parameters(named_parameters)
 
@@ -108,20 +113,25 @@ class TNQHookState(CompressorBase):
         self._layouts = {}  # bucket index -> (parameter shapes, parameter ids)
         self._hosts = None  # plan.Hosts of the hierarchical exchange (first hook call), or None
         self._names = {}  # id(parameter) -> (its name, the parameter): name_parameters()
-        self._moved = {}  # residuals by parameter, between DDP's layouts (_segments)
+        self._moved = {}  # residuals by (parameter position, role) between layouts (_segments)
+        self._positions = {}  # id(parameter) -> its position: the order the hook first saw them
+        self._place = None  # (rank, size) in the process group (first _segments call)
 
     def __getstate__(self):
         state = self.__dict__.copy()
         for name in ("process_group", "_lock", "_pending", "_agreed", "_layouts", "_hosts",
-                     "_names", "_moved"):
+                     "_names", "_moved", "_positions", "_place"):
             state.pop(name)
-        state["_saved_layouts"] = self._layout_shapes()  # (parameter ids are this process's)
+        # (parameter ids are this process's: residuals go by parameter position)
+        state["state"] = copy.copy(self.state)
+        state["state"].residuals = self._portable_residuals()
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.process_group = None
         self._init_transient()
+        self._take_parameter_residuals()
 
     def group(self):
         """The process group the hook reduces over."""
@@ -145,19 +155,12 @@ class TNQHookState(CompressorBase):
 
     def state_dict(self):
         """CompressorState.state_dict() with the residuals as torch tensors (a checkpoint loads
-        with ``torch.load(weights_only=True)``) and each bucket's parameter shapes: residuals
-        of a bucket that DDP lays out differently when loaded are dropped, with a warning."""
+        with ``torch.load(weights_only=True)``), those of DDP's buckets by parameter: a resumed
+        run's buckets take them by the parameters they hold (_portable_residuals)."""
         state = super().state_dict()
-        state["residuals"] = {slot: torch.from_numpy(r) for slot, r in state["residuals"].items()}
-        state["ddp_layouts"] = {int(index): [list(shape) for shape in shapes]
-                                for index, shapes in self._layout_shapes().items()}
+        state["residuals"] = {slot: torch.from_numpy(r)
+                              for slot, r in self._portable_residuals().items()}
         return state
-
-    def _layout_shapes(self):
-        """Each bucket's parameter shapes: as last seen, else as loaded."""
-        with self._lock:
-            return {**self._saved_layouts,
-                    **{index: layout[0] for index, layout in self._layouts.items()}}
 
     def load_state_dict(self, state, any_rank=False):
         """Restore a state_dict() of this rank (CompressorState.load_state_dict says what is
@@ -167,8 +170,34 @@ class TNQHookState(CompressorBase):
         super().load_state_dict(dict(state, residuals=residuals), any_rank)
         with self._lock:
             self._layouts = {}
+            # (checkpoints of earlier versions: each bucket's parameter shapes, residuals by bucket)
             self._saved_layouts = {int(index): tuple(tuple(shape) for shape in shapes)
                                    for index, shapes in state.get("ddp_layouts", {}).items()}
+        self._take_parameter_residuals()
+
+    def _portable_residuals(self):
+        """This rank's residuals with those of the buckets seen so far cut by parameter (and
+        any not yet handed to a bucket), under PARAMETER_SLOT names: positions number the
+        parameters in the order the hook first saw them, DDP's first layout, the same in every
+        run of the model, which is where a resumed run's hook first sees them."""
+        with self._lock:
+            pieces = dict(self._moved)
+            if self._layouts:
+                pieces.update(self._residuals_by_parameter(*self._place, forget=False))
+            names = [name for *_, segments in self._layouts.values() for *_, name in segments]
+        residuals = {slot: residual for slot, residual in self.state.residuals_copy().items()
+                     if not any(of_tensor(slot, name) for name in names)}
+        residuals.update({f"{PARAMETER_SLOT}{position}{role}": piece
+                          for (position, role), piece in pieces.items()})
+        return residuals
+
+    def _take_parameter_residuals(self):
+        """The PARAMETER_SLOT residuals of a loaded state out of its slots, into _moved."""
+        with self._lock:
+            for slot, piece in self.state.take_residuals(PARAMETER_SLOT).items():
+                rest = slot[len(PARAMETER_SLOT):]
+                position = rest.split("#", 1)[0]
+                self._moved[int(position), rest[len(position):]] = piece
 
     def reset(self):
         """Forget steps, residuals and counters, as a new state would start."""
@@ -177,6 +206,7 @@ class TNQHookState(CompressorBase):
             self._pending = []
             self._agreed = False
             self._layouts, self._saved_layouts, self._moved = {}, {}, {}
+            self._positions = {}
 
     # -- what the hook asks of its state ------------------------------------------------------
 
@@ -204,39 +234,42 @@ class TNQHookState(CompressorBase):
         Residuals are kept per segment. DDP lays its buckets out anew once (after its first
         step, unless find_unused_parameters): the first bucket seen with other parameters cuts
         every residual of the old layout by parameter, and each bucket of the new one takes
-        its parameters' pieces (_move_residuals). Where a checkpoint was saved with another
-        layout, its residuals no longer line up and are dropped, with a warning."""
+        its parameters' pieces (_move_residuals), as the buckets of a run resumed from a
+        checkpoint take the checkpoint's (state_dict())."""
         parameters = bucket.parameters()
         shapes = tuple(tuple(p.shape) for p in parameters)
         ids = tuple(id(p) for p in parameters)
         index = bucket.index()
-        place = group.rank(), group.size()
         with self._lock:
+            self._place = group.rank(), group.size()
+            for parameter_id in ids:
+                self._positions.setdefault(parameter_id, len(self._positions))
             known = self._layouts.get(index)
             if known is not None and known[1] == ids:
                 self._moved = {}  # a step in the layout: what moved has found its buckets
                 return known[2]
             if known is not None:  # DDP's new layout: every bucket at once
-                self._moved = self._residuals_by_parameter(*place)
+                self._moved = self._residuals_by_parameter(*self._place, forget=True)
                 self._layouts = {}
             segments = self._cut(parameters, name)
             self._layouts[index] = (shapes, ids, segments)
             saved = self._saved_layouts.pop(index, None)
             if self._moved:
                 self._forget(segments)  # (a checkpoint's, of this index in another layout)
-                self._move_residuals(shapes, ids, segments, *place)
-                return segments
-        if saved is not None and saved != shapes:
-            if self._forget(segments):
-                warnings.warn(f"horovod_tnq DDP hook: bucket {index} holds other parameters "
-                              "than when its state was saved; its error-feedback residuals "
-                              "start afresh", stacklevel=3)
+                mismatched = self._move_residuals(shapes, ids, segments, *self._place)
+            else:
+                mismatched = saved is not None and saved != shapes and self._forget(segments)
+        if mismatched:
+            warnings.warn(f"horovod_tnq DDP hook: bucket {index} holds other parameters than "
+                          "when its state was saved; their error-feedback residuals start "
+                          "afresh", stacklevel=3)
         return segments
 
-    def _residuals_by_parameter(self, rank, size):
-        """Every residual of the layouts seen so far cut by parameter, their slots forgotten:
-        {(id(parameter), role): the parameter's flat residual of that role (exchange.
-        residual_slots), zeros where no slot of this rank covered it}."""
+    def _residuals_by_parameter(self, rank, size, forget):
+        """Every residual of the layouts seen so far cut by parameter: {(the parameter's
+        position, role): its residual of that role (exchange.residual_slots) in its shape,
+        zeros where no slot of this rank covered it}; with ``forget`` their slots are
+        forgotten."""
         moved = {}
         for shapes, ids, segments in self._layouts.values():
             offsets = _offsets(shapes)
@@ -246,34 +279,43 @@ class TNQHookState(CompressorBase):
                     if residual is None:
                         continue
                     for k, (low, high) in _overlaps(offsets, start + begin, start + end):
-                        piece = moved.get((ids[k], role))
-                        if piece is None:
-                            piece = moved[ids[k], role] = np.zeros(
-                                offsets[k + 1] - offsets[k], residual.dtype)
-                        piece[low - offsets[k]:high - offsets[k]] = \
+                        key = self._positions[ids[k]], role
+                        if key not in moved:
+                            moved[key] = np.zeros(shapes[k], residual.dtype)
+                        moved[key].reshape(-1)[low - offsets[k]:high - offsets[k]] = \
                             residual[low - start - begin:high - start - begin]
-                self.state.forget_residuals(name)
+                if forget:
+                    self.state.forget_residuals(name)
         return moved
 
     def _move_residuals(self, shapes, ids, segments, rank, size):
-        """The residuals of a bucket of DDP's new layout, from its parameters' pieces in
-        ``_moved`` (a slot none of whose parameters had one keeps none)."""
+        """The residuals of a bucket of a new layout, from its parameters' pieces in
+        ``_moved`` (a slot none of whose parameters had one keeps none); whether a piece had
+        another shape than its parameter (a checkpoint of another model: dropped)."""
         offsets = _offsets(shapes)
+        positions = [self._positions[parameter_id] for parameter_id in ids]
+        mismatched = False
+        for key in [key for key in self._moved if key[0] in positions]:
+            if self._moved[key].shape != shapes[positions.index(key[0])]:
+                del self._moved[key]
+                mismatched = True
         for start, stop, config, name in segments:
             for slot, role, begin, end in self._slots(config, start, stop, name, rank, size):
                 pieces = [(k, low, high) for k, (low, high) in
                           _overlaps(offsets, start + begin, start + end)
-                          if (ids[k], role) in self._moved]
+                          if (positions[k], role) in self._moved]
                 if not pieces:
                     continue
-                dtype = self._moved[ids[pieces[0][0]], role].dtype
+                dtype = self._moved[positions[pieces[0][0]], role].dtype
                 residual = np.zeros(end - begin, dtype)
                 for k, low, high in pieces:
                     residual[low - start - begin:high - start - begin] = \
-                        self._moved[ids[k], role][low - offsets[k]:high - offsets[k]]
+                        self._moved[positions[k], role].reshape(-1)[low - offsets[k]:
+                                                                    high - offsets[k]]
                 self.state.set_residual(slot, residual)
-        for key in [key for key in self._moved if key[0] in ids]:
+        for key in [key for key in self._moved if key[0] in positions]:
             del self._moved[key]
+        return mismatched
 
     def _slots(self, config, start, stop, name, rank, size):
         """exchange.residual_slots of a segment that _reduce compresses with error feedback

@@ -191,9 +191,11 @@ def test_error_feedback_resumes_exactly(checks):
         assert rank["state_dict"]["steps"] == rank["uninterrupted"]["steps"] == \
             {"ddp.bucket0": 6}
         assert rank["uninterrupted"]["residuals"] == ["ddp.bucket0"]
-        # DDP's rebuilt buckets differ from its first ones: residuals restart, with a warning
-        warned = rank["rebuilt_buckets"]["warnings"]
-        assert len(warned) == 1 and "start afresh" in warned[0], warned
+        # DDP's rebuilt buckets differ from its first ones, where the resumed run starts: the
+        # residuals find their parameters there (tests/unit/test_ddp_residual_move.py: nothing
+        # lost), with no warning
+        assert rank["rebuilt_buckets"]["warnings"] == []
+        assert rank["rebuilt_buckets"]["residuals"] == ["ddp.bucket0"]
     for how in ranks[0]:
         assert ranks[0][how]["digest"] == ranks[1][how]["digest"], how
 

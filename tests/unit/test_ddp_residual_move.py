@@ -3,6 +3,9 @@ with their parameters (TNQHookState._segments) instead of being dropped. One ran
 torch.distributed Gloo group and DDP in this process: with error feedback 1.0 what a parameter
 received over the steps is what it sent, less its last residual, across the new layout."""
 
+import io
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -40,37 +43,53 @@ def offsets(parameters):
     return np.cumsum([0] + [p.numel() for p in parameters]).tolist()
 
 
-def train(settings):
+def train(settings, resume_at=None):
     """Per parameter (by name): the gradients DDP handed the hook and what it gave back,
-    summed over the steps; each step's bucket layout; the state."""
+    summed over the steps; each step's bucket layout; the state. With ``resume_at``, the run
+    is checkpointed after that many steps and goes on in a new model, DDP and hook state
+    loaded from the checkpoint (DDP starts again from its first layout)."""
     torch.manual_seed(0)
     model = Crossed()
-    names = {id(p): name for name, p in model.named_parameters()}
-    ddp = DDP(model, bucket_cap_mb=0.02)
-    state = TNQHookState(named_parameters=model.named_parameters(), **settings)
     sent = {name: torch.zeros(p.numel(), dtype=torch.float64)
             for name, p in model.named_parameters()}
     received = {name: torch.zeros_like(total) for name, total in sent.items()}
     layouts = []
 
-    def recording_hook(state, bucket):
-        given = bucket.buffer().detach().clone()
-        parameters = bucket.parameters()
-        layouts[-1].append(tuple(names[id(p)] for p in parameters))
+    def start(model, checkpoint=None):
+        names = {id(p): name for name, p in model.named_parameters()}
+        ddp = DDP(model, bucket_cap_mb=0.02)
+        state = TNQHookState(named_parameters=model.named_parameters(), **settings)
+        if checkpoint is not None:
+            state.load_state_dict(torch.load(checkpoint, weights_only=True))
 
-        def record(future):
-            out = future.value()
-            bounds = offsets(parameters)
-            for k, p in enumerate(parameters):
-                sent[names[id(p)]] += given[bounds[k]:bounds[k + 1]].double()
-                received[names[id(p)]] += out[bounds[k]:bounds[k + 1]].double()
-            return out
+        def recording_hook(state, bucket):
+            given = bucket.buffer().detach().clone()
+            parameters = bucket.parameters()
+            layouts[-1].append(tuple(names[id(p)] for p in parameters))
 
-        return tnq_hook(state, bucket).then(record)
+            def record(future):
+                out = future.value()
+                bounds = offsets(parameters)
+                for k, p in enumerate(parameters):
+                    sent[names[id(p)]] += given[bounds[k]:bounds[k + 1]].double()
+                    received[names[id(p)]] += out[bounds[k]:bounds[k + 1]].double()
+                return out
 
-    ddp.register_comm_hook(state, recording_hook)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+            return tnq_hook(state, bucket).then(record)
+
+        ddp.register_comm_hook(state, recording_hook)
+        return ddp, state, torch.optim.SGD(model.parameters(), lr=0.01)
+
+    ddp, state, optimizer = start(model)
     for step in range(STEPS):
+        if step == resume_at:
+            checkpoint = io.BytesIO()
+            torch.save(state.state_dict(), checkpoint)
+            checkpoint.seek(0)
+            resumed = Crossed()
+            resumed.load_state_dict(model.state_dict())
+            model = resumed
+            ddp, state, optimizer = start(model, checkpoint)
         layouts.append([])
         optimizer.zero_grad()
         x = torch.randn(16, 32, generator=torch.Generator().manual_seed(step))
@@ -95,6 +114,16 @@ def last_residuals(model, state, layout):
     return residual
 
 
+def assert_nothing_lost(model, state, sent, received, layouts):
+    residual = last_residuals(model, state, layouts[-1])
+    for name in sent:
+        total = sent[name].numpy()
+        # what a residual dropped on the way would leave: a step's quantization error
+        assert np.abs(residual[name]).max() > 1e-3 * np.abs(total).max(), name
+        gap = np.abs(received[name].numpy() - (total - residual[name])).max()
+        assert gap < 1e-5 * np.abs(total).max(), (name, gap)
+
+
 @pytest.mark.parametrize("overrides", [None, {"middle.*": {"bits": 4}}],
                          ids=["one-setting", "overrides"])
 def test_error_feedback_residuals_move_with_their_parameters_to_ddps_new_buckets(
@@ -105,10 +134,17 @@ def test_error_feedback_residuals_move_with_their_parameters_to_ddps_new_buckets
     assert layouts[0] != layouts[1] and layouts[1:] == [layouts[1]] * (STEPS - 1), layouts
     if overrides:  # a bucket in segments of their own settings
         assert any(len(state._layouts[i][2]) > 1 for i in range(len(layouts[-1])))
-    residual = last_residuals(model, state, layouts[-1])
-    for name in sent:
-        total = sent[name].numpy()
-        # what the residual dropped at the new layout would leave: a step's quantization error
-        assert np.abs(residual[name]).max() > 1e-3 * np.abs(total).max(), name
-        gap = np.abs(received[name].numpy() - (total - residual[name])).max()
-        assert gap < 1e-5 * np.abs(total).max(), (name, gap)
+    assert_nothing_lost(model, state, sent, received, layouts)
+
+
+def test_error_feedback_residuals_resume_from_a_checkpoint_in_ddps_first_buckets(
+        one_rank_group):
+    """Saved in DDP's rebuilt buckets, resumed in a new DDP that starts again from its first
+    ones and rebuilds them after one step: nothing lost either way."""
+    settings = dict(bits=2, error_feedback=1.0, min_numel=16, part_elements=2048)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # (no "start afresh")
+        model, state, sent, received, layouts = train(settings, resume_at=2)
+    first, rebuilt = layouts[0], layouts[1]
+    assert first != rebuilt and layouts == [first, rebuilt, first, rebuilt], layouts
+    assert_nothing_lost(model, state, sent, received, layouts)

@@ -112,47 +112,90 @@ def test_average_scale_is_the_horovod_probes():
 
 
 def test_pickles_without_its_process_group():
-    state = TNQHookState(object(), bits=2, error_feedback=1.0, overlap=False)
+    state = TNQHookState(object(), bits=2, error_feedback=1.0, overlap=False, min_numel=1)
     state.state.next_step("ddp.bucket0")
+    state._segments(Bucket(0, [torch.nn.Parameter(torch.zeros(5))]), "ddp.bucket0", OneRank)
     state.state.residuals["ddp.bucket0"] = np.ones(5, np.float32)
-    weight = torch.nn.Parameter(torch.zeros(5))
-    state._segments(Bucket(0, [weight]), "ddp.bucket0", OneRank)
     copy = pickle.loads(pickle.dumps(state))
     assert copy.process_group is None and not copy.overlap
     assert copy.config == state.config and copy.state.steps == {"ddp.bucket0": 1}
+    assert copy._layouts == {} and copy.state.residuals == {}  # by parameter until a bucket
+    copy._segments(Bucket(0, [torch.nn.Parameter(torch.zeros(5))]), "ddp.bucket0", OneRank)
     assert np.array_equal(copy.state.residuals["ddp.bucket0"], np.ones(5, np.float32))
-    assert copy._saved_layouts == {0: ((5,),)} and copy._layouts == {}
+    assert "ddp.bucket0" in state.state.residuals  # pickling left the original as it was
 
 
 def test_state_dict_round_trip():
-    state = TNQHookState(bits=2, error_feedback=1.0)
+    state = TNQHookState(bits=2, error_feedback=1.0, min_numel=1)
     state.state.next_step("ddp.bucket0")
-    state.state.residuals["ddp.bucket0"] = np.arange(4, dtype=np.float32)
     state._segments(Bucket(0, [torch.nn.Parameter(torch.zeros(2, 2))]), "ddp.bucket0", OneRank)
+    state.state.residuals["ddp.bucket0"] = np.arange(4, dtype=np.float32)
+    state.state.residuals["other"] = np.ones(3, np.float32)  # not a bucket's: as it is
     saved = state.state_dict()
-    assert torch.is_tensor(saved["residuals"]["ddp.bucket0"])
-    assert saved["ddp_layouts"] == {0: [[2, 2]]}
-    restored = TNQHookState(bits=2, error_feedback=1.0)
+    assert sorted(saved["residuals"]) == ["ddp.parameter0", "other"]
+    assert torch.is_tensor(saved["residuals"]["ddp.parameter0"])
+    assert saved["residuals"]["ddp.parameter0"].shape == (2, 2)  # the parameter's shape
+    restored = TNQHookState(bits=2, error_feedback=1.0, min_numel=1)
     restored.load_state_dict(saved)
     assert restored.state.steps == {"ddp.bucket0": 1}
+    restored._segments(Bucket(0, [torch.nn.Parameter(torch.zeros(2, 2))]), "ddp.bucket0",
+                       OneRank)
     assert np.array_equal(restored.state.residuals["ddp.bucket0"], np.arange(4))
+    assert np.array_equal(restored.state.residuals["other"], np.ones(3))
     with pytest.raises(ValueError, match="settings"):
-        TNQHookState(bits=3, error_feedback=1.0).load_state_dict(saved)
+        TNQHookState(bits=3, error_feedback=1.0, min_numel=1).load_state_dict(saved)
 
 
-def test_residuals_saved_with_another_layout_are_dropped_with_a_warning():
-    state = TNQHookState(bits=2, error_feedback=1.0)
-    state.state.residuals["ddp.bucket0"] = np.zeros(6, np.float32)
+def test_a_checkpoint_of_ddps_rebuilt_buckets_resumes_in_its_first_ones():
+    """Saved after DDP's rebuild ([b, a]), resumed where DDP starts again from its first
+    layout ([a, b]): each parameter's residual finds it by its position (the order the hook
+    first saw the parameters, the same in both runs)."""
+    def parameters():
+        return torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))
+
+    a, b = parameters()
+    state = TNQHookState(bits=2, error_feedback=1.0, min_numel=1)
+    state._segments(Bucket(0, [a, b]), "ddp.bucket0", OneRank)
+    state._segments(Bucket(0, [b, a]), "ddp.bucket0", OneRank)  # DDP's rebuild
+    state.state.residuals["ddp.bucket0"] = np.arange(7, dtype=np.float32)  # b's 4, then a's 3
+    resumed = TNQHookState(bits=2, error_feedback=1.0, min_numel=1)
+    resumed.load_state_dict(state.state_dict())
+    a, b = parameters()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed._segments(Bucket(0, [a, b]), "ddp.bucket0", OneRank)
+    assert np.array_equal(resumed.state.residuals["ddp.bucket0"], [4, 5, 6, 0, 1, 2, 3])
+
+
+def test_residuals_saved_for_parameters_of_other_shapes_are_dropped_with_a_warning():
+    state = TNQHookState(bits=2, error_feedback=1.0, min_numel=1)
     state._segments(Bucket(0, [torch.nn.Parameter(torch.zeros(2, 3))]), "ddp.bucket0", OneRank)
+    state.state.residuals["ddp.bucket0"] = np.zeros(6, np.float32)
     saved = state.state_dict()
-    same, other = TNQHookState(bits=2, error_feedback=1.0), TNQHookState(bits=2,
-                                                                         error_feedback=1.0)
+    same, other = (TNQHookState(bits=2, error_feedback=1.0, min_numel=1) for _ in range(2))
     same.load_state_dict(saved)
     same._segments(Bucket(0, [torch.nn.Parameter(torch.zeros(2, 3))]), "ddp.bucket0", OneRank)
     assert list(same.state.residuals) == ["ddp.bucket0"]
     other.load_state_dict(saved)
     with pytest.warns(UserWarning, match="start afresh"):
-        other._segments(Bucket(0, [torch.nn.Parameter(torch.zeros(3, 2))]), "ddp.bucket0", OneRank)
+        other._segments(Bucket(0, [torch.nn.Parameter(torch.zeros(3, 2))]), "ddp.bucket0",
+                        OneRank)
+    assert other.state.residuals == {}
+
+
+def test_a_checkpoint_of_an_earlier_version_keeps_its_residuals_where_the_layout_is_saved():
+    """Earlier versions saved residuals by bucket with each bucket's parameter shapes."""
+    saved = TNQHookState(bits=2, error_feedback=1.0).state_dict()
+    saved["residuals"] = {"ddp.bucket0": torch.ones(6)}
+    saved["ddp_layouts"] = {0: [[2, 3]]}
+    same, other = (TNQHookState(bits=2, error_feedback=1.0) for _ in range(2))
+    same.load_state_dict(saved)
+    same._segments(Bucket(0, [torch.nn.Parameter(torch.zeros(2, 3))]), "ddp.bucket0", OneRank)
+    assert list(same.state.residuals) == ["ddp.bucket0"]
+    other.load_state_dict(saved)
+    with pytest.warns(UserWarning, match="start afresh"):
+        other._segments(Bucket(0, [torch.nn.Parameter(torch.zeros(3, 2))]), "ddp.bucket0",
+                        OneRank)
     assert other.state.residuals == {}
 
 

@@ -380,8 +380,8 @@ def resume(rank, size):
         warnings.simplefilter("always")
         result, state = run_resume(rank, "state_dict", find_unused_parameters=False)
     results["rebuilt_buckets"] = {
-        "digest": result, "warnings": [str(w.message) for w in caught
-                                       if "horovod_tnq" in str(w.message)]}
+        "digest": result, "residuals": sorted(state.state.residuals),
+        "warnings": [str(w.message) for w in caught if "horovod_tnq" in str(w.message)]}
     return results
 
 
