@@ -293,3 +293,10 @@ def test_overlap_timeline_sees_transfers_inside_backward(tmp_path):
         assert sum(float(row["hidden_ms"]) for row in mine) > 0
     assert (tmp_path / "overlap.png").stat().st_size > 10_000
     assert "| tnq | 2 |" in out
+
+
+def test_response_cache_benchmark_runs_with_the_cache_on_and_off():
+    out = run_benchmark("response_cache", "--layers", "4", "--steps", "3", "--warmup", "1",
+                        "--repeats", "1")
+    assert "cache on :" in out and "cache off:" in out, out
+    assert "off / on = " in out, out
