@@ -90,6 +90,7 @@ class TNQHookState(CompressorBase):
         self.overlap = bool(overlap)
         self._init_transient()
         self._saved_layouts = {}  # bucket index -> parameter shapes, from an older checkpoint
+        self._saved_first_layout = {}  # the saved run's _first_layout (its positions' order)
         if named_parameters is not None:
             self.name_parameters(named_parameters)
 
@@ -104,7 +105,7 @@ class TNQHookState(CompressorBase):
             names[id(parameter)] = (name, parameter)
         with self._lock:
             self._names = names
-            self._layouts = {}
+            self._relayout()  # (overrides may cut the buckets otherwise)
 
     def _init_transient(self):
         self._lock = threading.Lock()
@@ -115,13 +116,16 @@ class TNQHookState(CompressorBase):
         self._names = {}  # id(parameter) -> (its name, the parameter): name_parameters()
         self._moved = {}  # residuals by (parameter position, role) between layouts (_segments)
         self._positions = {}  # id(parameter) -> its position: the order the hook first saw them
+        self._first_layout = {}  # bucket index -> parameter shapes, as the hook first saw it
+        self._laid_out = False  # a bucket of this step had a new layout (_segments)
         self._place = None  # (rank, size) in the process group (first _segments call)
 
     def __getstate__(self):
         state = self.__dict__.copy()
         for name in ("process_group", "_lock", "_pending", "_agreed", "_layouts", "_hosts",
-                     "_names", "_moved", "_positions", "_place"):
+                     "_names", "_moved", "_positions", "_first_layout", "_place"):
             state.pop(name)
+        state["_saved_first_layout"] = self._first_layouts()
         # (parameter ids are this process's: residuals go by parameter position)
         state["state"] = copy.copy(self.state)
         state["state"].residuals = self._portable_residuals()
@@ -129,6 +133,7 @@ class TNQHookState(CompressorBase):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.__dict__.setdefault("_saved_first_layout", {})  # (pickles of earlier versions)
         self.process_group = None
         self._init_transient()
         self._take_parameter_residuals()
@@ -158,9 +163,21 @@ class TNQHookState(CompressorBase):
         with ``torch.load(weights_only=True)``), those of DDP's buckets by parameter: a resumed
         run's buckets take them by the parameters they hold (_portable_residuals)."""
         state = super().state_dict()
-        state["residuals"] = {slot: torch.from_numpy(r)
+        state["residuals"] = {slot: torch.from_numpy(r.copy())
                               for slot, r in self._portable_residuals().items()}
+        state["ddp_first_layout"] = {int(index): [list(shape) for shape in shapes]
+                                     for index, shapes in self._first_layouts().items()}
+        with self._lock:
+            if self._saved_layouts:  # an earlier version's checkpoint, not yet used
+                state["ddp_layouts"] = {int(index): [list(shape) for shape in shapes]
+                                        for index, shapes in self._saved_layouts.items()}
         return state
+
+    def _first_layouts(self):
+        """Each bucket's parameter shapes in the first layout the hook saw (else as loaded):
+        the order its parameter positions follow."""
+        with self._lock:
+            return {**self._saved_first_layout, **self._first_layout}
 
     def load_state_dict(self, state, any_rank=False):
         """Restore a state_dict() of this rank (CompressorState.load_state_dict says what is
@@ -169,10 +186,13 @@ class TNQHookState(CompressorBase):
                      for slot, r in state["residuals"].items()}
         super().load_state_dict(dict(state, residuals=residuals), any_rank)
         with self._lock:
-            self._layouts = {}
+            self._layouts, self._moved = {}, {}
             # (checkpoints of earlier versions: each bucket's parameter shapes, residuals by bucket)
             self._saved_layouts = {int(index): tuple(tuple(shape) for shape in shapes)
                                    for index, shapes in state.get("ddp_layouts", {}).items()}
+            self._saved_first_layout = {
+                int(index): tuple(tuple(shape) for shape in shapes)
+                for index, shapes in state.get("ddp_first_layout", {}).items()}
         self._take_parameter_residuals()
 
     def _portable_residuals(self):
@@ -206,7 +226,8 @@ class TNQHookState(CompressorBase):
             self._pending = []
             self._agreed = False
             self._layouts, self._saved_layouts, self._moved = {}, {}, {}
-            self._positions = {}
+            self._saved_first_layout = {}
+            # (positions stay: they number this process's parameters in DDP's first layout)
 
     # -- what the hook asks of its state ------------------------------------------------------
 
@@ -242,28 +263,59 @@ class TNQHookState(CompressorBase):
         index = bucket.index()
         with self._lock:
             self._place = group.rank(), group.size()
-            for parameter_id in ids:
-                self._positions.setdefault(parameter_id, len(self._positions))
+            if index not in self._first_layout:
+                self._first_layout[index] = shapes
+                for parameter_id in ids:
+                    self._positions.setdefault(parameter_id, len(self._positions))
             known = self._layouts.get(index)
             if known is not None and known[1] == ids:
-                self._moved = {}  # a step in the layout: what moved has found its buckets
                 return known[2]
+            self._laid_out = True  # (a new layout this step: see end_step)
             if known is not None:  # DDP's new layout: every bucket at once
-                self._moved = self._residuals_by_parameter(*self._place, forget=True)
-                self._layouts = {}
+                self._relayout()
+            mismatched = False
+            saved_first = self._saved_first_layout.pop(index, None)
+            if saved_first not in (None, self._first_layout[index]) and self._moved:
+                # the saved run's first layout was another: its positions are not these
+                self._moved, mismatched = {}, True
             segments = self._cut(parameters, name)
             self._layouts[index] = (shapes, ids, segments)
             saved = self._saved_layouts.pop(index, None)
             if self._moved:
                 self._forget(segments)  # (a checkpoint's, of this index in another layout)
-                mismatched = self._move_residuals(shapes, ids, segments, *self._place)
-            else:
-                mismatched = saved is not None and saved != shapes and self._forget(segments)
+                mismatched |= self._move_residuals(shapes, ids, segments, *self._place)
+            elif saved is not None and saved != shapes and self._forget(segments):
+                mismatched = True
         if mismatched:
             warnings.warn(f"horovod_tnq DDP hook: bucket {index} holds other parameters than "
-                          "when its state was saved; their error-feedback residuals start "
+                          "when its state was saved (another model, or DDP's first buckets "
+                          "another bucket_cap_mb's); their error-feedback residuals start "
                           "afresh", stacklevel=3)
         return segments
+
+    def _end_step(self):
+        """At a step's last bucket: where every bucket kept its layout, the pieces still in
+        _moved (of parameters no slot of this layout covers) have had DDP's rebuild to find
+        one and are dropped."""
+        with self._lock:
+            if not self._laid_out:
+                self._moved = {}
+            self._laid_out = False
+
+    def _relaid(self, bucket):
+        """Whether ``bucket`` holds other parameters than its index's did: DDP's new layout
+        (the hook then issues what earlier buckets have left before their residuals move)."""
+        with self._lock:
+            known = self._layouts.get(bucket.index())
+        return known is not None and known[1] != tuple(id(p) for p in bucket.parameters())
+
+    def _relayout(self):
+        """Cut the residuals of every layout seen so far by parameter into _moved (beside
+        pieces not yet handed to a bucket) and forget the layouts (call with the lock)."""
+        if self._layouts:
+            self._moved = {**self._moved,
+                           **self._residuals_by_parameter(*self._place, forget=True)}
+        self._layouts = {}
 
     def _residuals_by_parameter(self, rank, size, forget):
         """Every residual of the layouts seen so far cut by parameter: {(the parameter's
@@ -294,7 +346,7 @@ class TNQHookState(CompressorBase):
         another shape than its parameter (a checkpoint of another model: dropped)."""
         offsets = _offsets(shapes)
         positions = [self._positions[parameter_id] for parameter_id in ids]
-        mismatched = False
+        mismatched, used = False, set()
         for key in [key for key in self._moved if key[0] in positions]:
             if self._moved[key].shape != shapes[positions.index(key[0])]:
                 del self._moved[key]
@@ -313,7 +365,8 @@ class TNQHookState(CompressorBase):
                         self._moved[positions[k], role].reshape(-1)[low - offsets[k]:
                                                                     high - offsets[k]]
                 self.state.set_residual(slot, residual)
-        for key in [key for key in self._moved if key[0] in positions]:
+                used.update((positions[k], role) for k, _, _ in pieces)
+        for key in used:  # (the others may find a slot in DDP's next layout: end_step)
             del self._moved[key]
         return mismatched
 
@@ -378,7 +431,8 @@ def tnq_hook(state: TNQHookState, bucket: dist.GradBucket) -> torch.futures.Futu
     group = state.group()
     tensor = bucket.buffer()
     state._check_settings(group)
-    _issue_pending(state, every_round=False)
+    # DDP's new layout: what earlier buckets have left to encode goes before residuals move
+    _issue_pending(state, every_round=state._relaid(bucket))
     name = BUCKET_NAME.format(bucket.index())
     if tensor.dtype not in DTYPE_NAMES:
         future = _passthrough(state, tensor, name, group)
@@ -394,6 +448,7 @@ def tnq_hook(state: TNQHookState, bucket: dist.GradBucket) -> torch.futures.Futu
                                lambda: tensor)
     if bucket.is_last():
         _issue_pending(state, every_round=True)
+        state._end_step()
     return future
 
 
@@ -472,9 +527,11 @@ class _Pending:
             return _into_bucket(self.tensor, self.codec,
                                 exchange.finish(exchange.scale, exchange.target))
 
-        futures = [] if exchange.done else [handle.future for handle in exchange.waiting]
-        if None in futures:  # a collective without a future (Gloo's reduce_scatter): wait
-            futures = []
+        futures = []
+        if not exchange.done and all(handle.future is not None for handle in exchange.waiting):
+            # (the earlier rounds' have been waited on; an allgather's parts are all waiting)
+            futures = [handle.future for handle in exchange.collectives.handles
+                       if handle.future is not None]
         if not futures:
             try:
                 self.future.set_result(finish())
@@ -504,10 +561,15 @@ def _issue_pending(state, every_round):
         pending, state._pending = state._pending, []
     still = []
     for entry in pending:
-        entry.exchange.advance()  # (an error ends the exchange: raised by its finish)
-        while every_round and not entry.exchange.issued_all:
-            entry.exchange.advance()
-        if entry.exchange.issued_all:
+        exchange = entry.exchange
+        round_ = exchange.round
+        while not exchange.issued_all and (every_round or exchange.round == round_):
+            exchange.advance()
+        if exchange.error is not None:
+            # this rank cannot issue the exchange's later collectives: going on would pair
+            # the next ones with other ranks' collectives of this exchange
+            raise exchange.error
+        if exchange.issued_all:
             entry.decode_on_arrival()
         else:
             still.append(entry)
@@ -637,11 +699,6 @@ class _DistCollectives:
     @staticmethod
     def compute(function, inputs, dtypes, shapes):
         return list(function(*inputs))
-
-    def futures(self):
-        """The futures of every collective issued so far, or None where one has none."""
-        futures = [handle.future for handle in self.handles]
-        return None if None in futures else futures
 
     def _wire(self, array):
         return self.codec.to_tensor(np.ascontiguousarray(array) if isinstance(array, np.ndarray)

@@ -101,9 +101,7 @@ def test_residuals_move_with_their_parameters_to_a_new_layout():
     assert np.array_equal(state.state.residuals["ddp.bucket0.1"], old["ddp.bucket1.0"])
     state._segments(Bucket(1, [c]), "ddp.bucket1", OneRank)
     assert np.array_equal(state.state.residuals["ddp.bucket1"], old["ddp.bucket0"])
-    # the next step in that layout: nothing left to move
-    state._segments(Bucket(0, [b, a]), "ddp.bucket0", OneRank)
-    assert state._moved == {}
+    assert state._moved == {}  # every piece found its slot
 
 
 def test_average_scale_is_the_horovod_probes():
@@ -208,3 +206,97 @@ def test_a_failed_segment_fails_its_bucket():
     with pytest.raises(RuntimeError, match="segment 1 failed"):
         _when_all(bucket, [done, failed], lambda: bucket).wait()
     assert _when_all(bucket, [done, done], lambda: bucket).wait() is bucket
+
+
+def test_positions_survive_a_reset_so_later_checkpoints_still_resume_by_parameter():
+    shapes = [(2,), (3,), (4,)]  # a, b, c
+    parameters = [torch.nn.Parameter(torch.zeros(shape)) for shape in shapes]
+    a, b, c = parameters
+    state = TNQHookState(bits=2, error_feedback=1.0, min_numel=1)
+    for index, bucket in enumerate([[c], [a, b]]):  # DDP's first layout
+        state._segments(Bucket(index, bucket), f"ddp.bucket{index}", OneRank)
+    state.reset()
+    for index, bucket in enumerate([[a], [b, c]]):  # its rebuilt one, after the reset
+        state._segments(Bucket(index, bucket), f"ddp.bucket{index}", OneRank)
+    state.state.residuals.update({"ddp.bucket0": np.full(2, 1.0, np.float32),
+                                  "ddp.bucket1": np.array([2, 2, 2, 3, 3, 3, 3], np.float32)})
+    resumed = TNQHookState(bits=2, error_feedback=1.0, min_numel=1)
+    resumed.load_state_dict(state.state_dict())
+    a, b, c = (torch.nn.Parameter(torch.zeros(shape)) for shape in shapes)
+    for index, bucket in enumerate([[c], [a, b]]):  # the resumed run starts in the first one
+        resumed._segments(Bucket(index, bucket), f"ddp.bucket{index}", OneRank)
+    assert np.array_equal(resumed.state.residuals["ddp.bucket0"], [3, 3, 3, 3])  # c's
+    assert np.array_equal(resumed.state.residuals["ddp.bucket1"], [1, 1, 2, 2, 2])  # a's, b's
+
+
+def test_a_checkpoint_of_another_first_layout_starts_afresh_with_a_warning():
+    """Positions follow DDP's first buckets: where the resumed run's differ (another
+    bucket_cap_mb), same-shaped parameters could swap residuals, so none are taken."""
+    a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    state = TNQHookState(bits=2, error_feedback=1.0, min_numel=1)
+    state._segments(Bucket(0, [a, b]), "ddp.bucket0", OneRank)
+    state.state.residuals["ddp.bucket0"] = np.arange(8, dtype=np.float32)
+    resumed = TNQHookState(bits=2, error_feedback=1.0, min_numel=1)
+    resumed.load_state_dict(state.state_dict())
+    a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    with pytest.warns(UserWarning, match="start afresh"):
+        resumed._segments(Bucket(0, [b]), "ddp.bucket0", OneRank)  # two buckets this time
+    resumed._segments(Bucket(1, [a]), "ddp.bucket1", OneRank)
+    assert resumed.state.residuals == {}
+
+
+def test_pieces_without_a_slot_in_the_first_layout_wait_for_ddps_rebuild():
+    """A parameter too small to compress alone in DDP's first buckets (min_numel) keeps its
+    saved residual until the rebuilt bucket that compresses it."""
+    a, b, c = (torch.nn.Parameter(torch.zeros(n)) for n in (8, 4, 4))
+    state = TNQHookState(bits=2, error_feedback=1.0, min_numel=6)
+    for layout in ([[a], [b], [c]], [[a], [b, c]]):
+        for index, bucket in enumerate(layout):
+            state._segments(Bucket(index, bucket), f"ddp.bucket{index}", OneRank)
+    state.state.residuals["ddp.bucket1"] = np.arange(8, dtype=np.float32)  # b's, c's
+    resumed = TNQHookState(bits=2, error_feedback=1.0, min_numel=6)
+    resumed.load_state_dict(state.state_dict())
+    a, b, c = (torch.nn.Parameter(torch.zeros(n)) for n in (8, 4, 4))
+    for layout in ([[a], [b], [c]], [[a], [b, c]]):  # b and c passed through, then compressed
+        for index, bucket in enumerate(layout):
+            resumed._segments(Bucket(index, bucket), f"ddp.bucket{index}", OneRank)
+    assert np.array_equal(resumed.state.residuals["ddp.bucket1"], np.arange(8))
+    resumed._end_step()  # a step of the new layout: nothing left
+    assert resumed._moved == {}
+
+
+def test_an_earlier_versions_checkpoint_saved_again_unused_keeps_its_layouts():
+    saved = TNQHookState(bits=2, error_feedback=1.0).state_dict()
+    saved["residuals"] = {"ddp.bucket0": torch.ones(6)}
+    saved["ddp_layouts"] = {0: [[2, 3]]}
+    state = TNQHookState(bits=2, error_feedback=1.0)
+    state.load_state_dict(saved)
+    again = TNQHookState(bits=2, error_feedback=1.0)
+    again.load_state_dict(state.state_dict())
+    with pytest.warns(UserWarning, match="start afresh"):
+        again._segments(Bucket(0, [torch.nn.Parameter(torch.zeros(4))]), "ddp.bucket0", OneRank)
+    assert again.state.residuals == {}
+
+
+class FailingExchange:
+    """What _issue_pending reads of an exchange, failing at its next round."""
+
+    round, rounds, done, error = 0, 2, False, None
+
+    @property
+    def issued_all(self):
+        return self.done
+
+    def advance(self):
+        self.done, self.error = True, RuntimeError("forced: the second round failed")
+
+
+def test_an_exchange_failing_between_hooks_fails_the_hook_at_once():
+    """Going on would pair this rank's next collectives with the others' of that exchange."""
+    from horovod_tnq.torch.ddp import _issue_pending
+
+    state = TNQHookState(bits=2)
+    entry = type("Entry", (), {"exchange": FailingExchange()})()
+    state._pending = [entry]
+    with pytest.raises(RuntimeError, match="forced"):
+        _issue_pending(state, every_round=False)
