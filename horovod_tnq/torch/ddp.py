@@ -90,7 +90,9 @@ class TNQHookState(CompressorBase):
         self.overlap = bool(overlap)
         self._init_transient()
         self._saved_layouts = {}  # bucket index -> parameter shapes, from an older checkpoint
-        self._saved_first_layout = {}  # the saved run's _first_layout (its positions' order)
+        # the checkpoint's parameter shapes by position, until this run's numbering has matched
+        # them (_number)
+        self._saved_shapes = None
         if named_parameters is not None:
             self.name_parameters(named_parameters)
 
@@ -116,16 +118,19 @@ class TNQHookState(CompressorBase):
         self._names = {}  # id(parameter) -> (its name, the parameter): name_parameters()
         self._moved = {}  # residuals by (parameter position, role) between layouts (_segments)
         self._positions = {}  # id(parameter) -> its position: the order the hook first saw them
-        self._first_layout = {}  # bucket index -> parameter shapes, as the hook first saw it
+        self._shapes = []  # the parameters' shapes by position
+        self._loaded = False  # _moved holds a checkpoint's pieces, not yet a step old
         self._laid_out = False  # a bucket of this step had a new layout (_segments)
+        self._steady_steps = 0  # steps since the last one with a new layout (_end_step)
         self._place = None  # (rank, size) in the process group (first _segments call)
 
     def __getstate__(self):
         state = self.__dict__.copy()
         for name in ("process_group", "_lock", "_pending", "_agreed", "_layouts", "_hosts",
-                     "_names", "_moved", "_positions", "_first_layout", "_place"):
+                     "_names", "_moved", "_positions", "_shapes", "_loaded", "_laid_out",
+                     "_steady_steps", "_place"):
             state.pop(name)
-        state["_saved_first_layout"] = self._first_layouts()
+        state["_saved_shapes"] = self._shapes_by_position()
         # (parameter ids are this process's: residuals go by parameter position)
         state["state"] = copy.copy(self.state)
         state["state"].residuals = self._portable_residuals()
@@ -133,7 +138,7 @@ class TNQHookState(CompressorBase):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self.__dict__.setdefault("_saved_first_layout", {})  # (pickles of earlier versions)
+        self.__dict__.setdefault("_saved_shapes", None)  # (pickles of earlier versions)
         self.process_group = None
         self._init_transient()
         self._take_parameter_residuals()
@@ -165,19 +170,19 @@ class TNQHookState(CompressorBase):
         state = super().state_dict()
         state["residuals"] = {slot: torch.from_numpy(r.copy())
                               for slot, r in self._portable_residuals().items()}
-        state["ddp_first_layout"] = {int(index): [list(shape) for shape in shapes]
-                                     for index, shapes in self._first_layouts().items()}
+        shapes = self._shapes_by_position()
+        if shapes is not None:
+            state["ddp_parameter_shapes"] = [list(shape) for shape in shapes]
         with self._lock:
             if self._saved_layouts:  # an earlier version's checkpoint, not yet used
                 state["ddp_layouts"] = {int(index): [list(shape) for shape in shapes]
                                         for index, shapes in self._saved_layouts.items()}
         return state
 
-    def _first_layouts(self):
-        """Each bucket's parameter shapes in the first layout the hook saw (else as loaded):
-        the order its parameter positions follow."""
+    def _shapes_by_position(self):
+        """The parameters' shapes by position, as this run numbered them (else as loaded)."""
         with self._lock:
-            return {**self._saved_first_layout, **self._first_layout}
+            return list(self._shapes) if self._shapes else self._saved_shapes
 
     def load_state_dict(self, state, any_rank=False):
         """Restore a state_dict() of this rank (CompressorState.load_state_dict says what is
@@ -190,10 +195,14 @@ class TNQHookState(CompressorBase):
             # (checkpoints of earlier versions: each bucket's parameter shapes, residuals by bucket)
             self._saved_layouts = {int(index): tuple(tuple(shape) for shape in shapes)
                                    for index, shapes in state.get("ddp_layouts", {}).items()}
-            self._saved_first_layout = {
-                int(index): tuple(tuple(shape) for shape in shapes)
-                for index, shapes in state.get("ddp_first_layout", {}).items()}
+            saved = state.get("ddp_parameter_shapes")
+            self._saved_shapes = None if saved is None else [tuple(shape) for shape in saved]
         self._take_parameter_residuals()
+        with self._lock:  # parameters numbered already (a live run): they must be the same
+            mismatched = self._saved_shapes is not None and self._shapes and \
+                not self._same_shapes(range(len(self._shapes)))
+        if mismatched:
+            warnings.warn(_OTHER_PARAMETERS.format("this process's"), stacklevel=2)
 
     def _portable_residuals(self):
         """This rank's residuals with those of the buckets seen so far cut by parameter (and
@@ -218,6 +227,23 @@ class TNQHookState(CompressorBase):
                 rest = slot[len(PARAMETER_SLOT):]
                 position = rest.split("#", 1)[0]
                 self._moved[int(position), rest[len(position):]] = piece
+                self._loaded = True
+
+    def _same_shapes(self, positions):
+        """Whether this run's parameters at ``positions`` have the checkpoint's shapes; where
+        one does not, the checkpoint's pieces are dropped (another model, or DDP's first buckets
+        in another order: positions would name other parameters), and False is returned if
+        there were any. Call with the lock."""
+        saved = self._saved_shapes
+        if all(p < len(saved) and saved[p] == self._shapes[p] for p in positions):
+            if len(self._shapes) >= len(saved):
+                self._saved_shapes = None  # every position matched
+            return True
+        dropped = self._loaded and bool(self._moved)
+        if self._loaded:
+            self._moved = {}
+        self._saved_shapes, self._loaded = None, False
+        return not dropped
 
     def reset(self):
         """Forget steps, residuals and counters, as a new state would start."""
@@ -226,7 +252,7 @@ class TNQHookState(CompressorBase):
             self._pending = []
             self._agreed = False
             self._layouts, self._saved_layouts, self._moved = {}, {}, {}
-            self._saved_first_layout = {}
+            self._saved_shapes, self._loaded = None, False
             # (positions stay: they number this process's parameters in DDP's first layout)
 
     # -- what the hook asks of its state ------------------------------------------------------
@@ -263,21 +289,13 @@ class TNQHookState(CompressorBase):
         index = bucket.index()
         with self._lock:
             self._place = group.rank(), group.size()
-            if index not in self._first_layout:
-                self._first_layout[index] = shapes
-                for parameter_id in ids:
-                    self._positions.setdefault(parameter_id, len(self._positions))
             known = self._layouts.get(index)
             if known is not None and known[1] == ids:
                 return known[2]
-            self._laid_out = True  # (a new layout this step: see end_step)
+            self._laid_out = True  # (a new layout this step: see _end_step)
             if known is not None:  # DDP's new layout: every bucket at once
                 self._relayout()
-            mismatched = False
-            saved_first = self._saved_first_layout.pop(index, None)
-            if saved_first not in (None, self._first_layout[index]) and self._moved:
-                # the saved run's first layout was another: its positions are not these
-                self._moved, mismatched = {}, True
+            mismatched = not self._number(index, ids, shapes)
             segments = self._cut(parameters, name)
             self._layouts[index] = (shapes, ids, segments)
             saved = self._saved_layouts.pop(index, None)
@@ -287,20 +305,38 @@ class TNQHookState(CompressorBase):
             elif saved is not None and saved != shapes and self._forget(segments):
                 mismatched = True
         if mismatched:
-            warnings.warn(f"horovod_tnq DDP hook: bucket {index} holds other parameters than "
-                          "when its state was saved (another model, or DDP's first buckets "
-                          "another bucket_cap_mb's); their error-feedback residuals start "
-                          "afresh", stacklevel=3)
+            warnings.warn(_OTHER_PARAMETERS.format(f"bucket {index}'s"), stacklevel=3)
         return segments
 
-    def _end_step(self):
-        """At a step's last bucket: where every bucket kept its layout, the pieces still in
-        _moved (of parameters no slot of this layout covers) have had DDP's rebuild to find
-        one and are dropped."""
-        with self._lock:
-            if not self._laid_out:
+    def _number(self, index, ids, shapes):
+        """Give the bucket's parameters not seen before the next positions (the order the hook
+        first sees parameters: DDP's first layout, the same in every run of one model and DDP
+        settings); a bucket 0 of parameters none of which was seen is another model's, which
+        numbers them from 0 again (this one's residuals forgotten; a checkpoint's kept).
+        Whether the positions agree with the checkpoint's shapes. Call with the lock."""
+        if index == 0 and self._positions and not any(i in self._positions for i in ids):
+            self._forget([segment for *_, segments in self._layouts.values()
+                          for segment in segments])
+            self._layouts, self._positions, self._shapes = {}, {}, []
+            if not self._loaded:
                 self._moved = {}
-            self._laid_out = False
+        new = []
+        for parameter_id, shape in zip(ids, shapes):
+            if parameter_id not in self._positions:
+                self._positions[parameter_id] = len(self._shapes)
+                self._shapes.append(shape)
+                new.append(self._positions[parameter_id])
+        return not new or self._saved_shapes is None or self._same_shapes(new)
+
+    def _end_step(self):
+        """At a step's last bucket. Pieces still in _moved (of parameters no payload of this
+        layout covers) wait for DDP's rebuild, which comes after the first step (the second
+        with static_graph), and are dropped after two steps without a new layout."""
+        with self._lock:
+            self._steady_steps = 0 if self._laid_out else self._steady_steps + 1
+            if self._steady_steps >= 2:
+                self._moved = {}
+            self._laid_out = self._loaded = False
 
     def _relaid(self, bucket):
         """Whether ``bucket`` holds other parameters than its index's did: DDP's new layout
@@ -406,6 +442,11 @@ class TNQHookState(CompressorBase):
         """Drop the residuals of ``segments``; whether there were any."""
         forgotten = [self.state.forget_residuals(name) for *_, name in segments]
         return any(forgotten)
+
+
+_OTHER_PARAMETERS = ("horovod_tnq DDP hook: {} parameters are not those its state was saved with "
+                     "(another model, or DDP's first buckets in another order): the saved "
+                     "error-feedback residuals start afresh")
 
 
 def _offsets(shapes):
@@ -568,6 +609,9 @@ def _issue_pending(state, every_round):
         if exchange.error is not None:
             # this rank cannot issue the exchange's later collectives: going on would pair
             # the next ones with other ranks' collectives of this exchange
+            for dropped in pending:
+                if not dropped.future.done():
+                    dropped.future.set_exception(exchange.error)
             raise exchange.error
         if exchange.issued_all:
             entry.decode_on_arrival()

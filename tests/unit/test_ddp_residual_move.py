@@ -43,7 +43,7 @@ def offsets(parameters):
     return np.cumsum([0] + [p.numel() for p in parameters]).tolist()
 
 
-def train(settings, resume_at=None):
+def train(settings, resume_at=None, **ddp_options):
     """Per parameter (by name): the gradients DDP handed the hook and what it gave back,
     summed over the steps; each step's bucket layout; the state. With ``resume_at``, the run
     is checkpointed after that many steps and goes on in a new model, DDP and hook state
@@ -57,7 +57,7 @@ def train(settings, resume_at=None):
 
     def start(model, checkpoint=None):
         names = {id(p): name for name, p in model.named_parameters()}
-        ddp = DDP(model, bucket_cap_mb=0.02)
+        ddp = DDP(model, bucket_cap_mb=0.02, **ddp_options)
         state = TNQHookState(named_parameters=model.named_parameters(), **settings)
         if checkpoint is not None:
             state.load_state_dict(torch.load(checkpoint, weights_only=True))
@@ -147,4 +147,12 @@ def test_error_feedback_residuals_resume_from_a_checkpoint_in_ddps_first_buckets
         model, state, sent, received, layouts = train(settings, resume_at=2)
     first, rebuilt = layouts[0], layouts[1]
     assert first != rebuilt and layouts == [first, rebuilt, first, rebuilt], layouts
+    assert_nothing_lost(model, state, sent, received, layouts)
+
+
+def test_error_feedback_residuals_move_when_ddp_rebuilds_a_step_later_with_static_graph(
+        one_rank_group):
+    settings = dict(bits=2, error_feedback=1.0, min_numel=16, part_elements=2048)
+    model, state, sent, received, layouts = train(settings, static_graph=True)
+    assert layouts[0] == layouts[1] != layouts[2] == layouts[3], layouts
     assert_nothing_lost(model, state, sent, received, layouts)

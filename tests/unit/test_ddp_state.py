@@ -229,20 +229,57 @@ def test_positions_survive_a_reset_so_later_checkpoints_still_resume_by_paramete
     assert np.array_equal(resumed.state.residuals["ddp.bucket1"], [1, 1, 2, 2, 2])  # a's, b's
 
 
-def test_a_checkpoint_of_another_first_layout_starts_afresh_with_a_warning():
-    """Positions follow DDP's first buckets: where the resumed run's differ (another
-    bucket_cap_mb), same-shaped parameters could swap residuals, so none are taken."""
-    a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+def test_a_checkpoint_numbering_other_shapes_starts_afresh_with_a_warning():
+    """Positions follow DDP's first buckets: where the resumed run's hold parameters of other
+    shapes in that order (another model, DDP's first buckets in another order), positions
+    would name other parameters, so none of the checkpoint's residuals are taken."""
+    a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(2))
     state = TNQHookState(bits=2, error_feedback=1.0, min_numel=1)
     state._segments(Bucket(0, [a, b]), "ddp.bucket0", OneRank)
-    state.state.residuals["ddp.bucket0"] = np.arange(8, dtype=np.float32)
+    state.state.residuals["ddp.bucket0"] = np.arange(6, dtype=np.float32)
+    saved = state.state_dict()
+    assert saved["ddp_parameter_shapes"] == [[4], [2]]
+    resumed = TNQHookState(bits=2, error_feedback=1.0, min_numel=1)
+    resumed.load_state_dict(saved)
+    a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.warns(UserWarning, match="start afresh"):
+        resumed._segments(Bucket(0, [b]), "ddp.bucket0", OneRank)  # b first this time
+    resumed._segments(Bucket(1, [a]), "ddp.bucket1", OneRank)
+    assert resumed.state.residuals == {} and resumed._moved == {}
+
+
+def test_a_checkpoint_resumes_whatever_ddps_rebuilt_buckets_are():
+    """Only the first layout numbers the parameters: the resumed run may rebuild its buckets
+    otherwise (another bucket_cap_mb) and keep every residual."""
+    a, b, c = (torch.nn.Parameter(torch.zeros(n)) for n in (3, 4, 5))
+    state = TNQHookState(bits=2, error_feedback=1.0, min_numel=1)
+    for layout in ([[a, b, c]], [[c], [b, a]]):
+        for index, bucket in enumerate(layout):
+            state._segments(Bucket(index, bucket), f"ddp.bucket{index}", OneRank)
+    state.state.residuals.update({"ddp.bucket0": np.full(5, 3, np.float32),
+                                  "ddp.bucket1": np.array([2] * 4 + [1] * 3, np.float32)})
     resumed = TNQHookState(bits=2, error_feedback=1.0, min_numel=1)
     resumed.load_state_dict(state.state_dict())
-    a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
-    with pytest.warns(UserWarning, match="start afresh"):
-        resumed._segments(Bucket(0, [b]), "ddp.bucket0", OneRank)  # two buckets this time
-    resumed._segments(Bucket(1, [a]), "ddp.bucket1", OneRank)
-    assert resumed.state.residuals == {}
+    a, b, c = (torch.nn.Parameter(torch.zeros(n)) for n in (3, 4, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed._segments(Bucket(0, [a, b, c]), "ddp.bucket0", OneRank)
+        for index, bucket in enumerate([[c, b], [a]]):  # rebuilt otherwise
+            resumed._segments(Bucket(index, bucket), f"ddp.bucket{index}", OneRank)
+    assert np.array_equal(resumed.state.residuals["ddp.bucket0"], [3] * 5 + [2] * 4)
+    assert np.array_equal(resumed.state.residuals["ddp.bucket1"], [1] * 3)
+
+
+def test_a_state_used_for_another_model_numbers_its_parameters_afresh():
+    state = TNQHookState(bits=2, error_feedback=1.0, min_numel=1)
+    for model in range(2):
+        a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+        for layout in ([[a, b]], [[b, a]]):
+            state._segments(Bucket(0, layout[0]), "ddp.bucket0", OneRank)
+            state.state.residuals["ddp.bucket0"] = np.arange(5, dtype=np.float32) + 10 * model
+        state.reset() if model == 0 else None
+    assert state._shapes == [(3,), (2,)]  # numbered from 0 again: a, b
+    assert sorted(state.state_dict()["residuals"]) == ["ddp.parameter0", "ddp.parameter1"]
 
 
 def test_pieces_without_a_slot_in_the_first_layout_wait_for_ddps_rebuild():
@@ -261,8 +298,28 @@ def test_pieces_without_a_slot_in_the_first_layout_wait_for_ddps_rebuild():
         for index, bucket in enumerate(layout):
             resumed._segments(Bucket(index, bucket), f"ddp.bucket{index}", OneRank)
     assert np.array_equal(resumed.state.residuals["ddp.bucket1"], np.arange(8))
-    resumed._end_step()  # a step of the new layout: nothing left
-    assert resumed._moved == {}
+    assert resumed._moved == {}  # every piece found its slot
+
+
+def test_pieces_wait_for_a_rebuild_that_comes_a_step_later_with_static_graph():
+    """With static_graph DDP rebuilds after its second step: pieces without a slot survive one
+    step without a new layout, and are dropped after two."""
+    a, b, c = (torch.nn.Parameter(torch.zeros(n)) for n in (8, 4, 4))
+    state = TNQHookState(bits=2, error_feedback=1.0, min_numel=6)
+    state._moved = {(1, ""): np.ones(4, np.float32)}  # b's, whose bucket passes through
+    for layout in ([[a], [b], [c]], [[a], [b], [c]], [[a], [b, c]]):
+        for index, bucket in enumerate(layout):
+            state._segments(Bucket(index, bucket), f"ddp.bucket{index}", OneRank)
+        state._end_step()
+    assert np.array_equal(state.state.residuals["ddp.bucket1"], [1] * 4 + [0] * 4)
+    state._moved = {(2, ""): np.ones(4, np.float32)}  # a piece no slot will take
+    # (bucket 0 kept its parameters at the rebuild, but its layout was cut with the others:
+    # it is laid out anew in the step after, then two steps without a new layout)
+    for _ in range(3):
+        for index, bucket in enumerate([[a], [b, c]]):
+            state._segments(Bucket(index, bucket), f"ddp.bucket{index}", OneRank)
+        state._end_step()
+    assert state._moved == {}
 
 
 def test_an_earlier_versions_checkpoint_saved_again_unused_keeps_its_layouts():
@@ -296,7 +353,10 @@ def test_an_exchange_failing_between_hooks_fails_the_hook_at_once():
     from horovod_tnq.torch.ddp import _issue_pending
 
     state = TNQHookState(bits=2)
-    entry = type("Entry", (), {"exchange": FailingExchange()})()
+    entry = type("Entry", (), {"exchange": FailingExchange(),
+                               "future": torch.futures.Future()})()
     state._pending = [entry]
     with pytest.raises(RuntimeError, match="forced"):
         _issue_pending(state, every_round=False)
+    with pytest.raises(RuntimeError, match="forced"):  # DDP's wait on it fails too
+        entry.future.wait()
