@@ -134,7 +134,11 @@ class CompressorState(LockedState):
                                    options=config.scheme_options())
         if feedback:
             with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: zeroed below
-                error = chunk - core.decode(payload, max_numel=None)[0].astype(chunk.dtype)
+                # (the compiled decoder where it has the scheme, not the numpy reference: the
+                # same float64 values, 60x faster for tnq-rht)
+                decoded = core.decode_sum(payload, core.read_header(payload), 1.0,
+                                          np.float64)[0]
+                error = chunk - decoded.astype(chunk.dtype)
             # a NaN or Inf gradient must not poison every later step through the residual
             residual = np.where(np.isfinite(error), error, error.dtype.type(0))
             with self._lock:  # state_dict() may be copying them

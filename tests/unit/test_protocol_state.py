@@ -36,6 +36,20 @@ def test_error_feedback_keeps_what_quantization_left_out_and_adds_it_back():
     np.testing.assert_array_equal(payload, expected)
 
 
+@pytest.mark.parametrize("scheme,dtype", [("tnq-rht", np.float32), ("tnq-rht", np.float16),
+                                          ("maxmin", np.float32), ("qsgd", np.float64)])
+def test_the_residual_is_the_gradient_less_what_the_reference_decoder_reads(scheme, dtype):
+    """The residual comes from the compiled decoder (decode_sum): the numpy reference's values,
+    bit for bit, with exact zeros (zero runs) in the gradient."""
+    state = CompressorState(CompressorConfig(scheme=scheme, bits=2, error_feedback=1.0))
+    values = chunk(3, 50_000).astype(dtype)
+    values[::3] = 0
+    payload = state.encode(values, "w", key=7, step=0, dtype_name=np.dtype(dtype).name,
+                           shape=values.shape)
+    reference = core.decode(payload, max_numel=None)[0].astype(dtype)
+    assert np.array_equal(state.residuals["w"], values - reference)
+
+
 def test_without_error_feedback_nothing_is_kept():
     state = CompressorState(CompressorConfig(bits=2))
     state.encode(chunk(0), "w", key=7, step=0, dtype_name="float32", shape=(4096,))
