@@ -133,7 +133,7 @@ class TNQHookState(CompressorBase):
         state["_saved_shapes"] = self._shapes_by_position()
         # (parameter ids are this process's: residuals go by parameter position)
         state["state"] = copy.copy(self.state)
-        state["state"].residuals = self._portable_residuals()
+        state["state"].residuals = self._portable_residuals(self.state.residuals_copy())
         return state
 
     def __setstate__(self, state):
@@ -167,9 +167,9 @@ class TNQHookState(CompressorBase):
         """CompressorState.state_dict() with the residuals as torch tensors (a checkpoint loads
         with ``torch.load(weights_only=True)``), those of DDP's buckets by parameter: a resumed
         run's buckets take them by the parameters they hold (_portable_residuals)."""
-        state = super().state_dict()
-        state["residuals"] = {slot: torch.from_numpy(r.copy())
-                              for slot, r in self._portable_residuals().items()}
+        state = super().state_dict()  # (its residuals are copies, the pieces new arrays)
+        state["residuals"] = {slot: torch.from_numpy(r)
+                              for slot, r in self._portable_residuals(state["residuals"]).items()}
         shapes = self._shapes_by_position()
         if shapes is not None:
             state["ddp_parameter_shapes"] = [list(shape) for shape in shapes]
@@ -204,17 +204,17 @@ class TNQHookState(CompressorBase):
         if mismatched:
             warnings.warn(_OTHER_PARAMETERS.format("this process's"), stacklevel=2)
 
-    def _portable_residuals(self):
-        """This rank's residuals with those of the buckets seen so far cut by parameter (and
-        any not yet handed to a bucket), under PARAMETER_SLOT names: positions number the
-        parameters in the order the hook first saw them, DDP's first layout, the same in every
-        run of the model, which is where a resumed run's hook first sees them."""
+    def _portable_residuals(self, residuals):
+        """``residuals`` (this rank's, by slot) with those of the buckets seen so far cut by
+        parameter (and any not yet handed to a bucket), under PARAMETER_SLOT names: positions
+        number the parameters in the order the hook first saw them, DDP's first layout, the
+        same in every run of the model, which is where a resumed run's hook first sees them."""
         with self._lock:
-            pieces = dict(self._moved)
+            pieces = {key: piece.copy() for key, piece in self._moved.items()}
             if self._layouts:
                 pieces.update(self._residuals_by_parameter(*self._place, forget=False))
             names = [name for *_, segments in self._layouts.values() for *_, name in segments]
-        residuals = {slot: residual for slot, residual in self.state.residuals_copy().items()
+        residuals = {slot: residual for slot, residual in residuals.items()
                      if not any(of_tensor(slot, name) for name in names)}
         residuals.update({f"{PARAMETER_SLOT}{position}{role}": piece
                           for (position, role), piece in pieces.items()})
@@ -360,51 +360,53 @@ class TNQHookState(CompressorBase):
         forgotten."""
         moved = {}
         for shapes, ids, segments in self._layouts.values():
-            offsets = _offsets(shapes)
-            for start, stop, config, name in segments:
-                for slot, role, begin, end in self._slots(config, start, stop, name, rank, size):
-                    residual = self.state.residual(slot)
-                    if residual is None:
-                        continue
-                    for k, (low, high) in _overlaps(offsets, start + begin, start + end):
-                        key = self._positions[ids[k]], role
-                        if key not in moved:
-                            moved[key] = np.zeros(shapes[k], residual.dtype)
-                        moved[key].reshape(-1)[low - offsets[k]:high - offsets[k]] = \
-                            residual[low - start - begin:high - start - begin]
-                if forget:
-                    self.state.forget_residuals(name)
+            for slot, _, key, in_slot, in_piece, shape in self._pieces(shapes, ids, segments,
+                                                                       rank, size):
+                residual = self.state.residual(slot)
+                if residual is not None:
+                    if key not in moved:
+                        moved[key] = np.zeros(shape, residual.dtype)
+                    moved[key].reshape(-1)[in_piece] = residual[in_slot]
+            if forget:
+                self._forget(segments)
         return moved
 
     def _move_residuals(self, shapes, ids, segments, rank, size):
         """The residuals of a bucket of a new layout, from its parameters' pieces in
         ``_moved`` (a slot none of whose parameters had one keeps none); whether a piece had
         another shape than its parameter (a checkpoint of another model: dropped)."""
-        offsets = _offsets(shapes)
-        positions = [self._positions[parameter_id] for parameter_id in ids]
-        mismatched, used = False, set()
-        for key in [key for key in self._moved if key[0] in positions]:
-            if self._moved[key].shape != shapes[positions.index(key[0])]:
+        mismatched, used, residuals = False, set(), {}
+        for slot, length, key, in_slot, in_piece, shape in self._pieces(shapes, ids, segments,
+                                                                        rank, size):
+            piece = self._moved.get(key)
+            if piece is None:
+                continue
+            if piece.shape != shape:
                 del self._moved[key]
                 mismatched = True
-        for start, stop, config, name in segments:
-            for slot, role, begin, end in self._slots(config, start, stop, name, rank, size):
-                pieces = [(k, low, high) for k, (low, high) in
-                          _overlaps(offsets, start + begin, start + end)
-                          if (positions[k], role) in self._moved]
-                if not pieces:
-                    continue
-                dtype = self._moved[positions[pieces[0][0]], role].dtype
-                residual = np.zeros(end - begin, dtype)
-                for k, low, high in pieces:
-                    residual[low - start - begin:high - start - begin] = \
-                        self._moved[positions[k], role].reshape(-1)[low - offsets[k]:
-                                                                    high - offsets[k]]
-                self.state.set_residual(slot, residual)
-                used.update((positions[k], role) for k, _, _ in pieces)
+                continue
+            if slot not in residuals:
+                residuals[slot] = np.zeros(length, piece.dtype)
+            residuals[slot][in_slot] = piece.reshape(-1)[in_piece]
+            used.add(key)
+        for slot, residual in residuals.items():
+            self.state.set_residual(slot, residual)
         for key in used:  # (the others may find a slot in DDP's next layout: end_step)
             del self._moved[key]
         return mismatched
+
+    def _pieces(self, shapes, ids, segments, rank, size):
+        """Where each parameter of a bucket meets each residual slot of its segments:
+        (slot, its length, (position, role), the range within the slot, the range within the
+        parameter's flat residual, the parameter's shape), for the cut (_residuals_by_parameter)
+        and the assembly (_move_residuals) alike."""
+        offsets = _offsets(shapes)
+        for start, stop, config, name in segments:
+            for slot, role, begin, end in self._slots(config, start, stop, name, rank, size):
+                for k, (low, high) in _overlaps(offsets, start + begin, start + end):
+                    yield (slot, end - begin, (self._positions[ids[k]], role),
+                           slice(low - start - begin, high - start - begin),
+                           slice(low - offsets[k], high - offsets[k]), shapes[k])
 
     def _slots(self, config, start, stop, name, rank, size):
         """exchange.residual_slots of a segment that _reduce compresses with error feedback
